@@ -1,0 +1,115 @@
+"""``python -m devstack <server>``: run one embedded server in the foreground (for the Procfile).
+
+Servers: broker, postgres, redis, smtp-sink, banner. Data lives under ``$HERALD_DATA_DIR``
+(default ``.data``). Ports come from the same ``HERALD_*`` variables the services read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from devstack import servers, sinks
+
+
+def _port(url_var: str, default: int) -> int:
+    value = os.environ.get(url_var)
+    if not value:
+        return default
+    parsed = urlparse(value if "://" in value else f"tcp://{value.split(',')[0]}")
+    return parsed.port or default
+
+
+def _wait_forever(server: servers.Server | None = None) -> None:
+    stop = threading.Event()
+
+    def on_signal(signum: int, _: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.is_set():
+        if server is not None and server.process.poll() is not None:
+            sys.exit(f"{server.name} exited with {server.process.returncode}")
+        stop.wait(0.5)
+    if server is not None:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m devstack")
+    parser.add_argument("server", choices=["broker", "postgres", "redis", "smtp-sink", "banner"])
+    args = parser.parse_args()
+    data = Path(os.environ.get("HERALD_DATA_DIR", ".data")).resolve()
+
+    if args.server == "broker":
+        port = _port("HERALD_KAFKA_BOOTSTRAP_SERVERS", 9092)
+        server = servers.start_tansu(port, data / "tansu.log" if data.exists() else None)
+        print(f"[broker] Tansu (Kafka protocol) on 127.0.0.1:{port}, memory storage", flush=True)
+        _wait_forever(server)
+    elif args.server == "postgres":
+        port = _port("HERALD_DATABASE_URL", 5433)
+        server = servers.start_postgres(data / "postgres", port)
+        print(f"[postgres] PostgreSQL on 127.0.0.1:{port}, data in {data / 'postgres'}", flush=True)
+        _wait_forever(server)
+    elif args.server == "redis":
+        port = _port("HERALD_REDIS_URL", 6380)
+        server = servers.start_redis(port, data / "redis")
+        print(f"[redis] Redis on 127.0.0.1:{port}", flush=True)
+        _wait_forever(server)
+    elif args.server == "smtp-sink":
+        port = int(os.environ.get("HERALD_SMTP_PORT", "1025"))
+        controller, _ = sinks.start_smtp_sink(port, data / "mail", echo=True)
+        print(f"[smtp-sink] SMTP sink on 127.0.0.1:{port}, messages saved in {data / 'mail'}", flush=True)
+        try:
+            _wait_forever()
+        finally:
+            controller.stop()
+    else:
+        _banner()
+
+
+def _banner() -> None:
+    host = os.environ.get("HERALD_INGEST_HOST", "127.0.0.1")
+    port = int(os.environ.get("HERALD_INGEST_PORT", "8000"))
+    base = f"http://{host}:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        print("[banner] ingest did not become ready in 180 s; see the logs above", flush=True)
+    print(
+        f"""
+==========================================================================
+ Herald is running.
+   API docs:   {base}/docs
+   Health:     {base}/health/ready
+   Send a first email (it lands in the SMTP sink, printed here and saved in .data/mail):
+
+   curl -s -X POST {base}/api/v1/messages/email/send -H 'Content-Type: application/json' \\
+        -d '{{"to": "alice@example.com", "subject": "Hello from Herald", "content": "<h1>It works</h1>"}}'
+
+   Then: curl -s {base}/api/v1/messages/<message_id>
+ Ctrl-C stops everything.
+==========================================================================
+""",
+        flush=True,
+    )
+    _wait_forever()
+
+
+if __name__ == "__main__":
+    main()

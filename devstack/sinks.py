@@ -1,0 +1,82 @@
+"""Local sinks that show a new user what Herald delivers: an SMTP server that keeps every
+message (real SMTP, aiosmtpd) and prints a line for each."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import Envelope, Session
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    def parsed(self) -> email.message.EmailMessage:
+        return email.message_from_bytes(self.data, policy=email.policy.default)  # type: ignore[return-value]
+
+
+class SinkHandler:
+    """Keeps every message in memory (tests) and optionally writes it to ``directory``."""
+
+    def __init__(self, directory: Path | None = None, echo: bool = False) -> None:
+        self.directory = directory
+        self.echo = echo
+        self.messages: list[Received] = []
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        if directory:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content or envelope.content or b""
+        if isinstance(data, str):
+            data = data.encode()
+        item = Received(envelope.mail_from or "", list(envelope.rcpt_tos), data)
+        with self._arrived:
+            self.messages.append(item)
+            count = len(self.messages)
+            self._arrived.notify_all()
+        if self.directory:
+            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{count:06d}.eml"
+            await asyncio.to_thread((self.directory / name).write_bytes, data)
+        if self.echo:
+            msg = item.parsed()
+            sys.stdout.write(
+                f"[smtp-sink] #{count} from={item.mail_from} to={','.join(item.rcpt_tos)} "
+                f"subject={msg['subject']!s}\n"
+            )
+            sys.stdout.flush()
+        return "250 OK: queued"
+
+    def wait_for(self, count: int, timeout: float) -> list[Received]:
+        """Block until at least ``count`` messages arrived (or the timeout passed)."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while len(self.messages) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._arrived.wait(remaining)
+            return list(self.messages)
+
+
+def start_smtp_sink(port: int, directory: Path | None = None, echo: bool = False) -> tuple[Controller, SinkHandler]:
+    """A real SMTP server on 127.0.0.1:port, running in a thread."""
+    handler = SinkHandler(directory, echo)
+    controller = Controller(
+        handler, hostname="127.0.0.1", port=port, data_size_limit=50 * 1024 * 1024,
+        decode_data=False, ready_timeout=10,
+    )
+    controller.start()
+    return controller, handler

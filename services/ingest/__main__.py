@@ -1,0 +1,27 @@
+"""``python -m services.ingest``: serve the ingest API with uvicorn."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from services.ingest.app import create_app
+from shared.logging import setup_logging
+from shared.settings import Settings
+
+
+def main() -> None:
+    settings = Settings(service_name="ingest")
+    setup_logging("ingest", settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.ingest_host,
+        port=settings.ingest_port,
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The ingest API: FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from services.ingest.deps import Services
+from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
+from services.ingest.publish import Publisher, RecordBatcher
+from services.ingest.routes import health, messages
+from shared.db import create_pool, migrate
+from shared.events import EVENT_MODELS, json_schema
+from shared.kafka import ensure_topics, make_producer, stop_quietly
+from shared.settings import Settings
+
+log = logging.getLogger("herald.ingest")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the ingest app; resources open in the lifespan, so building it is cheap."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.run_migrations:
+            await migrate(settings)
+        await ensure_topics(settings)
+        pool = await create_pool(settings)
+        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
+        producer = make_producer(settings)
+        await producer.start()
+        batcher = RecordBatcher(pool, settings.record_batch_max, settings.record_batch_wait_ms)
+        batcher.start()
+        app.state.services = Services(
+            settings=settings,
+            pool=pool,
+            redis=redis,
+            producer=producer,
+            publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s),
+        )
+        log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            await stop_quietly(producer)
+            await redis.aclose()
+            await pool.close()
+
+    app = FastAPI(
+        title="Herald",
+        version="0.1.0",
+        description="Self-hosted notification hub. Responses use the envelope "
+        "`{code, message, data, request_id}`; errors carry seed 004's codes.",
+        default_response_class=JSONResponse,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(messages.router)
+
+    @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
+    async def event_schema(name: str) -> JSONResponse:
+        """The schema of ``notify.request.v1`` and the other events, for direct publishers."""
+        from shared.errors import ErrorCode, HeraldError
+
+        key = name.removesuffix(".json")
+        if key not in EVENT_MODELS:
+            raise HeraldError(ErrorCode.NOT_FOUND, f"no schema named {name}", field="name")
+        return JSONResponse(json_schema(key))
+
+    return app

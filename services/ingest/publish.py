@@ -1,0 +1,270 @@
+"""Record, then produce: how ingest accepts a message.
+
+A message is accepted when its record is in PostgreSQL (state ``accepted``, with its
+``accepted`` timeline event) and the broker has acknowledged the request (acks=all). Records of
+concurrent requests are written in one statement (:class:`RecordBatcher`), so PostgreSQL sees a
+few large inserts instead of one round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from shared.errors import ErrorCode, HeraldError
+from shared.events import RequestV1, State, event_id
+from shared.kafka import Topics, Trace, message_key
+from shared.logging import log_event
+from shared.metrics import MESSAGES_ACCEPTED
+
+log = logging.getLogger("herald.ingest")
+
+
+@dataclass(slots=True)
+class NewRecord:
+    """One message record to insert, built from an accepted request."""
+
+    request: RequestV1
+    recipients: dict[str, list[str]]
+    accepted_at: datetime
+
+    @property
+    def recipient(self) -> str:
+        return self.request.to[0]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the insert did: a new record, or the record an idempotency key already names."""
+
+    message_id: str
+    created: bool
+    state: str = State.ACCEPTED.value
+
+
+_INSERT = """
+WITH rows AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[],
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[]
+    ) AS r(message_id, tenant_id, message_type, recipient, recipients, subject,
+           content, content_type, idempotency_key, request_id, created_at)
+), inserted AS (
+    INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients,
+        subject, content, content_type, idempotency_key, request_id, created_at, updated_at,
+        status, state, state_rank)
+    SELECT message_id, tenant_id, message_type, recipient, recipients, subject, content,
+        content_type, idempotency_key, request_id, created_at, created_at,
+        'pending', 'accepted', 0
+    FROM rows
+    ON CONFLICT DO NOTHING
+    RETURNING message_id, tenant_id, created_at
+), timeline AS (
+    INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service,
+        channel, occurred_at)
+    SELECT i.message_id || ':0:accepted', i.message_id, i.tenant_id, 'accepted', 0, 'ingest',
+        'email', i.created_at
+    FROM inserted i
+    ON CONFLICT (event_id) DO NOTHING
+)
+SELECT message_id FROM inserted
+"""
+
+_EXISTING = """
+SELECT DISTINCT ON (tenant_id, idempotency_key) tenant_id, idempotency_key, message_id, state
+FROM message_records
+WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+
+class RecordBatcher:
+    """Collects records from concurrent requests and inserts them in one statement."""
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int, max_wait_ms: float) -> None:
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self._queue: asyncio.Queue[tuple[NewRecord, asyncio.Future[Outcome]]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="record-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def insert(self, record: NewRecord) -> Outcome:
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put((record, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[NewRecord, asyncio.Future[Outcome]]]) -> None:
+        try:
+            outcomes = await self._write([r for r, _ in batch])
+        except Exception as exc:  # the callers turn this into a 500 with code 3001
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _write(self, records: list[NewRecord]) -> list[Outcome]:
+        cols: list[list] = [[] for _ in range(11)]
+        for r in records:
+            q = r.request
+            for i, value in enumerate(
+                (
+                    q.message_id,
+                    q.tenant_id,
+                    q.channel.value,
+                    r.recipient,
+                    r.recipients,
+                    q.subject,
+                    q.content,
+                    q.content_type.value,
+                    q.idempotency_key,
+                    q.request_id,
+                    r.accepted_at,
+                )
+            ):
+                cols[i].append(value)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_INSERT, *cols)
+            created = {row["message_id"] for row in rows}
+            lost = [r for r in records if r.request.message_id not in created]
+            existing: dict[tuple[str, str], tuple[str, str]] = {}
+            if lost:
+                keyed = [r for r in lost if r.request.idempotency_key]
+                found = await conn.fetch(
+                    _EXISTING,
+                    [r.request.tenant_id for r in keyed],
+                    [r.request.idempotency_key for r in keyed],
+                )
+                existing = {
+                    (f["tenant_id"], f["idempotency_key"]): (f["message_id"], f["state"])
+                    for f in found
+                }
+        outcomes = []
+        for r in records:
+            q = r.request
+            if q.message_id in created:
+                outcomes.append(Outcome(q.message_id, True))
+                continue
+            hit = existing.get((q.tenant_id, q.idempotency_key or ""))
+            if hit is None:
+                # Two requests of this batch shared a key: the loser replays the winner.
+                twin = next(
+                    (
+                        o.request.message_id
+                        for o in records
+                        if o.request.message_id in created
+                        and o.request.tenant_id == q.tenant_id
+                        and o.request.idempotency_key == q.idempotency_key
+                    ),
+                    None,
+                )
+                if twin is None:
+                    raise RuntimeError(f"message {q.message_id} was neither inserted nor found")
+                outcomes.append(Outcome(twin, False))
+            else:
+                outcomes.append(Outcome(hit[0], False, hit[1]))
+        return outcomes
+
+
+class Publisher:
+    """Accepts requests: record in PostgreSQL, then publish to ``notify.requests``."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        batcher: RecordBatcher,
+        publish_timeout_s: float,
+    ) -> None:
+        self.pool = pool
+        self.producer = producer
+        self.batcher = batcher
+        self.publish_timeout_s = publish_timeout_s
+
+    async def accept(self, record: NewRecord, trace: Trace) -> Outcome:
+        try:
+            outcome = await self.batcher.insert(record)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise HeraldError(ErrorCode.DATABASE_ERROR, "the message could not be recorded") from exc
+        if not outcome.created:
+            return outcome
+        request = record.request
+        try:
+            await asyncio.wait_for(
+                self.producer.send_and_wait(
+                    Topics.REQUESTS,
+                    request.to_bytes(),
+                    key=message_key(request.tenant_id, record.recipient),
+                    headers=trace.headers(),
+                ),
+                self.publish_timeout_s,
+            )
+        except (TimeoutError, KafkaError, OSError) as exc:
+            await self._withdraw(request.message_id or "", str(exc) or exc.__class__.__name__)
+            raise HeraldError(
+                ErrorCode.QUEUE_ERROR,
+                "the message queue did not acknowledge the message; nothing was sent",
+                http_status=503,
+            ) from exc
+        MESSAGES_ACCEPTED.labels(request.channel.value).inc()
+        log_event(
+            log,
+            logging.INFO,
+            "message accepted",
+            message_id=request.message_id,
+            recipient=record.recipient,
+            channel=request.channel.value,
+        )
+        return outcome
+
+    async def _withdraw(self, message_id: str, reason: str) -> None:
+        """The broker did not take the request: mark the record rejected so it is not
+        mistaken for one in flight. (If the broker did store it after all, the router may
+        still deliver it; the tracker then records what happened.)"""
+        try:
+            await self.pool.execute(
+                """UPDATE message_records SET state='rejected', status='failed', state_rank=8,
+                   error_code=3003, error_message=$2, updated_at=now()
+                   WHERE message_id=$1 AND state='accepted'""",
+                message_id,
+                f"queue unavailable: {reason}"[:500],
+            )
+        except Exception:
+            log.exception("could not mark %s rejected after a publish failure", message_id)

@@ -1,0 +1,307 @@
+"""Sending and querying messages (seed 004 §3.4.5–§3.4.8)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, EmailStr, Field
+
+from services.ingest.deps import Services, current_tenant, get_services
+from services.ingest.http import envelope
+from services.ingest.publish import NewRecord
+from shared.errors import ErrorCode, HeraldError
+from shared.events import (
+    SEED_STATUS,
+    Channel,
+    ContentType,
+    EmailOptions,
+    RequestV1,
+    State,
+    Status,
+)
+from shared.ids import new_message_id
+from shared.kafka import Trace
+
+router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
+
+
+class EmailSendRequest(BaseModel):
+    """Body of ``POST /api/v1/messages/email/send`` (seed 004 §3.4.5)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, populate_by_name=True)
+
+    to: EmailStr | list[EmailStr] = Field(
+        description="One address or a list of addresses", examples=["receiver@example.com"]
+    )
+    cc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    subject: str | None = Field(default=None, min_length=1, max_length=998)
+    content: str | None = Field(default=None, min_length=1)
+    content_type: ContentType = ContentType.HTML
+    from_name: str | None = Field(default=None, max_length=100, description="Sender display name")
+    reply_to: EmailStr | None = None
+    template_id: int | None = Field(default=None, ge=1)
+    template_vars: dict[str, Any] | None = None
+    attachment_ids: list[str] = Field(default_factory=list, max_length=20)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    async_: bool = Field(default=True, alias="async")
+
+    def mode_error(self) -> HeraldError | None:
+        """Seed 004: ``content`` and ``template_id`` are exclusive; direct mode needs both
+        ``subject`` and ``content``. Checked here rather than in a model validator so that the
+        error names the field."""
+        if self.content is not None and self.template_id is not None:
+            return HeraldError(
+                ErrorCode.INVALID_PARAMS,
+                "content and template_id are mutually exclusive: give one of them",
+                field="content",
+            )
+        if self.template_id is None:
+            for name in ("content", "subject"):
+                if getattr(self, name) is None:
+                    return HeraldError(
+                        ErrorCode.INVALID_PARAMS, "field required without template_id", field=name
+                    )
+        return None
+
+    @property
+    def to_list(self) -> list[str]:
+        return [self.to] if isinstance(self.to, str) else list(self.to)
+
+
+class BatchQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=1, max_length=100
+    )
+
+
+_DETAIL_COLUMNS = """message_id, tenant_id, message_type, recipient, recipients, subject,
+    content_type, status, state, attempt, retry_count, error_code, error_message,
+    idempotency_key, request_id, sender_info, template_id, template_version,
+    created_at, updated_at, sent_at"""
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
+
+
+def _record(row: Any) -> dict[str, Any]:
+    out = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at", "sent_at")}
+    for k in ("created_at", "updated_at", "sent_at"):
+        if k in row.keys():
+            out[k] = _ts(row[k])
+    return out
+
+
+@router.post("/email/send", status_code=202, summary="Send an email")
+async def send_email(
+    body: EmailSendRequest,
+    request: Request,
+    services: Services = Depends(get_services),
+    tenant_id: str = Depends(current_tenant),
+):
+    """Accept an email for delivery; answers 202 with its ``message_id`` once it is recorded
+    and queued. Query its progress with ``GET /api/v1/messages/{message_id}``."""
+    settings = services.settings
+    if (error := body.mode_error()) is not None:
+        raise error
+    to = body.to_list
+    if not to:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
+    if len(to) + len(body.cc) + len(body.bcc) > settings.max_recipients:
+        raise HeraldError(
+            ErrorCode.INVALID_PARAMS,
+            f"at most {settings.max_recipients} recipients in to, cc and bcc together",
+            field="to",
+        )
+    if body.template_id is not None:
+        # Templates arrive with their own issue; until then no template exists.
+        raise HeraldError(
+            ErrorCode.TEMPLATE_NOT_FOUND, f"template {body.template_id} not found", field="template_id"
+        )
+    if body.attachment_ids:
+        raise HeraldError(
+            ErrorCode.ATTACHMENT_NOT_FOUND,
+            f"attachment {body.attachment_ids[0]} not found or expired",
+            field="attachment_ids",
+        )
+    now = datetime.now(UTC)
+    trace = Trace(request.state.request_id, request.state.traceparent)
+    req = RequestV1(
+        message_id=new_message_id(now),
+        tenant_id=tenant_id,
+        channel=Channel.EMAIL,
+        to=to,
+        subject=body.subject,
+        content=body.content or "",
+        content_type=body.content_type,
+        email=EmailOptions(
+            cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to
+        ),
+        idempotency_key=body.idempotency_key,
+        request_id=trace.request_id,
+        accepted_at=now,
+        recorded=True,
+    )
+    recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
+    outcome = await services.publisher.accept(NewRecord(req, recipients, now), trace)
+    state = State(outcome.state)
+    headers = None if outcome.created else {"Idempotent-Replayed": "true"}
+    return envelope(
+        {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value},
+        status_code=202,
+        headers=headers,
+    )
+
+
+@router.get("/{message_id}", summary="One message's status")
+async def get_message(
+    message_id: str,
+    services: Services = Depends(get_services),
+    tenant_id: str = Depends(current_tenant),
+):
+    row = await services.pool.fetchrow(
+        f"SELECT {_DETAIL_COLUMNS} FROM message_records WHERE tenant_id=$1 AND message_id=$2",
+        tenant_id,
+        message_id,
+    )
+    if row is None:
+        raise HeraldError(ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id")
+    return envelope(_record(row))
+
+
+@router.get("/{message_id}/timeline", summary="Every event of one message, oldest first")
+async def get_timeline(
+    message_id: str,
+    services: Services = Depends(get_services),
+    tenant_id: str = Depends(current_tenant),
+):
+    async with services.pool.acquire() as conn:
+        exists = await conn.fetchval(
+            "SELECT 1 FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
+        )
+        if not exists:
+            raise HeraldError(
+                ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id"
+            )
+        rows = await conn.fetch(
+            """SELECT event_id, state, attempt, service, channel, provider, error_code, error,
+                      detail, occurred_at
+               FROM message_events WHERE tenant_id=$1 AND message_id=$2
+               ORDER BY occurred_at, id""",
+            tenant_id,
+            message_id,
+        )
+    events = []
+    for r in rows:
+        item = {k: r[k] for k in r.keys() if k != "occurred_at"}
+        item["occurred_at"] = _ts(r["occurred_at"])
+        events.append(item)
+    return envelope({"message_id": message_id, "events": events})
+
+
+def _parse_bound(value: str | None, field: str, *, end: bool) -> datetime | None:
+    """A date (whole day, inclusive) or an ISO 8601 datetime; naive values are UTC."""
+    if value is None or value == "":
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            moment = datetime.combine(day, time.min, tzinfo=UTC)
+            return moment + timedelta(days=1) if end else moment
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HeraldError(
+            ErrorCode.INVALID_PARAMS, "expected YYYY-MM-DD or an ISO 8601 datetime", field=field
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@router.get("", summary="Message history with filters and pagination")
+async def list_messages(
+    services: Services = Depends(get_services),
+    tenant_id: str = Depends(current_tenant),
+    recipient: str | None = Query(default=None, max_length=320),
+    status: str | None = Query(
+        default=None, description="seed status (pending/sending/success/failed) or a lifecycle state"
+    ),
+    start_date: str | None = Query(default=None, description="YYYY-MM-DD or ISO 8601, inclusive"),
+    end_date: str | None = Query(default=None, description="YYYY-MM-DD (whole day) or ISO 8601"),
+    message_type: Literal["email"] | None = Query(default=None),
+    page: int = Query(default=1, ge=1, le=100_000),
+    page_size: int = Query(default=20, ge=1, le=100),
+):
+    where = ["tenant_id = $1"]
+    args: list[Any] = [tenant_id]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if recipient:
+        p = arg(recipient.strip())
+        where.append(
+            f"(recipient = {p} OR recipients @> jsonb_build_object('to', jsonb_build_array({p}::text))"
+            f" OR recipients @> jsonb_build_object('cc', jsonb_build_array({p}::text)))"
+        )
+    if status:
+        if status in Status._value2member_map_:
+            where.append(f"status = {arg(status)}")
+        elif status in State._value2member_map_:
+            where.append(f"state = {arg(status)}")
+        else:
+            raise HeraldError(
+                ErrorCode.INVALID_PARAMS,
+                "unknown status; use pending, sending, success, failed or a lifecycle state",
+                field="status",
+            )
+    start = _parse_bound(start_date, "start_date", end=False)
+    end = _parse_bound(end_date, "end_date", end=True)
+    if start and end and start >= end:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "must be after start_date", field="end_date")
+    if start:
+        where.append(f"created_at >= {arg(start)}")
+    if end:
+        op = "<" if end_date and len(end_date) == 10 else "<="
+        where.append(f"created_at {op} {arg(end)}")
+    if message_type:
+        where.append(f"message_type = {arg(message_type)}")
+    clause = " AND ".join(where)
+    offset = (page - 1) * page_size
+    async with services.pool.acquire() as conn:
+        total = await conn.fetchval(f"SELECT count(*) FROM message_records WHERE {clause}", *args)
+        rows = await conn.fetch(
+            f"""SELECT message_id, message_type, recipient, subject, status, state, retry_count,
+                       error_message, created_at, sent_at
+                FROM message_records WHERE {clause}
+                ORDER BY created_at DESC, id DESC
+                LIMIT {arg(page_size)} OFFSET {arg(offset)}""",
+            *args,
+        )
+    return envelope(
+        {"total": total, "page": page, "page_size": page_size, "records": [_record(r) for r in rows]}
+    )
+
+
+@router.post("/batch/query", summary="Status of up to 100 messages at once")
+async def batch_query(
+    body: BatchQuery,
+    services: Services = Depends(get_services),
+    tenant_id: str = Depends(current_tenant),
+):
+    """Answers the messages found, in the order asked; ids not found are listed in
+    ``X-Not-Found`` count and simply absent from ``data`` (seed 004 §3.4.7)."""
+    ids = list(dict.fromkeys(body.message_ids))
+    rows = await services.pool.fetch(
+        """SELECT message_id, message_type, recipient, subject, status, state, retry_count,
+                  error_code, error_message, created_at, sent_at
+           FROM message_records WHERE tenant_id=$1 AND message_id = ANY($2::text[])""",
+        tenant_id,
+        ids,
+    )
+    by_id = {r["message_id"]: _record(r) for r in rows}
+    found = [by_id[i] for i in ids if i in by_id]
+    return envelope(found, headers={"X-Not-Found": str(len(ids) - len(found))})

@@ -1,0 +1,146 @@
+"""The router's faust app: wiring only. Decisions live in :mod:`services.router.routing`.
+
+faust acks a source record even when the agent raises (faust's agents guide), so every
+record's failure is handled here and sent to ``notify.dlq``; agents keep concurrency 1
+(faust #606: concurrency > 1 can commit past an in-flight record). faust flushes its producer
+before it commits offsets, so a record's outputs are on the broker before its offset is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+
+from services.router.routing import Rejected, Routed, plan
+from shared.events import DeadLetterV1, utcnow
+from shared.health import HealthServer
+from shared.ids import new_request_id
+from shared.kafka import Topics, Trace, message_key
+from shared.logging import log_event, request_id_var, traceparent_var
+from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_REJECTED, MESSAGES_ROUTED
+from shared.settings import Settings
+
+log = logging.getLogger("herald.router")
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the router app for ``settings``."""
+    app = faust.App(
+        "herald-router",
+        broker=[f"kafka://{s}" for s in settings.bootstrap_servers],
+        web_enabled=False,
+        store="memory://",
+        topic_partitions=settings.kafka_topic_partitions,
+        topic_replication_factor=settings.kafka_replication_factor,
+        producer_acks=-1,
+        producer_linger=settings.kafka_linger_ms / 1000,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_rebalance_timeout=settings.kafka_rebalance_timeout_s,
+        broker_heartbeat_interval=settings.kafka_heartbeat_interval_s,
+        broker_request_timeout=max(settings.kafka_request_timeout_s, settings.kafka_session_timeout_s + 1),
+        broker_commit_every=100,
+        broker_commit_interval=0.5,
+        datadir=None,
+        loghandlers=[],
+    )
+    requests = app.topic(Topics.REQUESTS, key_serializer="raw", value_serializer="raw")
+    events_topic = app.topic(Topics.EVENTS, key_serializer="raw", value_serializer="raw")
+    dlq = app.topic(Topics.DLQ, key_serializer="raw", value_serializer="raw")
+    dispatch_topics = {
+        channel: app.topic(Topics.dispatch(channel), key_serializer="raw", value_serializer="raw")
+        for channel in ("email",)
+    }
+    state = {"assigned": False}
+
+    @app.on_rebalance_complete.connect
+    async def _assigned(sender: object, **kwargs: object) -> None:
+        state["assigned"] = True
+
+    async def ready() -> None:
+        if not state["assigned"]:
+            raise RuntimeError("no partitions assigned yet")
+        if app.rebalancing:
+            raise RuntimeError("rebalancing")
+
+    health = HealthServer("0.0.0.0", settings.router_http_port, {"kafka": ready})
+
+    @app.task(on_leader=False)
+    async def _serve_health() -> None:
+        await health.start()
+
+    @app.agent(requests, concurrency=1)
+    async def route(stream: faust.StreamT) -> None:
+        async for record in stream.events():
+            trace = Trace.from_headers(record.headers)
+            rid = request_id_var.set(trace.request_id or new_request_id())
+            tp = traceparent_var.set(trace.traceparent)
+            try:
+                await _handle(record, trace)
+            except Exception:  # never let one record stop the agent: it goes to the DLQ
+                log.exception("routing failed; sending the record to the dead-letter topic")
+                await _dead_letter(record, trace, "router_error", [], None)
+            finally:
+                CONSUMER_LAST_PROGRESS.labels("router").set(time.time())
+                request_id_var.reset(rid)
+                traceparent_var.reset(tp)
+
+    async def _handle(record: faust.types.EventT, trace: Trace) -> None:
+        decision = plan(record.value)
+        if isinstance(decision, Routed):
+            trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
+            for event in decision.events:
+                await events_topic.send(
+                    key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers()
+                )
+            dispatch = decision.dispatch
+            await dispatch_topics[dispatch.channel.value].send(
+                key=message_key(dispatch.tenant_id, dispatch.to[0]),
+                value=dispatch.to_bytes(),
+                headers=trace.headers(),
+            )
+            MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
+            log_event(log, logging.INFO, "message routed", message_id=dispatch.message_id,
+                      channel=dispatch.channel.value, recipient=dispatch.to[0])
+            return
+        assert isinstance(decision, Rejected)
+        for event in decision.events:
+            await events_topic.send(
+                key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers()
+            )
+        await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id)
+
+    async def _dead_letter(record, trace: Trace, reason: str, errors: list, message_id: str | None) -> None:
+        msg = record.message
+        letter = DeadLetterV1(
+            source_topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            reason=reason,
+            errors=errors[:50],
+            message_id=message_id,
+            service="router",
+            occurred_at=utcnow(),
+            key=msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None,
+            payload=(record.value or b"").decode("utf-8", "replace")
+            if isinstance(record.value, bytes | type(None))
+            else str(record.value),
+            headers={k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                     for k, v in (record.headers or {}).items()},
+        )
+        await dlq.send(
+            key=message_id.encode() if message_id else None,
+            value=letter.to_bytes(),
+            headers=trace.headers(),
+        )
+        MESSAGES_REJECTED.labels("router", reason).inc()
+        log_event(log, logging.WARNING, "record rejected to the dead-letter topic",
+                  reason=reason, message_id=message_id, errors=errors[:5])
+
+    @app.on_before_shutdown.connect
+    async def _stop_health(sender: object, **kwargs: object) -> None:
+        await health.stop()
+
+    return app

@@ -1,0 +1,226 @@
+"""What the router decides for one raw request: pure functions, no I/O.
+
+``plan(raw)`` parses and validates a ``notify.request.v1`` record and answers either a
+:class:`Routed` (the dispatch command and the events to emit) or a :class:`Rejected` (the
+reason, the offending fields, and the events to emit). The faust app only moves bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from shared.events import (
+    Channel,
+    DispatchV1,
+    EventV1,
+    MessageSnapshot,
+    RequestV1,
+    State,
+    event_id,
+    utcnow,
+    validate_email_address,
+)
+from shared.ids import is_message_id, new_message_id
+
+SERVICE = "router"
+
+
+@dataclass(slots=True)
+class Routed:
+    request: RequestV1
+    dispatch: DispatchV1
+    events: list[EventV1]
+
+
+@dataclass(slots=True)
+class Rejected:
+    message_id: str
+    reason: str
+    errors: list[dict[str, Any]]
+    events: list[EventV1] = field(default_factory=list)
+
+
+def _field(loc: tuple | list) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def _snapshot(data: dict[str, Any], channel: str, accepted_at: datetime | None) -> MessageSnapshot:
+    """Best effort: what a (possibly invalid) request says about its message."""
+    to = data.get("to")
+    to_list = [str(t)[:320] for t in to] if isinstance(to, list) else ([str(to)[:320]] if to else [])
+    email = data.get("email") if isinstance(data.get("email"), dict) else {}
+    recipients = {"to": to_list}
+    for key in ("cc", "bcc"):
+        if isinstance(email.get(key), list):
+            recipients[key] = [str(a)[:320] for a in email[key]]
+    subject = data.get("subject")
+    content = data.get("content")
+    return MessageSnapshot(
+        channel=channel[:20],
+        recipient=to_list[0] if to_list else "",
+        recipients=recipients,
+        subject=str(subject)[:998] if subject is not None else None,
+        content=content if isinstance(content, str) else None,
+        content_type=str(data.get("content_type") or "html")[:10],
+        idempotency_key=str(data["idempotency_key"])[:255] if data.get("idempotency_key") else None,
+        request_id=str(data["request_id"])[:64] if data.get("request_id") else None,
+        accepted_at=accepted_at,
+    )
+
+
+def _channel_errors(request: RequestV1) -> list[dict[str, str]]:
+    """Checks that depend on the channel (addresses of the right kind, required fields)."""
+    errors: list[dict[str, str]] = []
+    if request.channel is Channel.EMAIL:
+        for i, address in enumerate(request.to):
+            try:
+                validate_email_address(address)
+            except ValidationError:
+                errors.append({"field": f"to.{i}", "message": "not a valid email address"})
+        if not request.subject:
+            errors.append({"field": "subject", "message": "field required for email"})
+    return errors
+
+
+def _reject(
+    message_id: str,
+    reason: str,
+    errors: list[dict[str, Any]],
+    data: dict[str, Any] | None,
+    tenant_id: str,
+    now: datetime,
+) -> Rejected:
+    data = data or {}
+    snapshot = _snapshot(data, str(data.get("channel") or "unknown"), now)
+    text = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]) or reason
+    event = EventV1(
+        event_id=event_id(message_id, 0, State.REJECTED),
+        message_id=message_id,
+        tenant_id=tenant_id,
+        state=State.REJECTED,
+        attempt=0,
+        occurred_at=now,
+        service=SERVICE,
+        channel=snapshot.channel,
+        error_code=1001,
+        error=f"{reason}: {text}"[:2000],
+        detail={"reason": reason, "errors": errors[:20]},
+        message=snapshot,
+        request_id=snapshot.request_id,
+    )
+    return Rejected(message_id, reason, errors, [event])
+
+
+def plan(raw: bytes | None, *, now: datetime | None = None) -> Routed | Rejected:
+    """Decide what to do with one record of ``notify.requests``."""
+    now = now or utcnow()
+    try:
+        data = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError as exc:
+        return _reject(new_message_id(now), "invalid_json", [{"field": "body", "message": str(exc)[:200]}], None, "default", now)
+    if not isinstance(data, dict):
+        return _reject(new_message_id(now), "invalid_json", [{"field": "body", "message": "not a JSON object"}], None, "default", now)
+
+    tenant = data.get("tenant_id")
+    tenant_id = tenant if isinstance(tenant, str) and 0 < len(tenant) <= 64 else "default"
+    given = data.get("message_id")
+    if given is None:
+        message_id = new_message_id(now)
+        data = {**data, "message_id": message_id}
+    elif isinstance(given, str) and is_message_id(given):
+        message_id = given
+    else:
+        return _reject(
+            new_message_id(now),
+            "invalid_request",
+            [{"field": "message_id", "message": "expected msg_<yyyymmdd>_<random> or no value"}],
+            data,
+            tenant_id,
+            now,
+        )
+    schema = data.get("schema", "notify.request.v1")
+    if schema != "notify.request.v1":
+        return _reject(
+            message_id, "unknown_schema",
+            [{"field": "schema", "message": f"expected notify.request.v1, got {str(schema)[:64]!r}"}],
+            data, tenant_id, now,
+        )
+    try:
+        request = RequestV1.model_validate({**data, "schema": "notify.request.v1"})
+    except ValidationError as exc:
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+    errors = _channel_errors(request)
+    if errors:
+        return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+    return _route(request, now)
+
+
+def _route(request: RequestV1, now: datetime) -> Routed:
+    message_id = request.message_id or new_message_id(now)
+    accepted_at = request.accepted_at or now
+    email = request.email
+    recipients: dict[str, list[str]] = {"to": list(request.to)}
+    if email:
+        recipients["cc"] = list(email.cc)
+        recipients["bcc"] = list(email.bcc)
+    snapshot = MessageSnapshot(
+        channel=request.channel.value,
+        recipient=request.to[0],
+        recipients=recipients,
+        subject=request.subject,
+        content=request.content,
+        content_type=request.content_type.value,
+        idempotency_key=request.idempotency_key,
+        request_id=request.request_id,
+        accepted_at=accepted_at,
+    )
+    common = {
+        "message_id": message_id,
+        "tenant_id": request.tenant_id,
+        "service": SERVICE,
+        "channel": request.channel.value,
+        "request_id": request.request_id,
+    }
+    events: list[EventV1] = []
+    if not request.recorded:
+        # Published straight to Kafka: nobody has recorded the acceptance yet.
+        events.append(
+            EventV1(
+                event_id=event_id(message_id, 0, State.ACCEPTED),
+                state=State.ACCEPTED,
+                occurred_at=accepted_at,
+                message=snapshot,
+                **common,
+            )
+        )
+    events.append(
+        EventV1(
+            event_id=event_id(message_id, 0, State.ROUTED),
+            state=State.ROUTED,
+            occurred_at=max(now, accepted_at),
+            message=snapshot,
+            detail={"channel": request.channel.value},
+            **common,
+        )
+    )
+    dispatch = DispatchV1(
+        dispatch_id=f"{message_id}:1",
+        message_id=message_id,
+        tenant_id=request.tenant_id,
+        channel=request.channel,
+        attempt=1,
+        to=list(request.to),
+        subject=request.subject,
+        content=request.content,
+        content_type=request.content_type,
+        email=email,
+        request_id=request.request_id,
+        created_at=now,
+    )
+    return Routed(request.model_copy(update={"message_id": message_id}), dispatch, events)

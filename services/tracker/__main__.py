@@ -1,0 +1,19 @@
+"""``python -m services.tracker``: fold delivery events into PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.tracker.app import serve
+from shared.logging import setup_logging
+from shared.settings import Settings
+
+
+def main() -> None:
+    settings = Settings(service_name="tracker")
+    setup_logging("tracker", settings.log_level, settings.log_json)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Folding a batch of events into PostgreSQL.
+
+:func:`fold_plan` is pure: it turns a batch of events into three row sets (records to create,
+timeline rows, state moves). :func:`write_fold` writes them in one transaction with three
+statements, whatever the batch size. Every step is idempotent: a redelivered batch changes
+nothing (event ids are unique; a state only moves forward in (attempt, rank) order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from shared.events import SEED_STATUS, STATE_RANK, DeadLetterV1, EventV1, State
+
+
+@dataclass(slots=True)
+class FoldPlan:
+    new_records: list[EventV1] = field(default_factory=list)
+    timeline: list[EventV1] = field(default_factory=list)
+    moves: list[EventV1] = field(default_factory=list)
+
+
+def _order(event: EventV1) -> tuple[int, int]:
+    return (event.attempt, STATE_RANK[event.state])
+
+
+def fold_plan(events: list[EventV1]) -> FoldPlan:
+    """Which records to create, which timeline rows to add, and each message's furthest state."""
+    plan = FoldPlan()
+    seen_ids: set[str] = set()
+    snapshots: dict[str, EventV1] = {}
+    furthest: dict[str, EventV1] = {}
+    for event in events:
+        if event.event_id in seen_ids:
+            continue
+        seen_ids.add(event.event_id)
+        plan.timeline.append(event)
+        if event.message is not None and event.message_id not in snapshots:
+            snapshots[event.message_id] = event
+        best = furthest.get(event.message_id)
+        if best is None or _order(event) > _order(best):
+            furthest[event.message_id] = event
+    plan.new_records = list(snapshots.values())
+    plan.moves = list(furthest.values())
+    return plan
+
+
+_CREATE = """
+INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients, subject,
+    content, content_type, idempotency_key, request_id, created_at, updated_at,
+    status, state, state_rank)
+SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients, u.subject, u.content,
+    u.content_type, u.idempotency_key, u.request_id, u.created_at, u.created_at,
+    'pending', 'accepted', 0
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+            $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+     AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
+          content_type, idempotency_key, request_id, created_at)
+ON CONFLICT DO NOTHING
+"""
+
+_TIMELINE = """
+INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
+    provider, error_code, error, detail, occurred_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
+    $7::text[], $8::text[], $9::int[], $10::text[], $11::jsonb[], $12::timestamptz[])
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+_MOVE = """
+UPDATE message_records m SET
+    state = u.state,
+    status = u.status,
+    state_rank = u.rank,
+    attempt = u.attempt,
+    retry_count = GREATEST(u.attempt - 1, m.retry_count),
+    sent_at = CASE WHEN u.state IN ('sent', 'delivered') THEN COALESCE(m.sent_at, u.occurred_at)
+                   ELSE m.sent_at END,
+    error_code = COALESCE(u.error_code, m.error_code),
+    error_message = COALESCE(u.error, m.error_message),
+    sender_info = COALESCE(u.sender_info, m.sender_info),
+    updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
+            $7::timestamptz[], $8::int[], $9::text[], $10::jsonb[])
+     AS u(message_id, tenant_id, state, status, rank, attempt, occurred_at, error_code, error,
+          sender_info)
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
+  AND (m.attempt, m.state_rank) < (u.attempt, u.rank)
+"""
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
+
+
+def _sender_info(event: EventV1) -> dict[str, Any] | None:
+    if event.state not in (State.SENT, State.DELIVERED, State.FAILED) or not event.provider:
+        return None
+    info: dict[str, Any] = {"provider": event.provider}
+    if event.detail:
+        for key in ("account", "provider_message_id"):
+            if event.detail.get(key):
+                info[key] = event.detail[key]
+    return info
+
+
+async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
+    """Apply a :class:`FoldPlan` in one transaction."""
+    creates = []
+    for e in plan.new_records:
+        m = e.message
+        assert m is not None
+        creates.append(
+            (
+                e.message_id, e.tenant_id, m.channel, m.recipient[:320], m.recipients,
+                m.subject, m.content, m.content_type, m.idempotency_key, m.request_id,
+                m.accepted_at or e.occurred_at,
+            )
+        )
+    timeline = [
+        (
+            e.event_id, e.message_id, e.tenant_id, e.state.value, e.attempt, e.service, e.channel,
+            e.provider, e.error_code, e.error, e.detail, e.occurred_at,
+        )
+        for e in plan.timeline
+    ]
+    moves = [
+        (
+            e.message_id, e.tenant_id, e.state.value, SEED_STATUS[e.state].value,
+            STATE_RANK[e.state], e.attempt, e.occurred_at, e.error_code, e.error, _sender_info(e),
+        )
+        for e in plan.moves
+    ]
+    async with conn.transaction():
+        if creates:
+            await conn.execute(_CREATE, *_columns(creates, 11))
+        if timeline:
+            await conn.execute(_TIMELINE, *_columns(timeline, 12))
+        if moves:
+            await conn.execute(_MOVE, *_columns(moves, 10))
+
+
+_DEAD_LETTER = """
+INSERT INTO dead_letters (source_topic, partition, "offset", message_id, service, reason, errors,
+    payload, headers, occurred_at)
+SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+    $7::jsonb[], $8::text[], $9::jsonb[], $10::timestamptz[])
+"""
+
+
+async def write_dead_letters(conn: asyncpg.Connection, letters: list[DeadLetterV1]) -> None:
+    rows = [
+        (
+            d.source_topic, d.partition, d.offset, d.message_id, d.service, d.reason, d.errors,
+            d.payload, d.headers, d.occurred_at,
+        )
+        for d in letters
+    ]
+    if rows:
+        await conn.execute(_DEAD_LETTER, *_columns(rows, 10))

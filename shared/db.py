@@ -1,0 +1,79 @@
+"""PostgreSQL: the asyncpg pool and the migrations (yoyo, plain SQL files in ``migrations/``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await conn.set_type_codec(
+            typename,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+async def create_pool(settings: Settings, *, attempts: int = 30) -> asyncpg.Pool:
+    """A pool with JSON codecs; retried while the server is still starting."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncpg.create_pool(
+                settings.database_url.get_secret_value(),
+                min_size=settings.db_pool_min,
+                max_size=settings.db_pool_max,
+                init=_init_connection,
+                command_timeout=30,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("database not ready (%s), retrying", exc.__class__.__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def apply_migrations(database_url: str) -> list[str]:
+    """Apply pending migrations under yoyo's lock (safe when several services start at once)."""
+    from yoyo import get_backend, read_migrations
+
+    backend = get_backend(database_url)
+    migrations = read_migrations(str(MIGRATIONS_DIR))
+    with backend.lock():
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
+    return [m.id for m in pending]
+
+
+async def migrate(settings: Settings, *, attempts: int = 30) -> list[str]:
+    """Run :func:`apply_migrations` off the event loop, retried while the server starts."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            applied = await asyncio.to_thread(
+                apply_migrations, settings.database_url.get_secret_value()
+            )
+            if applied:
+                log.info("applied migrations %s", ", ".join(applied))
+            return applied
+        except Exception as exc:  # psycopg2's OperationalError while the server starts
+            if attempt == attempts:
+                raise
+            log.warning("migrations not applied yet (%s), retrying", exc.__class__.__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")

@@ -1,0 +1,276 @@
+"""The events every topic carries, defined once; JSON Schemas in ``shared/schemas`` derive from
+these models (``python -m shared.events`` rewrites them, a test checks they are current).
+
+Topics and their schema:
+
+    notify.requests          notify.request.v1    key tenant:recipient
+    notify.dispatch.<chan>   notify.dispatch.v1   key tenant:recipient
+    notify.events            notify.event.v1      key message_id
+    notify.dlq               notify.dlq.v1        key message_id or none
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, TypeAdapter, field_validator
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+
+
+class ContentType(StrEnum):
+    HTML = "html"
+    TEXT = "text"
+
+
+class State(StrEnum):
+    """DESIGN.md's lifecycle of a message."""
+
+    ACCEPTED = "accepted"
+    SCHEDULED = "scheduled"
+    ROUTED = "routed"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    RETRYING = "retrying"
+    DEAD = "dead"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+class Status(StrEnum):
+    """Seed 004's coarse status, derived from :class:`State`."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+SEED_STATUS: dict[State, Status] = {
+    State.ACCEPTED: Status.PENDING,
+    State.SCHEDULED: Status.PENDING,
+    State.ROUTED: Status.PENDING,
+    State.SENDING: Status.SENDING,
+    State.SENT: Status.SUCCESS,
+    State.DELIVERED: Status.SUCCESS,
+    State.FAILED: Status.FAILED,
+    State.RETRYING: Status.PENDING,
+    State.DEAD: Status.FAILED,
+    State.REJECTED: Status.FAILED,
+    State.CANCELLED: Status.FAILED,
+}
+
+# Within one attempt, a state only moves to a higher rank; a later attempt starts over.
+# Terminal states outrank everything so that a late 'sending' cannot undo a 'sent'.
+STATE_RANK: dict[State, int] = {
+    State.ACCEPTED: 0,
+    State.SCHEDULED: 1,
+    State.ROUTED: 2,
+    State.SENDING: 3,
+    State.RETRYING: 4,
+    State.FAILED: 5,
+    State.SENT: 6,
+    State.DELIVERED: 7,
+    State.DEAD: 8,
+    State.REJECTED: 8,
+    State.CANCELLED: 8,
+}
+TERMINAL_STATES = frozenset(
+    {State.SENT, State.DELIVERED, State.DEAD, State.REJECTED, State.CANCELLED}
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+Address = Annotated[str, Field(min_length=1, max_length=320)]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+class EmailOptions(BaseModel):
+    """What only the email channel needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    from_name: str | None = Field(default=None, max_length=100)
+    reply_to: EmailStr | None = None
+
+
+class RequestV1(_Event):
+    """``notify.request.v1``: a message to send, from ingest or from any internal producer."""
+
+    schema_: Literal["notify.request.v1"] = Field(default="notify.request.v1", alias="schema")
+    message_id: str | None = Field(default=None, max_length=64)
+    tenant_id: str = Field(default="default", min_length=1, max_length=64)
+    channel: Channel
+    to: list[Address] = Field(min_length=1, max_length=100)
+    subject: str | None = Field(default=None, max_length=998)
+    content: str = Field(min_length=1)
+    content_type: ContentType = ContentType.HTML
+    email: EmailOptions | None = None
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_id: str | None = Field(default=None, max_length=64)
+    accepted_at: datetime | None = None
+    # True when ingest already wrote the message record and its 'accepted' event.
+    recorded: bool = False
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
+
+    @field_validator("to")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+class DispatchV1(_Event):
+    """``notify.dispatch.v1``: one delivery attempt of one message through one channel."""
+
+    schema_: Literal["notify.dispatch.v1"] = Field(default="notify.dispatch.v1", alias="schema")
+    dispatch_id: str
+    message_id: str
+    tenant_id: str
+    channel: Channel
+    provider: str | None = None
+    attempt: int = Field(default=1, ge=1)
+    to: list[str] = Field(min_length=1)
+    subject: str | None = None
+    content: str
+    content_type: ContentType = ContentType.HTML
+    email: EmailOptions | None = None
+    request_id: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+class MessageSnapshot(BaseModel):
+    """What the tracker needs to create a message record it has not seen yet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channel: str
+    recipient: str
+    recipients: dict[str, list[str]] = Field(default_factory=dict)
+    subject: str | None = None
+    content: str | None = None
+    content_type: str | None = None
+    idempotency_key: str | None = None
+    request_id: str | None = None
+    accepted_at: datetime | None = None
+
+
+class EventV1(_Event):
+    """``notify.event.v1``: something that happened to a message; the tracker folds these."""
+
+    schema_: Literal["notify.event.v1"] = Field(default="notify.event.v1", alias="schema")
+    event_id: str
+    message_id: str
+    tenant_id: str = "default"
+    state: State
+    attempt: int = Field(default=0, ge=0)
+    occurred_at: datetime = Field(default_factory=utcnow)
+    service: str
+    channel: str | None = None
+    provider: str | None = None
+    error_code: int | None = None
+    error: str | None = None
+    detail: dict[str, Any] | None = None
+    message: MessageSnapshot | None = None
+    request_id: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+def event_id(message_id: str, attempt: int, state: State) -> str:
+    """Deterministic: a redelivered command re-emits the same id and the tracker dedups it."""
+    return f"{message_id}:{attempt}:{state.value}"
+
+
+class DeadLetterV1(_Event):
+    """``notify.dlq.v1``: a record Herald could not process, with the reason, never dropped."""
+
+    schema_: Literal["notify.dlq.v1"] = Field(default="notify.dlq.v1", alias="schema")
+    source_topic: str
+    partition: int
+    offset: int
+    reason: str
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    message_id: str | None = None
+    service: str
+    occurred_at: datetime = Field(default_factory=utcnow)
+    key: str | None = None
+    payload: str  # the original bytes, decoded as UTF-8 with replacement
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "notify.request.v1": RequestV1,
+    "notify.dispatch.v1": DispatchV1,
+    "notify.event.v1": EventV1,
+    "notify.dlq.v1": DeadLetterV1,
+}
+
+_email_adapter = TypeAdapter(EmailStr)
+
+
+def validate_email_address(value: str) -> str:
+    """Return the address if valid, else raise ``pydantic.ValidationError``."""
+    return _email_adapter.validate_python(value)
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    schema = EVENT_MODELS[name].model_json_schema(by_alias=True, mode="validation")
+    schema["$id"] = f"https://herald.dev/schemas/{name}.json"
+    schema["title"] = name
+    return schema
+
+
+def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    """Regenerate the checked-in JSON Schema files from the models."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in EVENT_MODELS:
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(json_schema(name), indent=2, ensure_ascii=False) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_schemas():
+        sys.stdout.write(f"wrote {p}\n")

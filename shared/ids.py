@@ -1,0 +1,33 @@
+"""Identifiers: ``msg_<yyyymmdd>_<random>`` message ids (seed 004) and request ids."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+
+_MESSAGE_ID = re.compile(r"^msg_\d{8}_[0-9a-z]{6,40}$")
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _random(n: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def new_message_id(now: datetime | None = None) -> str:
+    """A fresh message id; 16 base-36 characters make collisions negligible (~82 bits)."""
+    day = (now or datetime.now(UTC)).strftime("%Y%m%d")
+    return f"msg_{day}_{_random(16)}"
+
+
+def is_message_id(value: str) -> bool:
+    return bool(_MESSAGE_ID.match(value))
+
+
+def new_request_id() -> str:
+    return f"req_{secrets.token_hex(12)}"
+
+
+def new_traceparent() -> str:
+    """A W3C traceparent for a request that arrived without one."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"

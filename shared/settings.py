@@ -1,0 +1,94 @@
+"""Herald's one configuration object, read from the environment (prefix ``HERALD_``).
+
+Every service builds a :class:`Settings` once at start-up and passes it into its factories;
+nothing deeper in the code reads ``os.environ``. Invalid values fail at start-up.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All settings of all services; each service reads the part it needs."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HERALD_", env_file=None, extra="ignore", frozen=True
+    )
+
+    # --- identity and logging -------------------------------------------------------------
+    service_name: str = "herald"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    # --- Kafka ----------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    # Tansu (the embedded broker) refuses InitProducerId, so idempotence is off by default;
+    # turn it on against Apache Kafka / Strimzi.
+    kafka_enable_idempotence: bool = False
+    kafka_topic_partitions: int = Field(default=3, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    kafka_request_timeout_s: float = Field(default=10.0, gt=0)
+    kafka_session_timeout_s: float = Field(default=10.0, gt=0)
+    # Tansu completes a group join only when the rebalance timeout runs out; a short one
+    # keeps start-up and rebalances quick.
+    kafka_rebalance_timeout_s: float = Field(default=6.0, gt=0)
+    kafka_heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    kafka_max_batch: int = Field(default=500, ge=1)
+
+    # --- PostgreSQL and Redis ------------------------------------------------------------
+    database_url: SecretStr = SecretStr("postgresql://herald@127.0.0.1:5433/herald")
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=20, ge=1)
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6380/0")
+    run_migrations: bool = True
+
+    # --- ingest ---------------------------------------------------------------------------
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 8000
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_recipients: int = Field(default=100, ge=1)
+    record_batch_max: int = Field(default=256, ge=1)
+    record_batch_wait_ms: float = Field(default=2.0, ge=0)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+    public_url: str = ""
+
+    # --- workers' health/metrics ports ---------------------------------------------------
+    router_http_port: int = 8101
+    sender_http_port: int = 8102
+    tracker_http_port: int = 8103
+
+    # --- email sender (one account until the mailbox pool lands) -------------------------
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str = ""
+    smtp_password: SecretStr = SecretStr("")
+    smtp_use_tls: bool = False
+    smtp_start_tls: bool | None = None  # None: upgrade when the server offers STARTTLS
+    smtp_timeout_s: float = Field(default=30.0, gt=0)
+    smtp_from_address: str = "herald@localhost"
+    smtp_from_name: str = "Herald"
+    sender_concurrency: int = Field(default=32, ge=1)
+    sender_done_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # --- tracker --------------------------------------------------------------------------
+    tracker_batch_max: int = Field(default=1000, ge=1)
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [s.strip() for s in self.kafka_bootstrap_servers.split(",") if s.strip()]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]
