@@ -119,4 +119,4 @@ def setup_logging(service: str, level: str = "INFO", json_logs: bool = True) -> 
 
 def log_event(logger: logging.Logger, level: int, message: str, **context: Any) -> None:
     """Log ``message`` with structured, masked context (seed 004's ``context`` object)."""
-    logger.log(level, message, extra={"context": context})
+    logger.log(level, message, extra={"context": context}, stacklevel=2)

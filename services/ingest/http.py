@@ -59,8 +59,17 @@ def error_response(
     return JSONResponse(body, status_code=http_status or code.http_status, headers=headers)
 
 
+# pydantic puts the branch of a union into an error's location (``to.list[...].1``);
+# the caller only needs the field path.
+_TYPE_TAG = re.compile(r"\[|^function-|^constrained-|^(str|int|float|bool|list|dict|none)$")
+
+
 def _field_name(loc: tuple | list) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header") and not _TYPE_TAG.search(str(p))
+    ]
     return ".".join(parts) if parts else "body"
 
 

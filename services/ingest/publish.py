@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
@@ -51,7 +52,7 @@ class Outcome:
 _INSERT = """
 WITH rows AS (
     SELECT * FROM unnest(
-        $1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[],
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[]
     ) AS r(message_id, tenant_id, message_type, recipient, recipients, subject,
            content, content_type, idempotency_key, request_id, created_at)
@@ -59,7 +60,7 @@ WITH rows AS (
     INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients,
         subject, content, content_type, idempotency_key, request_id, created_at, updated_at,
         status, state, state_rank)
-    SELECT message_id, tenant_id, message_type, recipient, recipients, subject, content,
+    SELECT message_id, tenant_id, message_type, recipient, recipients::jsonb, subject, content,
         content_type, idempotency_key, request_id, created_at, created_at,
         'pending', 'accepted', 0
     FROM rows
@@ -150,7 +151,7 @@ class RecordBatcher:
                     q.tenant_id,
                     q.channel.value,
                     r.recipient,
-                    r.recipients,
+                    orjson.dumps(r.recipients).decode(),
                     q.subject,
                     q.content,
                     q.content_type.value,

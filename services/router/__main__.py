@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from faust.worker import Worker
 
@@ -12,6 +13,16 @@ from shared.logging import setup_logging
 from shared.settings import Settings
 
 
+class _Worker(Worker):
+    """faust's worker, with Herald's JSON logging instead of faust's own format."""
+
+    herald_settings: Settings
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        s = self.herald_settings
+        setup_logging("router", s.log_level, s.log_json)
+
+
 def main() -> None:
     settings = Settings(service_name="router")
     setup_logging("router", settings.log_level, settings.log_json)
@@ -19,7 +30,8 @@ def main() -> None:
     asyncio.run(ensure_topics(settings))
     app = create_app(settings)
     app.finalize()
-    worker = Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker = _Worker(app, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    worker.herald_settings = settings
     worker.execute_from_commandline()
 
 

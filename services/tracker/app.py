@@ -24,6 +24,13 @@ from shared.settings import Settings
 
 log = logging.getLogger("herald.tracker")
 
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+)
+
 
 class Tracker:
     def __init__(
@@ -49,17 +56,33 @@ class Tracker:
             CONSUMER_LAST_PROGRESS.labels("tracker").set(time.time())
 
     async def _fold_with_retry(self, records: list[ConsumerRecord]) -> None:
-        """PostgreSQL down means wait, not skip: nothing is committed until the fold lands."""
+        """PostgreSQL down means wait, not skip: nothing is committed until the fold lands.
+        A batch the database refuses for another reason is folded record by record, and a
+        record refused on its own goes to the dead-letter topic with the database's reason."""
         delay = 0.5
         while True:
             try:
                 await self.fold(records)
                 return
-            except (OSError, asyncpg.PostgresConnectionStatusError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError) as exc:
+            except _UNAVAILABLE as exc:
                 log.error("database unavailable (%s); retrying the batch in %.1fs", exc.__class__.__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)
+            except asyncpg.PostgresError:
+                if len(records) == 1:
+                    await self._refused(records[0])
+                    return
+                log.exception("batch refused; folding its %d records one by one", len(records))
+                for record in records:
+                    await self._fold_with_retry([record])
+                return
+
+    async def _refused(self, record: ConsumerRecord) -> None:
+        log.exception("record refused by the database")
+        if record.topic == Topics.DLQ:
+            return  # already a dead letter; the log above keeps it
+        letter = self._letter(record, "fold_refused", [{"field": "body", "message": "refused by the database"}])
+        await self.producer.send_and_wait(Topics.DLQ, letter.to_bytes(), headers=list(record.headers or []))
 
     async def fold(self, records: list[ConsumerRecord]) -> None:
         events: list[EventV1] = []
@@ -92,22 +115,27 @@ class Tracker:
             if isinstance(exc, ValidationError)
             else [{"field": "body", "message": str(exc)[:200]}]
         )
-        letter = DeadLetterV1(
+        reason = "invalid_event" if record.topic != Topics.DLQ else "invalid_dead_letter"
+        letter = self._letter(record, reason, errors)
+        if record.topic != Topics.DLQ:
+            await self.producer.send_and_wait(Topics.DLQ, letter.to_bytes(), headers=list(record.headers or []))
+        MESSAGES_REJECTED.labels("tracker", letter.reason).inc()
+        log_event(log, logging.WARNING, "malformed record", topic=record.topic, errors=errors[:5])
+        return letter
+
+    @staticmethod
+    def _letter(record: ConsumerRecord, reason: str, errors: list) -> DeadLetterV1:
+        return DeadLetterV1(
             source_topic=record.topic,
             partition=record.partition,
             offset=record.offset,
-            reason="invalid_event" if record.topic != Topics.DLQ else "invalid_dead_letter",
+            reason=reason,
             errors=errors[:50],
             service="tracker",
             key=record.key.decode("utf-8", "replace") if record.key else None,
             payload=(record.value or b"").decode("utf-8", "replace"),
             headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or [])},
         )
-        if record.topic != Topics.DLQ:
-            await self.producer.send_and_wait(Topics.DLQ, letter.to_bytes(), headers=list(record.headers or []))
-        MESSAGES_REJECTED.labels("tracker", letter.reason).inc()
-        log_event(log, logging.WARNING, "malformed record", topic=record.topic, errors=errors[:5])
-        return letter
 
 
 async def serve(settings: Settings) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import orjson
 
 from shared.events import SEED_STATUS, STATE_RANK, DeadLetterV1, EventV1, State
 
@@ -52,10 +53,10 @@ _CREATE = """
 INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients, subject,
     content, content_type, idempotency_key, request_id, created_at, updated_at,
     status, state, state_rank)
-SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients, u.subject, u.content,
+SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients::jsonb, u.subject, u.content,
     u.content_type, u.idempotency_key, u.request_id, u.created_at, u.created_at,
     'pending', 'accepted', 0
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[],
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::text[], $10::text[], $11::timestamptz[])
      AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
           content_type, idempotency_key, request_id, created_at)
@@ -65,8 +66,10 @@ ON CONFLICT DO NOTHING
 _TIMELINE = """
 INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
     provider, error_code, error, detail, occurred_at)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
-    $7::text[], $8::text[], $9::int[], $10::text[], $11::jsonb[], $12::timestamptz[])
+SELECT e, m, t, s, a, sv, c, p, ec, er, d::jsonb, o
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
+    $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::timestamptz[])
+    AS u(e, m, t, s, a, sv, c, p, ec, er, d, o)
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -81,15 +84,21 @@ UPDATE message_records m SET
                    ELSE m.sent_at END,
     error_code = COALESCE(u.error_code, m.error_code),
     error_message = COALESCE(u.error, m.error_message),
-    sender_info = COALESCE(u.sender_info, m.sender_info),
+    sender_info = COALESCE(u.sender_info::jsonb, m.sender_info),
     updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[],
-            $7::timestamptz[], $8::int[], $9::text[], $10::jsonb[])
+            $7::timestamptz[], $8::int[], $9::text[], $10::text[])
      AS u(message_id, tenant_id, state, status, rank, attempt, occurred_at, error_code, error,
           sender_info)
 WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
   AND (m.attempt, m.state_rank) < (u.attempt, u.rank)
 """
+
+
+def _json(value: Any) -> str | None:
+    """JSON values travel as text and are cast in SQL: asyncpg would read a list inside a
+    jsonb[] parameter as another array dimension."""
+    return None if value is None else orjson.dumps(value).decode()
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -115,7 +124,7 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
         assert m is not None
         creates.append(
             (
-                e.message_id, e.tenant_id, m.channel, m.recipient[:320], m.recipients,
+                e.message_id, e.tenant_id, m.channel, m.recipient[:320], _json(m.recipients),
                 m.subject, m.content, m.content_type, m.idempotency_key, m.request_id,
                 m.accepted_at or e.occurred_at,
             )
@@ -123,14 +132,15 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
     timeline = [
         (
             e.event_id, e.message_id, e.tenant_id, e.state.value, e.attempt, e.service, e.channel,
-            e.provider, e.error_code, e.error, e.detail, e.occurred_at,
+            e.provider, e.error_code, e.error, _json(e.detail), e.occurred_at,
         )
         for e in plan.timeline
     ]
     moves = [
         (
             e.message_id, e.tenant_id, e.state.value, SEED_STATUS[e.state].value,
-            STATE_RANK[e.state], e.attempt, e.occurred_at, e.error_code, e.error, _sender_info(e),
+            STATE_RANK[e.state], e.attempt, e.occurred_at, e.error_code, e.error,
+            _json(_sender_info(e)),
         )
         for e in plan.moves
     ]
@@ -146,16 +156,17 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
 _DEAD_LETTER = """
 INSERT INTO dead_letters (source_topic, partition, "offset", message_id, service, reason, errors,
     payload, headers, occurred_at)
-SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-    $7::jsonb[], $8::text[], $9::jsonb[], $10::timestamptz[])
+SELECT st, pa, os, mi, sv, re, er::jsonb, pl, he::jsonb, oc
+FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::text[], $10::timestamptz[]) AS u(st, pa, os, mi, sv, re, er, pl, he, oc)
 """
 
 
 async def write_dead_letters(conn: asyncpg.Connection, letters: list[DeadLetterV1]) -> None:
     rows = [
         (
-            d.source_topic, d.partition, d.offset, d.message_id, d.service, d.reason, d.errors,
-            d.payload, d.headers, d.occurred_at,
+            d.source_topic, d.partition, d.offset, d.message_id, d.service, d.reason,
+            _json(d.errors), d.payload, _json(d.headers), d.occurred_at,
         )
         for d in letters
     ]

@@ -12,6 +12,9 @@ from html.parser import HTMLParser
 
 from shared.events import ContentType, DispatchV1, utcnow
 
+# 7-bit on the wire: every part is quoted-printable or base64, so no server needs 8BITMIME.
+_POLICY = SMTP.clone(cte_type="7bit")
+
 _BLOCK = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"}
 
 
@@ -56,7 +59,7 @@ def html_to_text(markup: str) -> str:
 
 def build_message(dispatch: DispatchV1, from_address: str, from_name: str, domain: str) -> EmailMessage:
     """The message to hand to SMTP. Bcc recipients are envelope-only: no Bcc header."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=_POLICY)
     options = dispatch.email
     name = (options.from_name if options and options.from_name else from_name) or ""
     msg["From"] = Address(display_name=name, addr_spec=from_address)
