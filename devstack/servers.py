@@ -114,8 +114,10 @@ def init_postgres(datadir: Path, user: str = "herald") -> None:
         _as_postgres_user(
             [
                 str(postgres_bindir() / "initdb"),
-                "-D", str(datadir),
-                "-U", user,
+                "-D",
+                str(datadir),
+                "-U",
+                user,
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C.UTF-8",
@@ -137,11 +139,16 @@ def start_postgres(
         shutil.chown(socket_dir, "postgres", "postgres")
     cmd = [
         str(postgres_bindir() / "postgres"),
-        "-D", str(datadir),
-        "-p", str(port),
-        "-h", "127.0.0.1",
-        "-k", str(socket_dir),
-        "-c", "max_connections=200",
+        "-D",
+        str(datadir),
+        "-p",
+        str(port),
+        "-h",
+        "127.0.0.1",
+        "-k",
+        str(socket_dir),
+        "-c",
+        "max_connections=200",
     ]
     if fast:  # tests: durability is not what they check
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]

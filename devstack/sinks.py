@@ -53,8 +53,7 @@ class SinkHandler:
         if self.echo:
             msg = item.parsed()
             sys.stdout.write(
-                f"[smtp-sink] #{count} from={item.mail_from} to={','.join(item.rcpt_tos)} "
-                f"subject={msg['subject']!s}\n"
+                f"[smtp-sink] #{count} from={item.mail_from} to={','.join(item.rcpt_tos)} subject={msg['subject']!s}\n"
             )
             sys.stdout.flush()
         return "250 OK: queued"
@@ -75,8 +74,12 @@ def start_smtp_sink(port: int, directory: Path | None = None, echo: bool = False
     """A real SMTP server on 127.0.0.1:port, running in a thread."""
     handler = SinkHandler(directory, echo)
     controller = Controller(
-        handler, hostname="127.0.0.1", port=port, data_size_limit=50 * 1024 * 1024,
-        decode_data=False, ready_timeout=10,
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        data_size_limit=50 * 1024 * 1024,
+        decode_data=False,
+        ready_timeout=10,
     )
     controller.start()
     return controller, handler

@@ -64,9 +64,7 @@ async def migrate(settings: Settings, *, attempts: int = 30) -> list[str]:
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            applied = await asyncio.to_thread(
-                apply_migrations, settings.database_url.get_secret_value()
-            )
+            applied = await asyncio.to_thread(apply_migrations, settings.database_url.get_secret_value())
             if applied:
                 log.info("applied migrations %s", ", ".join(applied))
             return applied

@@ -87,9 +87,7 @@ STATE_RANK: dict[State, int] = {
     State.REJECTED: 8,
     State.CANCELLED: 8,
 }
-TERMINAL_STATES = frozenset(
-    {State.SENT, State.DELIVERED, State.DEAD, State.REJECTED, State.CANCELLED}
-)
+TERMINAL_STATES = frozenset({State.SENT, State.DELIVERED, State.DEAD, State.REJECTED, State.CANCELLED})
 
 
 def utcnow() -> datetime:

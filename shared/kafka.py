@@ -100,9 +100,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
     return AIOKafkaProducer(**options)
 
 
-def make_consumer(
-    settings: Settings, topics: Sequence[str], group_id: str, **overrides: object
-) -> AIOKafkaConsumer:
+def make_consumer(settings: Settings, topics: Sequence[str], group_id: str, **overrides: object) -> AIOKafkaConsumer:
     options: dict[str, object] = {
         "bootstrap_servers": settings.bootstrap_servers,
         "group_id": group_id,
@@ -118,9 +116,7 @@ def make_consumer(
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def ensure_topics(
-    settings: Settings, topics: Iterable[str] | None = None, *, attempts: int = 30
-) -> None:
+async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None, *, attempts: int = 30) -> None:
     """Create the topics that are missing; retried while the broker is still starting."""
     wanted = list(topics or Topics.all())
     delay = 0.2

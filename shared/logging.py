@@ -16,12 +16,8 @@ from typing import Any
 
 import orjson
 
-request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "request_id", default=None
-)
-traceparent_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "traceparent", default=None
-)
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+traceparent_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
 
 _EMAIL = re.compile(r"(?<![\w.+-])([\w.+-])[\w.+-]*@([\w-]+(?:\.[\w-]+)+)")
 _PHONE = re.compile(r"(?<![\w])(\+?\d{1,3}[- ]?)?(\d{3})\d{4}(\d{4})(?!\d)")
@@ -69,9 +65,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
-                timespec="milliseconds"
-            ).replace("+00:00", "Z"),
+            "timestamp": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname,
             "request_id": getattr(record, "request_id", None) or request_id_var.get(),
             "service": self.service,
@@ -97,9 +93,7 @@ class _PlainFormatter(logging.Formatter):
         base = super().format(record)
         context = getattr(record, "context", None)
         if context:
-            base += " " + orjson.dumps(
-                {k: mask_value(k, v) for k, v in context.items()}, default=str
-            ).decode()
+            base += " " + orjson.dumps({k: mask_value(k, v) for k, v in context.items()}, default=str).decode()
         return f"{base} [{rid}]" if rid else base
 
 

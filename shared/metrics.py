@@ -4,38 +4,29 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-HTTP_REQUESTS = Counter(
-    "http_requests_total", "HTTP requests", ["path", "method", "status"]
-)
+HTTP_REQUESTS = Counter("http_requests_total", "HTTP requests", ["path", "method", "status"])
 HTTP_DURATION = Histogram(
     "http_request_duration_seconds",
     "HTTP request duration",
     ["path", "method"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-MESSAGES_ACCEPTED = Counter(
-    "herald_messages_accepted_total", "Messages accepted by ingest", ["type"]
-)
-MESSAGES_ROUTED = Counter(
-    "herald_messages_routed_total", "Requests routed to a channel", ["type"]
-)
+MESSAGES_ACCEPTED = Counter("herald_messages_accepted_total", "Messages accepted by ingest", ["type"])
+MESSAGES_ROUTED = Counter("herald_messages_routed_total", "Requests routed to a channel", ["type"])
 MESSAGES_REJECTED = Counter(
     "herald_messages_rejected_total", "Events rejected to the dead-letter topic", ["service", "reason"]
 )
-MESSAGES_SENT = Counter(
-    "messages_sent_total", "Delivery attempts by outcome", ["type", "status", "provider"]
-)
+MESSAGES_SENT = Counter("messages_sent_total", "Delivery attempts by outcome", ["type", "status", "provider"])
 SEND_DURATION = Histogram(
     "messages_send_duration_seconds",
     "Time spent by a provider on one delivery attempt",
     ["type", "provider"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-EVENTS_FOLDED = Counter(
-    "herald_tracker_events_folded_total", "Events folded into PostgreSQL", ["state"]
-)
+EVENTS_FOLDED = Counter("herald_tracker_events_folded_total", "Events folded into PostgreSQL", ["state"])
 FOLD_BATCH = Histogram(
-    "herald_tracker_batch_size", "Events per tracker batch",
+    "herald_tracker_batch_size",
+    "Events per tracker batch",
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000),
 )
 CONSUMER_LAST_PROGRESS = Gauge(

@@ -13,9 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """All settings of all services; each service reads the part it needs."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="HERALD_", env_file=None, extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="HERALD_", env_file=None, extra="ignore", frozen=True)
 
     # --- identity and logging -------------------------------------------------------------
     service_name: str = "herald"

@@ -141,7 +141,11 @@ def pipeline(backing: Backing) -> Iterator[Pipeline]:
     for name, (cmd, port) in commands.items():
         log_path = backing.tmp / f"{name}.log"
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT  # noqa: SIM115
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=open(log_path, "wb"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
         )
         started[name] = Service(name, proc, log_path, port)
     pipe = Pipeline(backing, started, f"http://127.0.0.1:{ports['ingest']}")

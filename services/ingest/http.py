@@ -65,11 +65,7 @@ _TYPE_TAG = re.compile(r"\[|^function-|^constrained-|^(str|int|float|bool|list|d
 
 
 def _field_name(loc: tuple | list) -> str:
-    parts = [
-        str(p)
-        for p in loc
-        if p not in ("body", "query", "path", "header") and not _TYPE_TAG.search(str(p))
-    ]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header") and not _TYPE_TAG.search(str(p))]
     return ".".join(parts) if parts else "body"
 
 

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from shared.errors import ErrorCode, HeraldError
-from shared.events import RequestV1, State, event_id
+from shared.events import RequestV1, State
 from shared.kafka import Topics, Trace, message_key
 from shared.logging import log_event
 from shared.metrics import MESSAGES_ACCEPTED
@@ -173,10 +173,7 @@ class RecordBatcher:
                     [r.request.tenant_id for r in keyed],
                     [r.request.idempotency_key for r in keyed],
                 )
-                existing = {
-                    (f["tenant_id"], f["idempotency_key"]): (f["message_id"], f["state"])
-                    for f in found
-                }
+                existing = {(f["tenant_id"], f["idempotency_key"]): (f["message_id"], f["state"]) for f in found}
         outcomes = []
         for r in records:
             q = r.request

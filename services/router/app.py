@@ -92,9 +92,7 @@ def create_app(settings: Settings) -> faust.App:
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             for event in decision.events:
-                await events_topic.send(
-                    key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers()
-                )
+                await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
             dispatch = decision.dispatch
             await dispatch_topics[dispatch.channel.value].send(
                 key=message_key(dispatch.tenant_id, dispatch.to[0]),
@@ -102,14 +100,18 @@ def create_app(settings: Settings) -> faust.App:
                 headers=trace.headers(),
             )
             MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
-            log_event(log, logging.INFO, "message routed", message_id=dispatch.message_id,
-                      channel=dispatch.channel.value, recipient=dispatch.to[0])
+            log_event(
+                log,
+                logging.INFO,
+                "message routed",
+                message_id=dispatch.message_id,
+                channel=dispatch.channel.value,
+                recipient=dispatch.to[0],
+            )
             return
         assert isinstance(decision, Rejected)
         for event in decision.events:
-            await events_topic.send(
-                key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers()
-            )
+            await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
         await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id)
 
     async def _dead_letter(record, trace: Trace, reason: str, errors: list, message_id: str | None) -> None:
@@ -127,8 +129,10 @@ def create_app(settings: Settings) -> faust.App:
             payload=(record.value or b"").decode("utf-8", "replace")
             if isinstance(record.value, bytes | type(None))
             else str(record.value),
-            headers={k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
-                     for k, v in (record.headers or {}).items()},
+            headers={
+                k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
+                for k, v in (record.headers or {}).items()
+            },
         )
         await dlq.send(
             key=message_id.encode() if message_id else None,
@@ -136,8 +140,14 @@ def create_app(settings: Settings) -> faust.App:
             headers=trace.headers(),
         )
         MESSAGES_REJECTED.labels("router", reason).inc()
-        log_event(log, logging.WARNING, "record rejected to the dead-letter topic",
-                  reason=reason, message_id=message_id, errors=errors[:5])
+        log_event(
+            log,
+            logging.WARNING,
+            "record rejected to the dead-letter topic",
+            reason=reason,
+            message_id=message_id,
+            errors=errors[:5],
+        )
 
     @app.on_before_shutdown.connect
     async def _stop_health(sender: object, **kwargs: object) -> None:

@@ -122,9 +122,18 @@ def plan(raw: bytes | None, *, now: datetime | None = None) -> Routed | Rejected
     try:
         data = orjson.loads(raw or b"")
     except orjson.JSONDecodeError as exc:
-        return _reject(new_message_id(now), "invalid_json", [{"field": "body", "message": str(exc)[:200]}], None, "default", now)
+        return _reject(
+            new_message_id(now), "invalid_json", [{"field": "body", "message": str(exc)[:200]}], None, "default", now
+        )
     if not isinstance(data, dict):
-        return _reject(new_message_id(now), "invalid_json", [{"field": "body", "message": "not a JSON object"}], None, "default", now)
+        return _reject(
+            new_message_id(now),
+            "invalid_json",
+            [{"field": "body", "message": "not a JSON object"}],
+            None,
+            "default",
+            now,
+        )
 
     tenant = data.get("tenant_id")
     tenant_id = tenant if isinstance(tenant, str) and 0 < len(tenant) <= 64 else "default"
@@ -146,9 +155,12 @@ def plan(raw: bytes | None, *, now: datetime | None = None) -> Routed | Rejected
     schema = data.get("schema", "notify.request.v1")
     if schema != "notify.request.v1":
         return _reject(
-            message_id, "unknown_schema",
+            message_id,
+            "unknown_schema",
             [{"field": "schema", "message": f"expected notify.request.v1, got {str(schema)[:64]!r}"}],
-            data, tenant_id, now,
+            data,
+            tenant_id,
+            now,
         )
     try:
         request = RequestV1.model_validate({**data, "schema": "notify.request.v1"})

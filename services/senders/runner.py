@@ -84,7 +84,11 @@ class SenderRunner:
                 return await self._deliver(record, trace)
         except Exception as exc:  # one bad record never stops the channel
             log.exception("unexpected failure; sending the record to the dead-letter topic")
-            return [await self._dead_letter(record, trace, "sender_error", [{"field": "body", "message": str(exc)[:200]}], None)]
+            return [
+                await self._dead_letter(
+                    record, trace, "sender_error", [{"field": "body", "message": str(exc)[:200]}], None
+                )
+            ]
         finally:
             request_id_var.reset(rid)
             traceparent_var.reset(tp)
@@ -100,8 +104,13 @@ class SenderRunner:
             )
             return [await self._dead_letter(record, trace, "invalid_dispatch", errors, None)]
         if await self._already_done(dispatch):
-            log_event(log, logging.INFO, "dispatch already completed; skipped", message_id=dispatch.message_id,
-                      dispatch_id=dispatch.dispatch_id)
+            log_event(
+                log,
+                logging.INFO,
+                "dispatch already completed; skipped",
+                message_id=dispatch.message_id,
+                dispatch_id=dispatch.dispatch_id,
+            )
             return []
         headers = trace.headers()
         futures = [await self._emit(self._event(dispatch, State.SENDING), headers)]
@@ -120,8 +129,15 @@ class SenderRunner:
                 error=exc.message,
                 detail={"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)},
             )
-            log_event(log, logging.ERROR, "delivery failed", message_id=dispatch.message_id,
-                      recipient=dispatch.to[0], error=exc.message, permanent=isinstance(exc, Permanent))
+            log_event(
+                log,
+                logging.ERROR,
+                "delivery failed",
+                message_id=dispatch.message_id,
+                recipient=dispatch.to[0],
+                error=exc.message,
+                permanent=isinstance(exc, Permanent),
+            )
         else:
             elapsed = time.perf_counter() - started
             SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
@@ -135,8 +151,14 @@ class SenderRunner:
                     "duration_ms": round(elapsed * 1000, 1),
                 },
             )
-            log_event(log, logging.INFO, "message sent", message_id=dispatch.message_id,
-                      recipient=dispatch.to[0], duration_ms=round(elapsed * 1000, 1))
+            log_event(
+                log,
+                logging.INFO,
+                "message sent",
+                message_id=dispatch.message_id,
+                recipient=dispatch.to[0],
+                duration_ms=round(elapsed * 1000, 1),
+            )
         futures.append(await self._emit(event, headers))
         done = asyncio.ensure_future(self._mark_done(dispatch, futures))
         return [done]
@@ -159,9 +181,7 @@ class SenderRunner:
         )
 
     async def _emit(self, event: EventV1, headers: list) -> asyncio.Future:
-        return await self.producer.send(
-            Topics.EVENTS, event.to_bytes(), key=event.message_id.encode(), headers=headers
-        )
+        return await self.producer.send(Topics.EVENTS, event.to_bytes(), key=event.message_id.encode(), headers=headers)
 
     def _done_key(self, dispatch: DispatchV1) -> str:
         return f"herald:done:{dispatch.dispatch_id}"

@@ -124,22 +124,47 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
         assert m is not None
         creates.append(
             (
-                e.message_id, e.tenant_id, m.channel, m.recipient[:320], _json(m.recipients),
-                m.subject, m.content, m.content_type, m.idempotency_key, m.request_id,
+                e.message_id,
+                e.tenant_id,
+                m.channel,
+                m.recipient[:320],
+                _json(m.recipients),
+                m.subject,
+                m.content,
+                m.content_type,
+                m.idempotency_key,
+                m.request_id,
                 m.accepted_at or e.occurred_at,
             )
         )
     timeline = [
         (
-            e.event_id, e.message_id, e.tenant_id, e.state.value, e.attempt, e.service, e.channel,
-            e.provider, e.error_code, e.error, _json(e.detail), e.occurred_at,
+            e.event_id,
+            e.message_id,
+            e.tenant_id,
+            e.state.value,
+            e.attempt,
+            e.service,
+            e.channel,
+            e.provider,
+            e.error_code,
+            e.error,
+            _json(e.detail),
+            e.occurred_at,
         )
         for e in plan.timeline
     ]
     moves = [
         (
-            e.message_id, e.tenant_id, e.state.value, SEED_STATUS[e.state].value,
-            STATE_RANK[e.state], e.attempt, e.occurred_at, e.error_code, e.error,
+            e.message_id,
+            e.tenant_id,
+            e.state.value,
+            SEED_STATUS[e.state].value,
+            STATE_RANK[e.state],
+            e.attempt,
+            e.occurred_at,
+            e.error_code,
+            e.error,
             _json(_sender_info(e)),
         )
         for e in plan.moves
@@ -165,8 +190,16 @@ FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::tex
 async def write_dead_letters(conn: asyncpg.Connection, letters: list[DeadLetterV1]) -> None:
     rows = [
         (
-            d.source_topic, d.partition, d.offset, d.message_id, d.service, d.reason,
-            _json(d.errors), d.payload, _json(d.headers), d.occurred_at,
+            d.source_topic,
+            d.partition,
+            d.offset,
+            d.message_id,
+            d.service,
+            d.reason,
+            _json(d.errors),
+            d.payload,
+            _json(d.headers),
+            d.occurred_at,
         )
         for d in letters
     ]

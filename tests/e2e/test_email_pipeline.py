@@ -4,7 +4,6 @@ and tracker → PostgreSQL; plus producers that publish straight to Kafka."""
 from __future__ import annotations
 
 import asyncio
-import email.policy
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from tests.conftest import Pipeline
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
 SEND = "/api/v1/messages/email/send"
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 @pytest.fixture(scope="session")
@@ -147,8 +147,13 @@ async def test_email_to_two_recipients_arrives_as_clean_mime(pipeline: Pipeline,
 async def test_plain_text_email(pipeline: Pipeline, client: httpx.AsyncClient) -> None:
     r = await client.post(
         SEND,
-        json={"to": "erin@example.com", "subject": "plain", "content": "line 1\nline 2 <not html>",
-              "content_type": "text", "from_name": "Billing 账单"},
+        json={
+            "to": "erin@example.com",
+            "subject": "plain",
+            "content": "line 1\nline 2 <not html>",
+            "content_type": "text",
+            "from_name": "Billing 账单",
+        },
     )
     assert r.status_code == 202, r.text
     item = await wait_for_mail(pipeline, by_message_id(r.json()["data"]["message_id"]))
@@ -171,7 +176,9 @@ async def test_request_published_straight_to_kafka_is_delivered_and_queryable(
         "content": "<p>from an internal service</p>",
     }
     await producer.send_and_wait(
-        "notify.requests", orjson.dumps(raw), key=b"default:frank@example.com",
+        "notify.requests",
+        orjson.dumps(raw),
+        key=b"default:frank@example.com",
         headers=[("request_id", b"req-direct-1")],
     )
     item = await wait_for_mail(pipeline, lambda i: i.parsed()["Subject"] == f"direct {marker}")
@@ -196,12 +203,22 @@ async def test_request_published_straight_to_kafka_is_delivered_and_queryable(
 BAD_REQUESTS = [
     pytest.param({"subject": "s", "content": "c"}, "to", id="missing-to"),
     pytest.param({"to": "not-an-address", "subject": "s", "content": "c"}, "to", id="invalid-address"),
-    pytest.param({"to": ["a@example.com", "b@@example.com"], "subject": "s", "content": "c"}, "to.1", id="invalid-in-list"),
-    pytest.param({"to": "a@example.com", "subject": "s", "content": "c", "template_id": 1}, "content", id="content-and-template"),
-    pytest.param({"to": "a@example.com", "subject": "s", "content": "c", "content_type": "markdown"}, "content_type", id="unknown-content-type"),
+    pytest.param(
+        {"to": ["a@example.com", "b@@example.com"], "subject": "s", "content": "c"}, "to.1", id="invalid-in-list"
+    ),
+    pytest.param(
+        {"to": "a@example.com", "subject": "s", "content": "c", "template_id": 1}, "content", id="content-and-template"
+    ),
+    pytest.param(
+        {"to": "a@example.com", "subject": "s", "content": "c", "content_type": "markdown"},
+        "content_type",
+        id="unknown-content-type",
+    ),
     pytest.param({"to": "a@example.com", "content": "c"}, "subject", id="missing-subject"),
     pytest.param({"to": "a@example.com", "subject": "s", "content": "c", "cc": ["x"]}, "cc.0", id="invalid-cc"),
-    pytest.param({"to": "a@example.com", "subject": "s", "content": "c", "colour": "red"}, "colour", id="unknown-field"),
+    pytest.param(
+        {"to": "a@example.com", "subject": "s", "content": "c", "colour": "red"}, "colour", id="unknown-field"
+    ),
 ]
 
 
@@ -286,19 +303,27 @@ async def _dlq_records_with(bootstrap: str, marker: str, timeout: float = 30) ->
         pytest.param(b"{this is not json MARK", "invalid_json", "body", id="not-json"),
         pytest.param(
             b'{"schema": "notify.request.v1", "channel": "email", "subject": "MARK", "content": "c"}',
-            "invalid_request", "to", id="missing-to",
+            "invalid_request",
+            "to",
+            id="missing-to",
         ),
         pytest.param(
             b'{"channel": "email", "to": ["nope"], "subject": "MARK", "content": "c"}',
-            "invalid_request", "to.0", id="bad-address",
+            "invalid_request",
+            "to.0",
+            id="bad-address",
         ),
         pytest.param(
             b'{"channel": "pigeon", "to": ["a@example.com"], "subject": "MARK", "content": "c"}',
-            "invalid_request", "channel", id="unknown-channel",
+            "invalid_request",
+            "channel",
+            id="unknown-channel",
         ),
         pytest.param(
             b'{"channel": "email", "to": ["a@example.com"], "subject": "MARK", "content": 42}',
-            "invalid_request", "content", id="wrong-type",
+            "invalid_request",
+            "content",
+            id="wrong-type",
         ),
     ],
 )
@@ -366,7 +391,9 @@ async def test_message_queries(pipeline: Pipeline, client: httpx.AsyncClient) ->
     page = (await client.get("/api/v1/messages", params={"recipient": recipient, "page_size": 2})).json()["data"]
     assert page["total"] == 3 and page["page"] == 1 and page["page_size"] == 2
     assert [r["message_id"] for r in page["records"]] == ids[::-1][:2]
-    page2 = (await client.get("/api/v1/messages", params={"recipient": recipient, "page_size": 2, "page": 2})).json()["data"]
+    page2 = (await client.get("/api/v1/messages", params={"recipient": recipient, "page_size": 2, "page": 2})).json()[
+        "data"
+    ]
     assert [r["message_id"] for r in page2["records"]] == [ids[0]]
 
     ok = (await client.get("/api/v1/messages", params={"recipient": recipient, "status": "success"})).json()["data"]
@@ -374,9 +401,13 @@ async def test_message_queries(pipeline: Pipeline, client: httpx.AsyncClient) ->
     none = (await client.get("/api/v1/messages", params={"recipient": recipient, "status": "failed"})).json()["data"]
     assert none["total"] == 0
     today = time.strftime("%Y-%m-%d", time.gmtime())
-    dated = (await client.get("/api/v1/messages", params={"recipient": recipient, "start_date": today, "end_date": today})).json()["data"]
+    dated = (
+        await client.get("/api/v1/messages", params={"recipient": recipient, "start_date": today, "end_date": today})
+    ).json()["data"]
     assert dated["total"] == 3
-    past = (await client.get("/api/v1/messages", params={"recipient": recipient, "end_date": "2020-01-01"})).json()["data"]
+    past = (await client.get("/api/v1/messages", params={"recipient": recipient, "end_date": "2020-01-01"})).json()[
+        "data"
+    ]
     assert past["total"] == 0
 
     bad = await client.get("/api/v1/messages", params={"status": "exploded"})
@@ -442,29 +473,37 @@ async def test_health_metrics_docs_and_schemas(pipeline: Pipeline, client: httpx
             assert (await c.get(f"http://127.0.0.1:{port}/health/live")).json() == {"status": "alive"}
             assert (await c.get(f"http://127.0.0.1:{port}/health/ready")).status_code == 200
             assert (await c.get(f"http://127.0.0.1:{port}/metrics")).status_code == 200
-    sender_metrics = httpx.get(f"http://127.0.0.1:{pipeline.services['sender-email'].port}/metrics").text
+    async with httpx.AsyncClient() as c:
+        sender_port = pipeline.services["sender-email"].port
+        sender_metrics = (await c.get(f"http://127.0.0.1:{sender_port}/metrics")).text
     assert 'messages_sent_total{provider="smtp",status="success",type="email"}' in sender_metrics
 
 
-async def test_logs_are_json_with_request_ids_and_masked_addresses(pipeline: Pipeline, client: httpx.AsyncClient) -> None:
+async def test_logs_are_json_with_request_ids_and_masked_addresses(
+    pipeline: Pipeline, client: httpx.AsyncClient
+) -> None:
     r = await client.post(
-        SEND, json={"to": "ivan.secret@example.com", "subject": "log", "content": "c"},
-        headers={"X-Request-ID": "req-log-check-1"},
+        SEND,
+        json={"to": "ivan.secret@example.com", "subject": "log", "content": "c"},
+        headers={"X-Request-ID": "req-log-check-1", "traceparent": TRACEPARENT},
     )
     message_id = r.json()["data"]["message_id"]
     await wait_for_state(client, message_id, "sent")
     for name in ("ingest", "sender-email", "router"):
         lines = [
-            orjson.loads(line) for line in pipeline.services[name].logs().splitlines()
+            orjson.loads(line)
+            for line in pipeline.services[name].logs().splitlines()
             if line.startswith("{") and message_id in line
         ]
         assert lines, f"{name} logged nothing about {message_id}"
         for entry in lines:
             assert entry["request_id"] == "req-log-check-1"
+            assert entry["traceparent"] == TRACEPARENT
             assert entry["service"] == name
         assert "ivan.secret@example.com" not in pipeline.services[name].logs()
     sender_line = next(
-        orjson.loads(line) for line in pipeline.services["sender-email"].logs().splitlines()
+        orjson.loads(line)
+        for line in pipeline.services["sender-email"].logs().splitlines()
         if message_id in line and "message sent" in line
     )
     assert sender_line["context"]["recipient"] == "i***@example.com"

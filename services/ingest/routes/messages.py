@@ -61,9 +61,7 @@ class EmailSendRequest(BaseModel):
         if self.template_id is None:
             for name in ("content", "subject"):
                 if getattr(self, name) is None:
-                    return HeraldError(
-                        ErrorCode.INVALID_PARAMS, "field required without template_id", field=name
-                    )
+                    return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id", field=name)
         return None
 
     @property
@@ -73,9 +71,7 @@ class EmailSendRequest(BaseModel):
 
 class BatchQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    message_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        min_length=1, max_length=100
-    )
+    message_ids: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(min_length=1, max_length=100)
 
 
 _DETAIL_COLUMNS = """message_id, tenant_id, message_type, recipient, recipients, subject,
@@ -119,9 +115,7 @@ async def send_email(
         )
     if body.template_id is not None:
         # Templates arrive with their own issue; until then no template exists.
-        raise HeraldError(
-            ErrorCode.TEMPLATE_NOT_FOUND, f"template {body.template_id} not found", field="template_id"
-        )
+        raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {body.template_id} not found", field="template_id")
     if body.attachment_ids:
         raise HeraldError(
             ErrorCode.ATTACHMENT_NOT_FOUND,
@@ -138,9 +132,7 @@ async def send_email(
         subject=body.subject,
         content=body.content or "",
         content_type=body.content_type,
-        email=EmailOptions(
-            cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to
-        ),
+        email=EmailOptions(cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to),
         idempotency_key=body.idempotency_key,
         request_id=trace.request_id,
         accepted_at=now,
@@ -184,9 +176,7 @@ async def get_timeline(
             "SELECT 1 FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
         )
         if not exists:
-            raise HeraldError(
-                ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id"
-            )
+            raise HeraldError(ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id")
         rows = await conn.fetch(
             """SELECT event_id, state, attempt, service, channel, provider, error_code, error,
                       detail, occurred_at
@@ -281,9 +271,7 @@ async def list_messages(
                 LIMIT {arg(page_size)} OFFSET {arg(offset)}""",
             *args,
         )
-    return envelope(
-        {"total": total, "page": page, "page_size": page_size, "records": [_record(r) for r in rows]}
-    )
+    return envelope({"total": total, "page": page, "page_size": page_size, "records": [_record(r) for r in rows]})
 
 
 @router.post("/batch/query", summary="Status of up to 100 messages at once")
