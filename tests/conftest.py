@@ -5,6 +5,7 @@ them, exactly as ``make run`` starts them. Nothing here stands in for a server."
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def backing() -> Iterator[Backing]:
         controller.stop()
         for server in (b.redis, pg, tansu):
             server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass

@@ -20,6 +20,7 @@ class _Worker(Worker):
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         s = self.herald_settings
+        self.spinner = None  # faust's terminal spinner would write escape codes into the log stream
         setup_logging("router", s.log_level, s.log_json)
 
 
