@@ -27,6 +27,16 @@ def _port(url_var: str, default: int) -> int:
     return parsed.port or default
 
 
+def _require_free(port: int, what: str) -> None:
+    """Fail loudly when something else (often a previous run) still holds the port."""
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            sys.exit(f"[{what}] port {port} is already in use: is another `make run` still running?")
+
+
 def _wait_forever(server: servers.Server | None = None) -> None:
     stop = threading.Event()
 
@@ -51,21 +61,25 @@ def main() -> None:
 
     if args.server == "broker":
         port = _port("HERALD_KAFKA_BOOTSTRAP_SERVERS", 9092)
+        _require_free(port, "broker")
         server = servers.start_tansu(port, data / "tansu.log" if data.exists() else None)
         print(f"[broker] Tansu (Kafka protocol) on 127.0.0.1:{port}, memory storage", flush=True)
         _wait_forever(server)
     elif args.server == "postgres":
         port = _port("HERALD_DATABASE_URL", 5433)
+        _require_free(port, "postgres")
         server = servers.start_postgres(data / "postgres", port)
         print(f"[postgres] PostgreSQL on 127.0.0.1:{port}, data in {data / 'postgres'}", flush=True)
         _wait_forever(server)
     elif args.server == "redis":
         port = _port("HERALD_REDIS_URL", 6380)
+        _require_free(port, "redis")
         server = servers.start_redis(port, data / "redis")
         print(f"[redis] Redis on 127.0.0.1:{port}", flush=True)
         _wait_forever(server)
     elif args.server == "smtp-sink":
         port = int(os.environ.get("HERALD_SMTP_PORT", "1025"))
+        _require_free(port, "smtp-sink")
         controller, _ = sinks.start_smtp_sink(port, data / "mail", echo=True)
         print(f"[smtp-sink] SMTP sink on 127.0.0.1:{port}, messages saved in {data / 'mail'}", flush=True)
         try:

@@ -163,6 +163,6 @@ async def _bounded(coro: object, timeout: float) -> None:
         pass
 
 
-async def stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer, timeout: float = 10) -> None:
+async def stop_quietly(client: AIOKafkaProducer | AIOKafkaConsumer, timeout: float = 5) -> None:
     """``stop()`` bounded in time: it can hang while the broker is down (aiokafka #1101)."""
     await _bounded(client.stop(), timeout)
