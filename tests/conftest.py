@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from devstack import servers, sinks
-
-ROOT = Path(__file__).resolve().parent.parent
+from devstack.pipeline import Service, start_services, stop_services
 
 
 @dataclass
@@ -83,17 +79,6 @@ def backing() -> Iterator[Backing]:
 
 
 @dataclass
-class Service:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-    port: int
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@dataclass
 class Pipeline:
     backing: Backing
     services: dict[str, Service]
@@ -103,72 +88,14 @@ class Pipeline:
         return "\n".join(f"===== {s.name} =====\n{s.logs()[-6000:]}" for s in self.services.values())
 
 
-def _wait_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {process.returncode}")
-        try:
-            r = httpx.get(url, timeout=2)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
-
-
 @pytest.fixture(scope="session")
 def pipeline(backing: Backing) -> Iterator[Pipeline]:
     """The four services, started as ``make run`` starts them."""
-    ports = {name: servers.free_port() for name in ("ingest", "router", "sender", "tracker")}
-    env = {
-        **os.environ,
-        **backing.env,
-        "HERALD_INGEST_PORT": str(ports["ingest"]),
-        "HERALD_ROUTER_HTTP_PORT": str(ports["router"]),
-        "HERALD_SENDER_HTTP_PORT": str(ports["sender"]),
-        "HERALD_TRACKER_HTTP_PORT": str(ports["tracker"]),
-        "PYTHONUNBUFFERED": "1",
-    }
-    commands = {
-        "ingest": ([sys.executable, "-m", "services.ingest"], ports["ingest"]),
-        "router": ([sys.executable, "-m", "services.router"], ports["router"]),
-        "sender-email": ([sys.executable, "-m", "services.senders", "email"], ports["sender"]),
-        "tracker": ([sys.executable, "-m", "services.tracker"], ports["tracker"]),
-    }
-    started: dict[str, Service] = {}
-    for name, (cmd, port) in commands.items():
-        log_path = backing.tmp / f"{name}.log"
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=open(log_path, "wb"),
-            stderr=subprocess.STDOUT,  # noqa: SIM115
-        )
-        started[name] = Service(name, proc, log_path, port)
-    pipe = Pipeline(backing, started, f"http://127.0.0.1:{ports['ingest']}")
+    services = start_services(backing.env, backing.tmp)
     try:
-        for service in started.values():
-            _wait_ready(f"http://127.0.0.1:{service.port}/health/ready", service.process, 120)
-    except Exception:
-        sys.stderr.write(pipe.logs())
-        for service in started.values():
-            service.process.kill()
-        raise
-    try:
-        yield pipe
+        yield Pipeline(backing, services, services["ingest"].url)
     finally:
-        for service in started.values():
-            service.process.terminate()
-        for service in started.values():
-            try:
-                service.process.wait(15)
-            except subprocess.TimeoutExpired:
-                service.process.kill()
+        stop_services(services)
 
 
 @pytest.fixture
