@@ -30,5 +30,9 @@ lint: install
 schemas: install
 	@$(BIN)/python -m shared.events
 
+bench: install
+	@command -v wrk >/dev/null || bash scripts/install-system-deps.sh wrk
+	@$(BIN)/python -m bench
+
 clean:
 	rm -rf .data

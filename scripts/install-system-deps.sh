@@ -3,7 +3,11 @@
 # PostgreSQL and Redis servers, and python3-venv. Idempotent; does nothing when all are there.
 set -euo pipefail
 
+# Extra packages may be named on the command line (e.g. `wrk` for make bench).
 missing=()
+for extra in "$@"; do
+  command -v "$extra" >/dev/null 2>&1 || missing+=("$extra")
+done
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

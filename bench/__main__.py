@@ -1,0 +1,385 @@
+"""``make bench``: ingest and end-to-end throughput, each next to a baseline run in the same
+process tree, written to ``bench/results/`` as JSON plus a short table.
+
+Phases (each on servers this run starts; nothing is shared with a running ``make run``):
+1. ingest: wrk at fixed concurrency against Herald's ingest (only ingest running) and against
+   the floor (``bench/floor.py``: validate + acks=all send, nothing else); ratio Herald/floor.
+2. end to end: N messages posted as fast as ingest takes them, delivered by the whole pipeline
+   to an SMTP sink in its own process; rate from first POST to last 'sent' record, latency
+   sent_at - accepted_at, lost and duplicated deliveries counted at the sink; peak RSS and CPU
+   seconds of every process.
+3. baseline peer: the same N messages sent directly with Apprise (``json://`` to the webhook sink).
+
+Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import httpx
+import psutil
+
+from devstack import servers
+from devstack.pipeline import ROOT, start_services, stop_services, wait_ready
+
+RESULTS = ROOT / "bench" / "results"
+N = int(os.environ.get("BENCH_N", "20000"))
+DURATION = int(os.environ.get("BENCH_DURATION", "10"))
+LEVELS = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "50,200").split(",")]
+
+
+def log(text: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stderr.flush()
+
+
+# --- phase 1: ingest vs floor ----------------------------------------------------------------
+
+
+def wrk(url: str, concurrency: int, duration: int) -> dict:
+    threads = min(2, concurrency)
+    out = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{duration}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(ROOT / "bench" / "post.lua"),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("WRK_JSON "))
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    seconds = data["duration_us"] / 1e6
+    errors = sum(data["errors"].values())
+    data["rps"] = round((data["requests"] - data["errors"]["status"]) / seconds, 1)
+    data["error_count"] = errors
+    return data
+
+
+def phase_ingest(tmp: Path, env: dict[str, str]) -> dict:
+    path = "/api/v1/messages/email/send"
+    services = start_services(env, tmp, ["ingest"])
+    floor_port = servers.free_port()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.floor", "--port", str(floor_port)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "floor.log", "wb"),
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{floor_port}/health/ready", floor, 60)
+        targets = {"herald": services["ingest"].url + path, "floor": f"http://127.0.0.1:{floor_port}{path}"}
+        for name, url in targets.items():  # warm-up: connections, JIT-free but caches and pools
+            wrk(url, 20, 2)
+        results: dict = {}
+        for c in LEVELS:
+            for name in ("floor", "herald"):
+                log(f"ingest: {name} at {c} concurrent for {DURATION}s")
+                results.setdefault(str(c), {})[name] = wrk(targets[name], c, DURATION)
+            r = results[str(c)]
+            r["ratio"] = round(r["herald"]["rps"] / r["floor"]["rps"], 3) if r["floor"]["rps"] else None
+        return results
+    finally:
+        floor.terminate()
+        floor.wait(10)
+        stop_services(services)
+
+
+# --- phase 2: end to end ---------------------------------------------------------------------
+
+
+class Sampler:
+    """Peak RSS and CPU seconds of each process (and its children) while a phase runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.peak: dict[str, int] = dict.fromkeys(pids, 0)
+        self.cpu_start = {name: self._cpu(p) for name, p in self.procs.items()}
+        self.cpu_end: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+
+    @staticmethod
+    def _tree(p: psutil.Process) -> list[psutil.Process]:
+        try:
+            return [p, *p.children(recursive=True)]
+        except psutil.Error:
+            return [p]
+
+    def _cpu(self, p: psutil.Process) -> float:
+        total = 0.0
+        for q in self._tree(p):
+            try:
+                t = q.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def _rss(self, p: psutil.Process) -> int:
+        total = 0
+        for q in self._tree(p):
+            try:
+                total += q.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    async def _run(self) -> None:
+        while True:
+            for name, p in self.procs.items():
+                self.peak[name] = max(self.peak[name], self._rss(p))
+            await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    def stop(self) -> dict:
+        if self._task:
+            self._task.cancel()
+        return {
+            name: {
+                "peak_rss_mb": round(self.peak[name] / 2**20, 1),
+                "cpu_s": round(self._cpu(p) - self.cpu_start[name], 2),
+            }
+            for name, p in self.procs.items()
+        }
+
+
+async def post_all(url: str, n: int, concurrency: int = 64) -> tuple[float, list[str], int]:
+    """POST n distinct messages; returns (time of first POST, accepted ids, failures)."""
+    ids: list[str] = []
+    failures = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    first = time.time()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def worker() -> None:
+            nonlocal failures
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                body = {"to": f"e2e-{i}@example.com", "subject": f"e2e {i}", "content": f"<p>message {i}</p>"}
+                for _ in range(3):
+                    try:
+                        async with session.post(url, json=body) as resp:
+                            data = await resp.json()
+                            if resp.status == 202:
+                                ids.append(data["data"]["message_id"])
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                else:
+                    failures += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return first, ids, failures
+
+
+async def phase_e2e(tmp: Path, env: dict[str, str], backing: dict, sink_url: str) -> dict:
+    services = start_services(env, tmp)
+    pids = {name: s.process.pid for name, s in services.items()}
+    pids.update({f"{k} (backing)": v.process.pid for k, v in backing.items()})
+    sampler = Sampler(pids)
+    sampler.start()
+    pool = await asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=2)
+    try:
+        log(f"e2e: posting {N} messages")
+        first, ids, failures = await post_all(services["ingest"].url + "/api/v1/messages/email/send", N)
+        posted = time.time()
+        log(f"e2e: {len(ids)} accepted in {posted - first:.1f}s ({failures} failed); waiting for delivery")
+        last_count, last_change = -1, time.time()
+        while True:
+            sent = await pool.fetchval("SELECT count(*) FROM message_records WHERE state = 'sent'")
+            if sent >= len(ids):
+                break
+            if sent != last_count:
+                last_count, last_change = sent, time.time()
+            elif time.time() - last_change > 60:
+                log(f"e2e: stalled at {sent} sent for 60 s; giving up waiting")
+                break
+            await asyncio.sleep(0.5)
+        resources = sampler.stop()
+        row = await pool.fetchrow(
+            """SELECT count(*) AS sent, max(sent_at) AS last_sent,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) AS p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) AS p99
+               FROM message_records WHERE state = 'sent'"""
+        )
+        stats = httpx.get(f"{sink_url}/stats", timeout=30).json()["smtp"]
+        accepted = set(ids)
+        received = set(stats["ids"])
+        elapsed = row["last_sent"].timestamp() - first if row["last_sent"] else None
+        return {
+            "messages": N,
+            "accepted": len(ids),
+            "post_failures": failures,
+            "ingest_seconds": round(posted - first, 2),
+            "sent_records": row["sent"],
+            "seconds": round(elapsed, 2) if elapsed else None,
+            "rate_per_s": round(row["sent"] / elapsed, 1) if elapsed else None,
+            "latency_p50_ms": round(row["p50"] * 1000, 1) if row["p50"] is not None else None,
+            "latency_p99_ms": round(row["p99"] * 1000, 1) if row["p99"] is not None else None,
+            "sink_received": stats["received"],
+            "lost": len(accepted - received),
+            "duplicated": stats["duplicates"],
+            "unexpected": len(received - accepted),
+            "resources": resources,
+        }
+    finally:
+        await pool.close()
+        stop_services(services)
+
+
+# --- phase 3: Apprise, straight to the webhook sink -----------------------------------------
+
+
+def phase_apprise(sink_url: str) -> dict:
+    import apprise
+
+    httpx.post(f"{sink_url}/reset")
+    target = sink_url.replace("http://", "json://") + "/hook"
+    apobj = apprise.Apprise()
+    apobj.add(target)
+    failures = 0
+    start = time.time()
+    for i in range(N):
+        if not apobj.notify(title=f"apprise {i}", body=f"message {i}"):
+            failures += 1
+    elapsed = time.time() - start
+    stats = httpx.get(f"{sink_url}/stats", timeout=30).json()["webhook"]
+    expected = {f"apprise {i}" for i in range(N)}
+    return {
+        "messages": N,
+        "seconds": round(elapsed, 2),
+        "rate_per_s": round(N / elapsed, 1),
+        "failures": failures,
+        "sink_received": stats["received"],
+        "lost": len(expected - set(stats["ids"])),
+        "duplicated": stats["duplicates"],
+        "mode": "sequential apprise.notify() calls, json:// to the webhook sink",
+    }
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def summary(result: dict) -> str:
+    lines = ["| measure | Herald | baseline | ratio |", "|---|---|---|---|"]
+    for c, r in result["ingest"].items():
+        h, f = r["herald"], r["floor"]
+        lines.append(f"| ingest req/s at {c} concurrent | {h['rps']} | floor {f['rps']} | {r['ratio']} |")
+        lines.append(
+            f"| ingest p50/p95/p99 ms at {c} | {h['p50_ms']:.1f} / {h['p95_ms']:.1f} / {h['p99_ms']:.1f} "
+            f"| floor {f['p50_ms']:.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} | |"
+        )
+        lines.append(f"| ingest errors at {c} | {h['error_count']} | floor {f['error_count']} | |")
+    e, a = result["e2e"], result["apprise"]
+    ratio = round(e["rate_per_s"] / a["rate_per_s"], 2) if e.get("rate_per_s") and a["rate_per_s"] else None
+    lines.append(
+        f"| end to end messages/s (N={e['messages']}) | {e['rate_per_s']} | Apprise direct {a['rate_per_s']} | {ratio} |"
+    )
+    lines.append(f"| sent_at - accepted_at p50 / p99 ms | {e['latency_p50_ms']} / {e['latency_p99_ms']} | | |")
+    lines.append(
+        f"| lost / duplicated at the sink | {e['lost']} / {e['duplicated']} | Apprise {a['lost']} / {a['duplicated']} | |"
+    )
+    lines.append("")
+    lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
+    lines.append("|---|---|---|")
+    for name, r in e["resources"].items():
+        lines.append(f"| {name} | {r['peak_rss_mb']} | {r['cpu_s']} |")
+    return "\n".join(lines)
+
+
+async def run() -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+    os.chmod(tmp, 0o755)
+    kafka_port = servers.free_port()
+    backing = {
+        "tansu": servers.start_tansu(kafka_port, tmp / "tansu.log"),
+        "postgres": servers.start_postgres(tmp / "pg", servers.free_port()),
+        "redis": servers.start_redis(servers.free_port()),
+    }
+    smtp_port, sink_port = servers.free_port(), servers.free_port()
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "bench.sinks", "--smtp-port", str(smtp_port), "--http-port", str(sink_port)],
+        cwd=ROOT,
+    )
+    sink_url = f"http://127.0.0.1:{sink_port}"
+    servers.wait_for_port(sink_port, 30, sink)
+    servers.wait_for_port(smtp_port, 30, sink)
+    env = {
+        "HERALD_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+        "HERALD_DATABASE_URL": backing["postgres"].extra["dsn"],
+        "HERALD_REDIS_URL": f"redis://127.0.0.1:{backing['redis'].port}/0",
+        "HERALD_SMTP_HOST": "127.0.0.1",
+        "HERALD_SMTP_PORT": str(smtp_port),
+        "HERALD_SMTP_FROM_ADDRESS": "bench@example.org",
+        "HERALD_LOG_LEVEL": "WARNING",
+    }
+    result: dict = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": {"n": N, "duration_s": DURATION, "levels": LEVELS},
+    }
+    try:
+        result["ingest"] = phase_ingest(tmp, env)
+        # A fresh broker and empty tables: the ingest phase's backlog is not the e2e run's.
+        backing["tansu"].stop()
+        backing["tansu"] = servers.start_tansu(kafka_port, tmp / "tansu.log")
+        async with asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=1) as pool:
+            await pool.execute("TRUNCATE message_records, message_events, dead_letters")
+        result["e2e"] = await phase_e2e(tmp, env, backing, sink_url)
+        log(f"apprise: {N} messages")
+        result["apprise"] = phase_apprise(sink_url)
+    finally:
+        sink.terminate()
+        sink.wait(10)
+        for server in backing.values():
+            server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk (make bench installs it)")
+    result = asyncio.run(run())
+    table = summary(result)
+    result["summary"] = table
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {RESULTS / f'bench-{stamp}.json'}")
+
+
+if __name__ == "__main__":
+    main()
