@@ -11,7 +11,14 @@ _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def _random(n: int) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+    """n base-36 characters from one call to the OS's CSPRNG (one call per character cost
+    ~7% of ingest's CPU)."""
+    value = int.from_bytes(secrets.token_bytes(n), "big")  # 8n bits, more than n*log2(36)
+    chars = []
+    for _ in range(n):
+        value, digit = divmod(value, 36)
+        chars.append(_ALPHABET[digit])
+    return "".join(chars)
 
 
 def new_message_id(now: datetime | None = None) -> str:

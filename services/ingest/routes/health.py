@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from services.ingest.deps import Services, get_services
+from services.ingest.deps import services_of
 from services.ingest.http import JSONResponse
 from shared.health import readiness_body, run_checks
 from shared.metrics import render_latest
@@ -24,8 +24,9 @@ async def live() -> JSONResponse:
 
 
 @router.get("/health/ready")
-async def ready(services: Services = Depends(get_services)) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """200 when PostgreSQL, Redis and Kafka all answer; 503 naming the ones that do not."""
+    services = services_of(request)
 
     async def database() -> None:
         async with services.pool.acquire(timeout=2) as conn:

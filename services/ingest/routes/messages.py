@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
-from services.ingest.deps import Services, current_tenant, get_services
+from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope
 from services.ingest.publish import NewRecord
 from shared.errors import ErrorCode, HeraldError
@@ -96,11 +96,10 @@ def _record(row: Any) -> dict[str, Any]:
 async def send_email(
     body: EmailSendRequest,
     request: Request,
-    services: Services = Depends(get_services),
-    tenant_id: str = Depends(current_tenant),
 ):
     """Accept an email for delivery; answers 202 with its ``message_id`` once it is recorded
     and queued. Query its progress with ``GET /api/v1/messages/{message_id}``."""
+    services, tenant_id = services_of(request), tenant_of(request)
     settings = services.settings
     if (error := body.mode_error()) is not None:
         raise error
@@ -152,9 +151,9 @@ async def send_email(
 @router.get("/{message_id}", summary="One message's status")
 async def get_message(
     message_id: str,
-    services: Services = Depends(get_services),
-    tenant_id: str = Depends(current_tenant),
+    request: Request,
 ):
+    services, tenant_id = services_of(request), tenant_of(request)
     row = await services.pool.fetchrow(
         f"SELECT {_DETAIL_COLUMNS} FROM message_records WHERE tenant_id=$1 AND message_id=$2",
         tenant_id,
@@ -168,9 +167,9 @@ async def get_message(
 @router.get("/{message_id}/timeline", summary="Every event of one message, oldest first")
 async def get_timeline(
     message_id: str,
-    services: Services = Depends(get_services),
-    tenant_id: str = Depends(current_tenant),
+    request: Request,
 ):
+    services, tenant_id = services_of(request), tenant_of(request)
     async with services.pool.acquire() as conn:
         exists = await conn.fetchval(
             "SELECT 1 FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
@@ -212,8 +211,7 @@ def _parse_bound(value: str | None, field: str, *, end: bool) -> datetime | None
 
 @router.get("", summary="Message history with filters and pagination")
 async def list_messages(
-    services: Services = Depends(get_services),
-    tenant_id: str = Depends(current_tenant),
+    request: Request,
     recipient: str | None = Query(default=None, max_length=320),
     status: str | None = Query(
         default=None, description="seed status (pending/sending/success/failed) or a lifecycle state"
@@ -224,6 +222,7 @@ async def list_messages(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
+    services, tenant_id = services_of(request), tenant_of(request)
     where = ["tenant_id = $1"]
     args: list[Any] = [tenant_id]
 
@@ -277,11 +276,11 @@ async def list_messages(
 @router.post("/batch/query", summary="Status of up to 100 messages at once")
 async def batch_query(
     body: BatchQuery,
-    services: Services = Depends(get_services),
-    tenant_id: str = Depends(current_tenant),
+    request: Request,
 ):
     """Answers the messages found, in the order asked; ids not found are listed in
     ``X-Not-Found`` count and simply absent from ``data`` (seed 004 §3.4.7)."""
+    services, tenant_id = services_of(request), tenant_of(request)
     ids = list(dict.fromkeys(body.message_ids))
     rows = await services.pool.fetch(
         """SELECT message_id, message_type, recipient, subject, status, state, retry_count,
