@@ -23,12 +23,13 @@ def dispatch(**changes: object) -> DispatchV1:
     return DispatchV1(**{**base, **changes})
 
 
-def parse(msg) -> email.message.EmailMessage:
-    return email.message_from_bytes(msg.as_bytes(), policy=email.policy.default)
+def parse(built) -> email.message.EmailMessage:
+    return email.message_from_bytes(built.data, policy=email.policy.default)
 
 
 def test_html_gets_a_text_alternative_and_no_bcc_header() -> None:
-    wire = build_message(dispatch(), "noreply@example.org", "Herald", "example.org").as_bytes()
+    built = build_message(dispatch(), "noreply@example.org", "Herald", "example.org")
+    wire = built.data
     assert b"d@example.com" not in wire
     wire.decode("ascii")  # 7-bit clean
     msg = email.message_from_bytes(wire, policy=email.policy.default)
@@ -40,7 +41,9 @@ def test_html_gets_a_text_alternative_and_no_bcc_header() -> None:
     assert msg["From"].addresses[0].addr_spec == "noreply@example.org"
     assert msg["Cc"] == "c@example.com"
     assert msg["X-Herald-Message-ID"] == "msg_20261123_abc"
-    assert msg["Message-ID"].endswith("@example.org>")
+    assert msg["Message-ID"] == built.message_id == "<msg_20261123_abc@example.org>"  # same on a resend
+    assert msg.defects == [] and all(not part.defects for part in msg.walk())
+    assert b"\r\n" in wire and b"\n" not in wire.replace(b"\r\n", b"")
 
 
 def test_text_content_is_a_single_plain_part() -> None:

@@ -119,16 +119,12 @@ class SmtpProvider:
             try:
                 client = await self._checkout()
                 try:
-                    refused, response = await client.send_message(
-                        message, sender=self.from_address, recipients=recipients
-                    )
+                    refused, response = await client.sendmail(self.from_address, recipients, message.data)
                 except aiosmtplib.SMTPServerDisconnected:
                     # A reused connection the server had closed: one fresh try.
                     await _close(client)
                     client = await self._connect()
-                    refused, response = await client.send_message(
-                        message, sender=self.from_address, recipients=recipients
-                    )
+                    refused, response = await client.sendmail(self.from_address, recipients, message.data)
             except Exception as exc:
                 if client is not None:
                     await _close(client)
@@ -137,7 +133,7 @@ class SmtpProvider:
         detail: dict = {"account": self.account, "response": str(response)[:200]}
         if refused:
             detail["refused"] = {k: f"{v.code} {v.message}"[:200] for k, v in refused.items()}
-        return SendResult(provider_message_id=message["Message-ID"], detail=detail)
+        return SendResult(provider_message_id=message.message_id, detail=detail)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
