@@ -91,7 +91,7 @@ def phase_ingest(tmp: Path, env: dict[str, str]) -> dict:
     try:
         wait_ready(f"http://127.0.0.1:{floor_port}/health/ready", floor, 60)
         targets = {"herald": services["ingest"].url + path, "floor": f"http://127.0.0.1:{floor_port}{path}"}
-        for name, url in targets.items():  # warm-up: connections, JIT-free but caches and pools
+        for url in targets.values():  # warm-up: connection pools, caches
             wrk(url, 20, 2)
         results: dict = {}
         for c in LEVELS:
@@ -231,7 +231,8 @@ async def phase_e2e(tmp: Path, env: dict[str, str], backing: dict, sink_url: str
                       percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) AS p99
                FROM message_records WHERE state = 'sent'"""
         )
-        stats = httpx.get(f"{sink_url}/stats", timeout=30).json()["smtp"]
+        async with httpx.AsyncClient(timeout=30) as client:
+            stats = (await client.get(f"{sink_url}/stats")).json()["smtp"]
         accepted = set(ids)
         received = set(stats["ids"])
         elapsed = row["last_sent"].timestamp() - first if row["last_sent"] else None
@@ -302,11 +303,13 @@ def summary(result: dict) -> str:
     e, a = result["e2e"], result["apprise"]
     ratio = round(e["rate_per_s"] / a["rate_per_s"], 2) if e.get("rate_per_s") and a["rate_per_s"] else None
     lines.append(
-        f"| end to end messages/s (N={e['messages']}) | {e['rate_per_s']} | Apprise direct {a['rate_per_s']} | {ratio} |"
+        f"| end to end messages/s (N={e['messages']}) | {e['rate_per_s']} "
+        f"| Apprise direct {a['rate_per_s']} | {ratio} |"
     )
     lines.append(f"| sent_at - accepted_at p50 / p99 ms | {e['latency_p50_ms']} / {e['latency_p99_ms']} | | |")
     lines.append(
-        f"| lost / duplicated at the sink | {e['lost']} / {e['duplicated']} | Apprise {a['lost']} / {a['duplicated']} | |"
+        f"| lost / duplicated at the sink | {e['lost']} / {e['duplicated']} "
+        f"| Apprise {a['lost']} / {a['duplicated']} | |"
     )
     lines.append("")
     lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
@@ -326,7 +329,7 @@ async def run() -> dict:
         "redis": servers.start_redis(servers.free_port()),
     }
     smtp_port, sink_port = servers.free_port(), servers.free_port()
-    sink = subprocess.Popen(
+    sink = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
         [sys.executable, "-m", "bench.sinks", "--smtp-port", str(smtp_port), "--http-port", str(sink_port)],
         cwd=ROOT,
     )

@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,6 +63,42 @@ def error_response(
 # pydantic puts the branch of a union into an error's location (``to.list[...].1``);
 # the caller only needs the field path.
 _TYPE_TAG = re.compile(r"\[|^function-|^constrained-|^(str|int|float|bool|list|dict|none)$")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Parse and validate a JSON body in one pass (pydantic-core parses the JSON itself).
+
+    Hot endpoints use this instead of a FastAPI body parameter: FastAPI decodes the JSON with
+    the stdlib and then validates the dict, which cost a measurable share of ingest's CPU.
+    Errors leave through the same handler as FastAPI's own validation errors."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting ``model`` as the JSON body of a route that parses it
+    with :func:`parse_body`; nested definitions are inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 def _field_name(loc: tuple | list) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+
+import uvloop
 
 from services.senders.registry import PROVIDERS
 from services.senders.runner import serve
@@ -17,7 +18,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(service_name=f"sender-{args.channel}")
     setup_logging(f"sender-{args.channel}", settings.log_level, settings.log_json)
-    asyncio.run(serve(settings, args.channel))
+    uvloop.run(serve(settings, args.channel))
 
 
 if __name__ == "__main__":

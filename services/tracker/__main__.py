@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import uvloop
 
 from services.tracker.app import serve
 from shared.logging import setup_logging
@@ -12,7 +12,7 @@ from shared.settings import Settings
 def main() -> None:
     settings = Settings(service_name="tracker")
     setup_logging("tracker", settings.log_level, settings.log_json)
-    asyncio.run(serve(settings))
+    uvloop.run(serve(settings))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import envelope
+from services.ingest.http import envelope, json_body_schema, parse_body
 from services.ingest.publish import NewRecord
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
@@ -92,13 +92,16 @@ def _record(row: Any) -> dict[str, Any]:
     return out
 
 
-@router.post("/email/send", status_code=202, summary="Send an email")
-async def send_email(
-    body: EmailSendRequest,
-    request: Request,
-):
+@router.post(
+    "/email/send",
+    status_code=202,
+    summary="Send an email",
+    openapi_extra=json_body_schema(EmailSendRequest),
+)
+async def send_email(request: Request):
     """Accept an email for delivery; answers 202 with its ``message_id`` once it is recorded
     and queued. Query its progress with ``GET /api/v1/messages/{message_id}``."""
+    body = await parse_body(request, EmailSendRequest)
     services, tenant_id = services_of(request), tenant_of(request)
     settings = services.settings
     if (error := body.mode_error()) is not None:

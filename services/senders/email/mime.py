@@ -10,7 +10,7 @@ from email.message import Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
-from email.utils import format_datetime, formataddr, make_msgid
+from email.utils import format_datetime, formataddr
 from html.parser import HTMLParser
 
 from shared.events import ContentType, DispatchV1, utcnow
