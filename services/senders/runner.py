@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 from redis.asyncio import Redis
@@ -68,50 +67,48 @@ class SenderRunner:
         self._stopping.set()
 
     async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        # Records of one partition are handled concurrently (bounded); the offset after the last
-        # one is committed once all of their outcomes are on the broker.
-        pending = await asyncio.gather(*(self._one(r) for r in records))
-        await asyncio.gather(*(f for futures in pending for f in futures))
+        # Records of one partition are delivered concurrently (bounded); the offset after the
+        # last one is committed once all of their outcome events are on the broker. Redis is
+        # asked once per batch which dispatches are already done, and told once which now are.
+        parsed = [_parse(r) for r in records]
+        done = await self._done_flags([d.dispatch_id for d in parsed if isinstance(d, DispatchV1)])
+        results = await asyncio.gather(*(self._one(r, d, done) for r, d in zip(records, parsed, strict=True)))
+        await asyncio.gather(*(f for futures, _ in results for f in futures))
+        await self._mark_done([d for _, d in results if d is not None])
         await self.consumer.commit({tp: records[-1].offset + 1})
         CONSUMER_LAST_PROGRESS.labels(self.service).set(time.time())
 
-    async def _one(self, record: ConsumerRecord) -> list[asyncio.Future]:
+    async def _one(
+        self, record: ConsumerRecord, parsed: DispatchV1 | list[dict], done: set[str]
+    ) -> tuple[list[asyncio.Future], DispatchV1 | None]:
+        """Deliver one record; answers the futures of the events it produced and the dispatch
+        to mark done (None when nothing was delivered)."""
         trace = Trace.from_headers(record.headers)
         rid = request_id_var.set(trace.request_id or new_request_id())
         tp = traceparent_var.set(trace.traceparent)
         try:
+            if not isinstance(parsed, DispatchV1):
+                return [await self._dead_letter(record, trace, "invalid_dispatch", parsed, None)], None
+            if parsed.dispatch_id in done:
+                log_event(
+                    log,
+                    logging.INFO,
+                    "dispatch already completed; skipped",
+                    message_id=parsed.message_id,
+                    dispatch_id=parsed.dispatch_id,
+                )
+                return [], None
             async with self._slots:
-                return await self._deliver(record, trace)
+                return await self._deliver(parsed, trace), parsed
         except Exception as exc:  # one bad record never stops the channel
             log.exception("unexpected failure; sending the record to the dead-letter topic")
-            return [
-                await self._dead_letter(
-                    record, trace, "sender_error", [{"field": "body", "message": str(exc)[:200]}], None
-                )
-            ]
+            errors = [{"field": "body", "message": str(exc)[:200]}]
+            return [await self._dead_letter(record, trace, "sender_error", errors, None)], None
         finally:
             request_id_var.reset(rid)
             traceparent_var.reset(tp)
 
-    async def _deliver(self, record: ConsumerRecord, trace: Trace) -> list[asyncio.Future]:
-        try:
-            dispatch = DispatchV1.model_validate(orjson.loads(record.value or b""))
-        except (orjson.JSONDecodeError, ValidationError) as exc:
-            errors = (
-                [{"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]} for e in exc.errors()]
-                if isinstance(exc, ValidationError)
-                else [{"field": "body", "message": str(exc)[:200]}]
-            )
-            return [await self._dead_letter(record, trace, "invalid_dispatch", errors, None)]
-        if await self._already_done(dispatch):
-            log_event(
-                log,
-                logging.INFO,
-                "dispatch already completed; skipped",
-                message_id=dispatch.message_id,
-                dispatch_id=dispatch.dispatch_id,
-            )
-            return []
+    async def _deliver(self, dispatch: DispatchV1, trace: Trace) -> list[asyncio.Future]:
         headers = trace.headers()
         futures = [await self._emit(self._event(dispatch, State.SENDING), headers)]
         started = time.perf_counter()
@@ -160,8 +157,7 @@ class SenderRunner:
                 duration_ms=round(elapsed * 1000, 1),
             )
         futures.append(await self._emit(event, headers))
-        done = asyncio.ensure_future(self._mark_done(dispatch, futures))
-        return [done]
+        return futures
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -183,23 +179,33 @@ class SenderRunner:
     async def _emit(self, event: EventV1, headers: list) -> asyncio.Future:
         return await self.producer.send(Topics.EVENTS, event.to_bytes(), key=event.message_id.encode(), headers=headers)
 
-    def _done_key(self, dispatch: DispatchV1) -> str:
-        return f"herald:done:{dispatch.dispatch_id}"
+    @staticmethod
+    def _done_key(dispatch_id: str) -> str:
+        return f"herald:done:{dispatch_id}"
 
-    async def _already_done(self, dispatch: DispatchV1) -> bool:
+    async def _done_flags(self, dispatch_ids: list[str]) -> set[str]:
+        """Which of these dispatches were completed before (one round trip)."""
+        if not dispatch_ids:
+            return set()
         try:
-            return bool(await self.redis.exists(self._done_key(dispatch)))
+            values = await self.redis.mget([self._done_key(i) for i in dispatch_ids])
         except RedisError:
             # Without Redis we cannot tell; delivering (at least once) beats dropping.
-            log.warning("redis unavailable; cannot check whether %s was already sent", dispatch.dispatch_id)
-            return False
+            log.warning("redis unavailable; cannot check whether %d dispatches were already sent", len(dispatch_ids))
+            return set()
+        return {i for i, v in zip(dispatch_ids, values, strict=True) if v is not None}
 
-    async def _mark_done(self, dispatch: DispatchV1, futures: list[asyncio.Future]) -> None:
-        await asyncio.gather(*futures)  # the outcome is on the broker before we call it done
+    async def _mark_done(self, dispatches: list[DispatchV1]) -> None:
+        """Called once the outcome events are on the broker (one round trip)."""
+        if not dispatches:
+            return
         try:
-            await self.redis.set(self._done_key(dispatch), b"1", ex=self.settings.sender_done_ttl_s)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for d in dispatches:
+                    pipe.set(self._done_key(d.dispatch_id), b"1", ex=self.settings.sender_done_ttl_s)
+                await pipe.execute()
         except RedisError:
-            log.warning("redis unavailable; %s not marked done", dispatch.dispatch_id)
+            log.warning("redis unavailable; %d dispatches not marked done", len(dispatches))
 
     async def _dead_letter(
         self, record: ConsumerRecord, trace: Trace, reason: str, errors: list, message_id: str | None
@@ -221,6 +227,14 @@ class SenderRunner:
         return await self.producer.send(
             Topics.DLQ, letter.to_bytes(), key=message_id.encode() if message_id else None, headers=trace.headers()
         )
+
+
+def _parse(record: ConsumerRecord) -> DispatchV1 | list[dict]:
+    """The dispatch a record carries, or the errors that make it unusable."""
+    try:
+        return DispatchV1.model_validate_json(record.value or b"")
+    except ValidationError as exc:
+        return [{"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]} for e in exc.errors()]
 
 
 async def serve(settings: Settings, channel: str) -> None:
