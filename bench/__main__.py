@@ -287,6 +287,88 @@ def phase_apprise(sink_url: str) -> dict:
     }
 
 
+# --- phase 4: one sender process against the SMTP floor -------------------------------------
+
+
+async def smtp_floor(port: int, n: int, connections: int) -> float:
+    """emails/s of a bare aiosmtplib loop: prebuilt bytes, `connections` reused sessions."""
+    import aiosmtplib
+
+    from services.senders.email.mime import build_message
+    from shared.events import DispatchV1
+
+    data = build_message(
+        DispatchV1(dispatch_id="m:1", message_id="msg_20260101_floor", tenant_id="default", channel="email",
+                   to=["floor@example.com"], subject="floor", content="<p>floor</p>"),
+        "bench@example.org", "Bench", "example.org",
+    ).data  # fmt: skip
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await client.connect()
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            await client.sendmail("bench@example.org", ["floor@example.com"], data)
+        await client.quit()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return n / (time.perf_counter() - start)
+
+
+async def phase_sender(tmp: Path, env: dict[str, str], sink_url: str, smtp_port: int) -> dict:
+    """Dispatch commands published straight to notify.dispatch.email, drained by one sender
+    process (no ingest, router or tracker running): emails/s per sender process."""
+    from aiokafka import AIOKafkaProducer
+
+    from shared.events import DispatchV1
+
+    n = int(os.environ.get("BENCH_EMAIL_N", "10000"))
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.post(f"{sink_url}/reset")
+    floor = await smtp_floor(smtp_port, n, 16)
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.post(f"{sink_url}/reset")
+    producer = AIOKafkaProducer(bootstrap_servers=env["HERALD_KAFKA_BOOTSTRAP_SERVERS"], acks="all", linger_ms=20)
+    await producer.start()
+    for i in range(n):
+        mid = f"msg_20260101_sender{i:09d}"
+        d = DispatchV1(dispatch_id=f"{mid}:1", message_id=mid, tenant_id="default", channel="email",
+                       to=[f"s{i}@example.com"], subject=f"sender {i}", content=f"<p>sender {i}</p>")  # fmt: skip
+        await producer.send("notify.dispatch.email", d.to_bytes(), key=f"default:s{i}".encode())
+    await producer.flush()
+    await producer.stop()
+    services = start_services(env, tmp, ["sender-email"])
+    try:
+        start = time.time()
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                stats = (await client.get(f"{sink_url}/stats")).json()["smtp"]
+                if stats["unique"] >= n or time.time() - start > 600:
+                    break
+                await asyncio.sleep(0.25)
+        # From the first delivery to the last: the consumer group join before it is start-up.
+        elapsed = (stats["last"] - stats["first"]) if stats["first"] else 0
+        rate = (stats["unique"] - 1) / elapsed if elapsed > 0 else None
+    finally:
+        stop_services(services)
+    return {
+        "emails": n,
+        "delivered": stats["unique"],
+        "duplicated": stats["duplicates"],
+        "sender_rate_per_s": round(rate, 1) if rate else None,
+        "smtp_floor_per_s": round(floor, 1),
+        "ratio": round(rate / floor, 3) if rate else None,
+        "note": "timed from the first delivery to the last; the group join before it is excluded",
+    }
+
+
 # --- orchestration ---------------------------------------------------------------------------
 
 
@@ -311,6 +393,12 @@ def summary(result: dict) -> str:
         f"| lost / duplicated at the sink | {e['lost']} / {e['duplicated']} "
         f"| Apprise {a['lost']} / {a['duplicated']} | |"
     )
+    s = result.get("sender")
+    if s:
+        lines.append(
+            f"| emails/s of one sender process (N={s['emails']}) | {s['sender_rate_per_s']} "
+            f"| aiosmtplib loop {s['smtp_floor_per_s']} | {s['ratio']} |"
+        )
     lines.append("")
     lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
     lines.append("|---|---|---|")
@@ -343,6 +431,10 @@ async def run() -> dict:
         "HERALD_SMTP_HOST": "127.0.0.1",
         "HERALD_SMTP_PORT": str(smtp_port),
         "HERALD_SMTP_FROM_ADDRESS": "bench@example.org",
+        "HERALD_SMTP_TLS_MODE": "none",
+        "HERALD_SMTP_DAILY_LIMIT": "100000000",
+        "HERALD_ENCRYPTION_KEY": "YmVuY2gta2V5LWZvci1oZXJhbGQtMzItYnl0ZXMhISE=",
+        "HERALD_DATA_DIR": str(tmp / "data"),
         "HERALD_LOG_LEVEL": "WARNING",
     }
     result: dict = {
@@ -360,6 +452,8 @@ async def run() -> dict:
         result["e2e"] = await phase_e2e(tmp, env, backing, sink_url)
         log(f"apprise: {N} messages")
         result["apprise"] = phase_apprise(sink_url)
+        log("sender: one sender process vs a bare aiosmtplib loop")
+        result["sender"] = await phase_sender(tmp, env, sink_url, smtp_port)
     finally:
         sink.terminate()
         sink.wait(10)

@@ -38,6 +38,19 @@ class SinkHandler:
         if directory:
             directory.mkdir(parents=True, exist_ok=True)
 
+    async def handle_RCPT(
+        self, server: object, session: Session, envelope: Envelope, address: str, rcpt_options: list
+    ) -> str:
+        """Like a real server, refuses some mailboxes: ``bounce*@`` does not exist (550) and
+        ``full*@`` is over quota for now (452), so permanent and transient refusals can be seen."""
+        local = address.partition("@")[0].lower()
+        if local.startswith("bounce"):
+            return "550 5.1.1 mailbox does not exist"
+        if local.startswith("full"):
+            return "452 4.2.2 mailbox full, try later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: object, session: Session, envelope: Envelope) -> str:
         data = envelope.original_content or envelope.content or b""
         if isinstance(data, str):

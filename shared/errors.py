@@ -115,3 +115,12 @@ class HeraldError(Exception):
         self.http_status = http_status or code.http_status
         self.details = details
         super().__init__(self.message)
+
+
+def field_errors(exc: object) -> list[dict[str, str]]:
+    """``[{field, message}]`` from a pydantic ValidationError (dotted field paths), or one
+    ``body`` entry for anything else (e.g. a JSON decode error)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return [{"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]} for e in errors()]
+    return [{"field": "body", "message": str(exc)[:200]}]

@@ -94,7 +94,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-Address = Annotated[str, Field(min_length=1, max_length=320)]
+# Values that end up in a mail header or protocol line: CR, LF or NUL would inject headers.
+NO_NEWLINES = r"^[^\r\n\x00]*$"
+
+Address = Annotated[str, Field(min_length=1, max_length=320, pattern=NO_NEWLINES)]
 
 
 class _Event(BaseModel):
@@ -104,6 +107,36 @@ class _Event(BaseModel):
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
+class AttachmentRef(BaseModel):
+    """An uploaded attachment, as ingest resolved it: where the sender finds the file (``path``,
+    relative to the shared data folder) and what it must find there (``size``, ``sha256``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attachment_id: str = Field(min_length=1, max_length=64)
+    filename: str = Field(min_length=1, max_length=255)
+    mime_type: str = Field(pattern=r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$", max_length=100)
+    size: int = Field(ge=0)
+    path: str = Field(min_length=1, max_length=500, description="relative to the data folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("filename")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # It becomes a MIME header parameter: no control characters (CR/LF would inject headers).
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError("control characters are not allowed in a filename")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = value.split("/")
+        if value.startswith("/") or "\\" in value or any(p in ("", ".", "..") for p in parts):
+            raise ValueError("expected a relative path without '.' or '..' segments")
+        return value
+
+
 class EmailOptions(BaseModel):
     """What only the email channel needs."""
 
@@ -111,8 +144,10 @@ class EmailOptions(BaseModel):
 
     cc: list[EmailStr] = Field(default_factory=list, max_length=100)
     bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
-    from_name: str | None = Field(default=None, max_length=100)
+    from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES)
     reply_to: EmailStr | None = None
+    # None rather than []: a message without attachments serialises exactly as before them.
+    attachments: list[AttachmentRef] | None = Field(default=None, max_length=20)
 
 
 class RequestV1(_Event):
@@ -123,7 +158,7 @@ class RequestV1(_Event):
     tenant_id: str = Field(default="default", min_length=1, max_length=64)
     channel: Channel
     to: list[Address] = Field(min_length=1, max_length=100)
-    subject: str | None = Field(default=None, max_length=998)
+    subject: str | None = Field(default=None, max_length=998, pattern=NO_NEWLINES)
     content: str = Field(min_length=1)
     content_type: ContentType = ContentType.HTML
     email: EmailOptions | None = None
@@ -161,6 +196,9 @@ class DispatchV1(_Event):
     email: EmailOptions | None = None
     request_id: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
+    # A retry waits on a notify.retry.* topic until this moment, then goes back to dispatch.
+    not_before: datetime | None = None
+    last_error: str | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -236,11 +274,33 @@ class DeadLetterV1(_Event):
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
 
 
+class ProviderHealthV1(_Event):
+    """``notify.provider-health.v1`` (compacted, keyed by identity): a sending identity's
+    health changed, e.g. a mailbox disabled after consecutive failures."""
+
+    schema_: Literal["notify.provider-health.v1"] = Field(default="notify.provider-health.v1", alias="schema")
+    provider: str
+    channel: str
+    identity: str
+    state: Literal["healthy", "degraded", "disabled"]
+    tenant_id: str = "default"
+    account: str | None = None
+    failures: int | None = None
+    reason: str | None = None
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+
 EVENT_MODELS: dict[str, type[BaseModel]] = {
     "notify.request.v1": RequestV1,
     "notify.dispatch.v1": DispatchV1,
     "notify.event.v1": EventV1,
     "notify.dlq.v1": DeadLetterV1,
+    "notify.provider-health.v1": ProviderHealthV1,
 }
 
 _email_adapter = TypeAdapter(EmailStr)

@@ -27,6 +27,12 @@ def new_message_id(now: datetime | None = None) -> str:
     return f"msg_{day}_{_random(16)}"
 
 
+def new_attachment_id(now: datetime | None = None) -> str:
+    """``att_<yyyymmdd>_<random>`` (seed 004 §3.4.4)."""
+    day = (now or datetime.now(UTC)).strftime("%Y%m%d")
+    return f"att_{day}_{_random(16)}"
+
+
 def is_message_id(value: str) -> bool:
     return bool(_MESSAGE_ID.match(value))
 

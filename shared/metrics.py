@@ -38,3 +38,10 @@ CONSUMER_LAST_PROGRESS = Gauge(
 
 def render_latest() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+EMAIL_POOL_AVAILABLE = Gauge("email_pool_available_accounts", "Active mailboxes below their daily limit", ["tenant"])
+EMAIL_POOL_DAILY_SENT = Gauge("email_pool_daily_sent", "Emails counted against a mailbox's limit today", ["account"])
+RETRIES_SCHEDULED = Counter(
+    "herald_retries_scheduled_total", "Delivery attempts scheduled for a retry", ["channel", "tier"]
+)

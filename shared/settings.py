@@ -6,6 +6,8 @@ nothing deeper in the code reads ``os.environ``. Invalid values fail at start-up
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -58,13 +60,34 @@ class Settings(BaseSettings):
     sender_http_port: int = 8102
     tracker_http_port: int = 8103
 
-    # --- email sender (one account until the mailbox pool lands) -------------------------
-    smtp_host: str = "127.0.0.1"
+    # --- secrets at rest --------------------------------------------------------------------
+    # 32 bytes, base64: AES-256-GCM key for stored secrets (SMTP passwords, provider keys).
+    # Required by the services that read or write secrets; start-up stops without it.
+    encryption_key: SecretStr | None = None
+
+    # --- data folder (attachments) ------------------------------------------------------
+    data_dir: str = ".data"
+    attachment_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    attachments_total_max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    attachment_expire_days: int = Field(default=7, ge=1)
+    attachment_sweep_interval_s: float = Field(default=3600, gt=0)
+
+    # --- retries (seed 004: after 1, 5, 10 minutes) ---------------------------------------
+    retry_delays_s: str = "60,300,600"
+
+    # --- email sender: the mailbox pool ----------------------------------------------------
+    # Counters reset on the first use of a new day in this timezone (seed 004: Asia/Shanghai).
+    pool_timezone: str = "Asia/Shanghai"
+    pool_failure_threshold: int = Field(default=3, ge=1)
+    smtp_ca_file: str | None = None  # extra CA bundle trusted for SMTP TLS (private relays)
+    # Bootstrap account: when HERALD_SMTP_HOST is set and the default tenant has no mailbox
+    # yet, the sender adds this one to the pool at start-up (make run points it at the sink).
+    smtp_host: str = ""
     smtp_port: int = 1025
+    smtp_daily_limit: int = Field(default=500, ge=0)
     smtp_username: str = ""
     smtp_password: SecretStr = SecretStr("")
-    smtp_use_tls: bool = False
-    smtp_start_tls: bool | None = None  # None: upgrade when the server offers STARTTLS
+    smtp_tls_mode: Literal["none", "starttls", "tls"] = "starttls"
     smtp_timeout_s: float = Field(default=30.0, gt=0)
     smtp_from_address: str = "herald@localhost"
     smtp_from_name: str = "Herald"
@@ -81,6 +104,26 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError(f"unknown log level {value!r}")
         return level
+
+    @field_validator("pool_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(value)  # raises for an unknown zone
+        return value
+
+    @field_validator("retry_delays_s")
+    @classmethod
+    def _delays(cls, value: str) -> str:
+        delays = [float(v) for v in value.split(",") if v.strip()]
+        if not delays or any(d <= 0 for d in delays):
+            raise ValueError("retry_delays_s: a comma-separated list of positive seconds")
+        return value
+
+    @property
+    def retry_delays(self) -> list[float]:
+        return [float(v) for v in self.retry_delays_s.split(",") if v.strip()]
 
     @property
     def bootstrap_servers(self) -> list[str]:

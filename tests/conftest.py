@@ -17,6 +17,9 @@ import pytest
 from devstack import servers, sinks
 from devstack.pipeline import Service, start_services, stop_services
 
+# A throw-away AES-256 key for the suite (32 bytes, base64).
+TEST_ENCRYPTION_KEY = "aGVyYWxkLXRlc3Qta2V5LTMyLWJ5dGVzLWxvbmctISE="
+
 
 @dataclass
 class Backing:
@@ -66,6 +69,12 @@ def backing() -> Iterator[Backing]:
         "HERALD_SMTP_HOST": "127.0.0.1",
         "HERALD_SMTP_PORT": str(smtp_port),
         "HERALD_SMTP_FROM_ADDRESS": "herald@example.org",
+        "HERALD_SMTP_TLS_MODE": "none",
+        "HERALD_ENCRYPTION_KEY": TEST_ENCRYPTION_KEY,
+        "HERALD_DATA_DIR": str(tmp / "data"),
+        "HERALD_ATTACHMENT_MAX_BYTES": "2000000",
+        "HERALD_ATTACHMENTS_TOTAL_MAX_BYTES": "3000000",
+        "HERALD_RETRY_DELAYS_S": "1,2,3",
         "HERALD_MAX_BODY_BYTES": "65536",
         "HERALD_LOG_JSON": "true",
     }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import uvicorn
 
 from services.ingest.app import create_app
+from shared.crypto import EncryptionKeyError
 from shared.logging import setup_logging
 from shared.settings import Settings
 
@@ -12,8 +15,12 @@ from shared.settings import Settings
 def main() -> None:
     settings = Settings(service_name="ingest")
     setup_logging("ingest", settings.log_level, settings.log_json)
+    try:
+        app = create_app(settings)
+    except EncryptionKeyError as exc:
+        sys.exit(f"herald ingest: {exc}")
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.ingest_host,
         port=settings.ingest_port,
         access_log=False,

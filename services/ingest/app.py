@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from services.ingest.attachments import run_sweeper
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
-from services.ingest.routes import health, messages
+from services.ingest.routes import accounts, attachments, health, messages
+from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
 from shared.kafka import ensure_topics, make_producer, stop_quietly
@@ -21,7 +26,9 @@ log = logging.getLogger("herald.ingest")
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Build the ingest app; resources open in the lifespan, so building it is cheap."""
+    """Build the ingest app; resources open in the lifespan, so building it is cheap.
+    A missing or malformed encryption key stops it here, before anything starts."""
+    secret_box = SecretBox.from_setting(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -34,6 +41,9 @@ def create_app(settings: Settings) -> FastAPI:
         await producer.start()
         batcher = RecordBatcher(pool, settings.record_batch_max, settings.record_batch_wait_ms)
         batcher.start()
+        sweeper = asyncio.create_task(
+            run_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s), name="attachment-sweep"
+        )
         app.state.services = Services(
             settings=settings,
             pool=pool,
@@ -45,6 +55,9 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
             await batcher.stop()
             await stop_quietly(producer)
             await redis.aclose()
@@ -58,10 +71,15 @@ def create_app(settings: Settings) -> FastAPI:
         default_response_class=JSONResponse,
         lifespan=lifespan,
     )
+    app.state.secret_box = secret_box
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, exempt_paths=(attachments.UPLOAD_PATH,)
+    )
     app.include_router(health.router)
     app.include_router(messages.router)
+    app.include_router(accounts.router)
+    app.include_router(attachments.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
     async def event_schema(name: str) -> JSONResponse:

@@ -159,9 +159,11 @@ class RequestContextMiddleware:
     Pure ASGI (not BaseHTTPMiddleware) to keep the per-request cost small.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, exempt_paths: tuple[str, ...] = ()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Routes that stream their body and bound it themselves (attachment uploads).
+        self.exempt_paths = frozenset(exempt_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,6 +190,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
+            if scope["path"] in self.exempt_paths:
+                await self.app(scope, receive, send_with_id)
+                return
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 await self._too_large(send_with_id)

@@ -8,13 +8,16 @@ before it commits offsets, so a record's outputs are on the broker before its of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import faust
+from pydantic import ValidationError
 
 from services.router.routing import Rejected, Routed, plan
-from shared.events import DeadLetterV1, utcnow
+from shared.errors import field_errors
+from shared.events import DeadLetterV1, DispatchV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, message_key
@@ -148,6 +151,35 @@ def create_app(settings: Settings) -> faust.App:
             message_id=message_id,
             errors=errors[:5],
         )
+
+    def retry_relay(topic_name: str) -> None:
+        """Waits out each delayed attempt on ``topic_name`` and puts it back on its channel's
+        dispatch topic. One topic per delay tier keeps each topic in due order, so waiting on
+        the head record never holds back a record that is due earlier."""
+        source = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
+
+        async def relay(stream: faust.StreamT) -> None:
+            async for record in stream.events():
+                trace = Trace.from_headers(record.headers)
+                try:
+                    dispatch = DispatchV1.model_validate_json(record.value or b"")
+                except ValidationError as exc:
+                    await _dead_letter(record, trace, "invalid_retry", field_errors(exc), None)
+                    continue
+                wait = (dispatch.not_before - utcnow()).total_seconds() if dispatch.not_before else 0
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                target = dispatch_topics.get(dispatch.channel.value)
+                if target is None:
+                    await _dead_letter(record, trace, "unknown_channel", [], dispatch.message_id)
+                    continue
+                await target.send(key=record.key, value=record.value, headers=trace.headers())
+                CONSUMER_LAST_PROGRESS.labels("router").set(time.time())
+
+        app.agent(source, name=f"herald.retry.{topic_name}", concurrency=1)(relay)
+
+    for retry_topic in Topics.RETRY:
+        retry_relay(retry_topic)
 
     @app.on_before_shutdown.connect
     async def _stop_health(sender: object, **kwargs: object) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import uvloop
 
 from services.senders.registry import PROVIDERS
 from services.senders.runner import serve
+from shared.crypto import EncryptionKeyError
 from shared.logging import setup_logging
 from shared.settings import Settings
 
@@ -18,7 +20,10 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings(service_name=f"sender-{args.channel}")
     setup_logging(f"sender-{args.channel}", settings.log_level, settings.log_json)
-    uvloop.run(serve(settings, args.channel))
+    try:
+        uvloop.run(serve(settings, args.channel))
+    except EncryptionKeyError as exc:
+        sys.exit(f"herald sender-{args.channel}: {exc}")
 
 
 if __name__ == "__main__":

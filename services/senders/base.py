@@ -9,6 +9,7 @@ Exception tree::
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -17,15 +18,21 @@ from shared.settings import Settings
 
 
 class DeliveryError(Exception):
-    def __init__(self, message: str, *, code: int = 2001) -> None:
+    """``sender_fault``: the sending identity (account, credentials, server) failed, not the
+    message or its recipient; the provider may try another identity."""
+
+    def __init__(self, message: str, *, code: int = 2001, sender_fault: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.sender_fault = sender_fault
 
 
 class Retryable(DeliveryError):
-    def __init__(self, message: str, *, code: int = 2001, retry_after: float | None = None) -> None:
-        super().__init__(message, code=code)
+    def __init__(
+        self, message: str, *, code: int = 2001, retry_after: float | None = None, sender_fault: bool = False
+    ) -> None:
+        super().__init__(message, code=code, sender_fault=sender_fault)
         self.retry_after = retry_after
 
 
@@ -41,15 +48,24 @@ class SendResult:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+HealthHook = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 class Provider(Protocol):
-    """One way of delivering on one channel (an SMTP account, an SMS vendor, a bot)."""
+    """One way of delivering on one channel (an SMTP pool, an SMS vendor, a bot).
+
+    ``open`` acquires what the provider needs (connections, its configuration) and validates the
+    settings, so a bad configuration fails at start-up; ``health`` publishes changes of a
+    sending identity's health (e.g. a mailbox disabled) to ``notify.provider-health``."""
 
     name: ClassVar[str]
     channel: ClassVar[str]
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Provider: ...
+    async def open(cls, settings: Settings, health: HealthHook) -> Provider: ...
 
     async def send(self, dispatch: DispatchV1) -> SendResult: ...
+
+    async def ready(self) -> None: ...
 
     async def close(self) -> None: ...

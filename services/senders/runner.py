@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -20,13 +21,20 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.senders import registry
-from services.senders.base import DeliveryError, Permanent, Provider
-from shared.events import DeadLetterV1, DispatchV1, EventV1, State, event_id, utcnow
+from services.senders.base import DeliveryError, Permanent, Provider, Retryable
+from shared.errors import field_errors
+from shared.events import DeadLetterV1, DispatchV1, EventV1, ProviderHealthV1, State, event_id, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
-from shared.kafka import Topics, Trace, ensure_topics, make_consumer, make_producer, stop_quietly
+from shared.kafka import Topics, Trace, ensure_topics, make_consumer, make_producer, message_key, stop_quietly
 from shared.logging import log_event, request_id_var, traceparent_var
-from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_REJECTED, MESSAGES_SENT, SEND_DURATION
+from shared.metrics import (
+    CONSUMER_LAST_PROGRESS,
+    MESSAGES_REJECTED,
+    MESSAGES_SENT,
+    RETRIES_SCHEDULED,
+    SEND_DURATION,
+)
 from shared.settings import Settings
 
 log = logging.getLogger("herald.sender")
@@ -119,22 +127,9 @@ class SenderRunner:
             elapsed = time.perf_counter() - started
             SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
             MESSAGES_SENT.labels(self.channel, "failed", provider_name).inc()
-            event = self._event(
-                dispatch,
-                State.FAILED,
-                error_code=exc.code,
-                error=exc.message,
-                detail={"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)},
-            )
-            log_event(
-                log,
-                logging.ERROR,
-                "delivery failed",
-                message_id=dispatch.message_id,
-                recipient=dispatch.to[0],
-                error=exc.message,
-                permanent=isinstance(exc, Permanent),
-            )
+            outcome = await self._failure(dispatch, exc, elapsed, headers)
+            futures.extend(outcome)
+            return futures
         else:
             elapsed = time.perf_counter() - started
             SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
@@ -158,6 +153,85 @@ class SenderRunner:
             )
         futures.append(await self._emit(event, headers))
         return futures
+
+    async def _failure(
+        self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list
+    ) -> list[asyncio.Future]:
+        """A failed attempt: retry later (transient, attempts left), dead (transient, none
+        left: also dead-lettered), or failed (permanent)."""
+        delays = self.settings.retry_delays
+        detail: dict[str, Any] = {"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)}
+        fields = {"error_code": exc.code, "error": exc.message}
+        if isinstance(exc, Retryable) and dispatch.attempt <= len(delays):
+            tier = dispatch.attempt - 1
+            delay = max(delays[tier], exc.retry_after or 0)
+            due = utcnow() + timedelta(seconds=delay)
+            retry = dispatch.model_copy(
+                update={
+                    "attempt": dispatch.attempt + 1,
+                    "dispatch_id": f"{dispatch.message_id}:{dispatch.attempt + 1}",
+                    "not_before": due,
+                    "last_error": exc.message,
+                }
+            )
+            topic = Topics.RETRY[min(tier, len(Topics.RETRY) - 1)]
+            RETRIES_SCHEDULED.labels(self.channel, topic).inc()
+            log_event(
+                log,
+                logging.WARNING,
+                "delivery failed; retry scheduled",
+                message_id=dispatch.message_id,
+                attempt=dispatch.attempt,
+                retry_in_s=delay,
+                error=exc.message,
+            )
+            event = self._event(
+                dispatch,
+                State.RETRYING,
+                detail={**detail, "next_attempt_at": due.isoformat(), "retry_topic": topic},
+                **fields,
+            )
+            return [
+                await self._emit(event, headers),
+                await self.producer.send(
+                    topic, retry.to_bytes(), key=message_key(dispatch.tenant_id, dispatch.to[0]), headers=headers
+                ),
+            ]
+        if isinstance(exc, Retryable):
+            log_event(
+                log,
+                logging.ERROR,
+                "delivery failed; no attempts left",
+                message_id=dispatch.message_id,
+                attempt=dispatch.attempt,
+                error=exc.message,
+            )
+            event = self._event(dispatch, State.DEAD, detail={**detail, "attempts": dispatch.attempt}, **fields)
+            letter = DeadLetterV1(
+                source_topic=Topics.dispatch(self.channel),
+                partition=-1,
+                offset=-1,
+                reason="retries_exhausted",
+                errors=[{"field": "delivery", "message": exc.message}],
+                message_id=dispatch.message_id,
+                service=self.service,
+                payload=dispatch.to_bytes().decode(),
+            )
+            return [
+                await self._emit(event, headers),
+                await self.producer.send(
+                    Topics.DLQ, letter.to_bytes(), key=dispatch.message_id.encode(), headers=headers
+                ),
+            ]
+        log_event(
+            log,
+            logging.ERROR,
+            "delivery failed permanently",
+            message_id=dispatch.message_id,
+            recipient=dispatch.to[0],
+            error=exc.message,
+        )
+        return [await self._emit(self._event(dispatch, State.FAILED, detail=detail, **fields), headers)]
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -234,17 +308,22 @@ def _parse(record: ConsumerRecord) -> DispatchV1 | list[dict]:
     try:
         return DispatchV1.model_validate_json(record.value or b"")
     except ValidationError as exc:
-        return [{"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]} for e in exc.errors()]
+        return field_errors(exc)
 
 
 async def serve(settings: Settings, channel: str) -> None:
     """Run the sender of ``channel`` until SIGTERM/SIGINT."""
     await ensure_topics(settings)
-    provider = registry.load(channel).from_settings(settings)
-    consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
     producer = make_producer(settings)
-    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
     await producer.start()
+
+    async def publish_health(change: dict[str, Any]) -> None:
+        record = ProviderHealthV1(**change)
+        await producer.send_and_wait(Topics.PROVIDER_HEALTH, record.to_bytes(), key=record.identity.encode())
+
+    provider = await registry.load(channel).open(settings, publish_health)
+    consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
+    redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
     await consumer.start()
     runner = SenderRunner(settings, channel, provider, consumer, producer, redis)
 
@@ -255,7 +334,11 @@ async def serve(settings: Settings, channel: str) -> None:
     async def redis_ready() -> None:
         await redis.ping()
 
-    health = HealthServer("0.0.0.0", settings.sender_http_port, {"kafka": kafka_ready, "redis": redis_ready})
+    health = HealthServer(
+        "0.0.0.0",
+        settings.sender_http_port,
+        {"kafka": kafka_ready, "redis": redis_ready, "provider": provider.ready},
+    )
     await health.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

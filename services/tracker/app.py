@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
 from shared.db import create_pool, migrate
+from shared.errors import field_errors
 from shared.events import DeadLetterV1, EventV1
 from shared.health import HealthServer
 from shared.kafka import Topics, ensure_topics, make_consumer, make_producer, stop_quietly
@@ -110,11 +111,7 @@ class Tracker:
     async def _reject(self, record: ConsumerRecord, exc: Exception) -> DeadLetterV1:
         """A malformed record on notify.events goes to notify.dlq, whence it comes back to be
         stored in dead_letters; a malformed one on notify.dlq itself is stored directly."""
-        errors = (
-            [{"field": ".".join(map(str, e["loc"])) or "body", "message": e["msg"]} for e in exc.errors()]
-            if isinstance(exc, ValidationError)
-            else [{"field": "body", "message": str(exc)[:200]}]
-        )
+        errors = field_errors(exc)
         reason = "invalid_event" if record.topic != Topics.DLQ else "invalid_dead_letter"
         letter = self._letter(record, reason, errors)
         if record.topic != Topics.DLQ:

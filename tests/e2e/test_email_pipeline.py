@@ -6,83 +6,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from devstack.sinks import Received
 from tests.conftest import Pipeline
+from tests.e2e.helpers import SEND, by_message_id, request_end_offsets, wait_for_mail, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
-SEND = "/api/v1/messages/email/send"
+
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-@pytest.fixture(scope="session")
-async def client(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=15) as c:
-        yield c
-
-
-@pytest.fixture(scope="session")
-async def db(pipeline: Pipeline) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(pipeline.backing.dsn, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture(scope="session")
-async def producer(pipeline: Pipeline) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=pipeline.backing.bootstrap, acks="all", enable_idempotence=False)
-    await p.start()
-    yield p
-    await p.stop()
-
-
-async def wait_for_mail(pipeline: Pipeline, predicate, timeout: float = 30) -> Received:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for item in list(pipeline.backing.smtp.messages):
-            if predicate(item):
-                return item
-        await asyncio.sleep(0.1)
-    raise AssertionError("no matching message reached the SMTP sink")
-
-
-def by_message_id(message_id: str):
-    return lambda item: item.parsed()["X-Herald-Message-ID"] == message_id
-
-
-async def wait_for_state(client: httpx.AsyncClient, message_id: str, state: str, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        r = await client.get(f"/api/v1/messages/{message_id}")
-        if r.status_code == 200:
-            last = r.json()["data"]
-            if last["state"] == state:
-                return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{message_id} never reached {state}; last seen {last}")
-
-
-async def request_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not parts:
-            await consumer.topics()
-            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        offsets = await consumer.end_offsets(parts)
-        return {tp.partition: o for tp, o in offsets.items()}
-    finally:
-        await consumer.stop()
 
 
 async def test_email_to_two_recipients_arrives_as_clean_mime(pipeline: Pipeline, client: httpx.AsyncClient) -> None:

@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from services.ingest.attachments import resolve_attachments
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, json_body_schema, parse_body
 from services.ingest.publish import NewRecord
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
+    NO_NEWLINES,
     SEED_STATUS,
     Channel,
     ContentType,
@@ -37,10 +39,10 @@ class EmailSendRequest(BaseModel):
     )
     cc: list[EmailStr] = Field(default_factory=list, max_length=100)
     bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
-    subject: str | None = Field(default=None, min_length=1, max_length=998)
+    subject: str | None = Field(default=None, min_length=1, max_length=998, pattern=NO_NEWLINES)
     content: str | None = Field(default=None, min_length=1)
     content_type: ContentType = ContentType.HTML
-    from_name: str | None = Field(default=None, max_length=100, description="Sender display name")
+    from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES, description="Sender display name")
     reply_to: EmailStr | None = None
     template_id: int | None = Field(default=None, ge=1)
     template_vars: dict[str, Any] | None = None
@@ -118,12 +120,13 @@ async def send_email(request: Request):
     if body.template_id is not None:
         # Templates arrive with their own issue; until then no template exists.
         raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {body.template_id} not found", field="template_id")
-    if body.attachment_ids:
-        raise HeraldError(
-            ErrorCode.ATTACHMENT_NOT_FOUND,
-            f"attachment {body.attachment_ids[0]} not found or expired",
-            field="attachment_ids",
+    attachments = (
+        await resolve_attachments(
+            services.pool, tenant_id, body.attachment_ids, datetime.now(UTC), settings.attachments_total_max_bytes
         )
+        if body.attachment_ids
+        else None
+    )
     now = datetime.now(UTC)
     trace = Trace(request.state.request_id, request.state.traceparent)
     req = RequestV1(
@@ -134,7 +137,9 @@ async def send_email(request: Request):
         subject=body.subject,
         content=body.content or "",
         content_type=body.content_type,
-        email=EmailOptions(cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to),
+        email=EmailOptions(
+            cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to, attachments=attachments
+        ),
         idempotency_key=body.idempotency_key,
         request_id=trace.request_id,
         accepted_at=now,

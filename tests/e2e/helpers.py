@@ -1,0 +1,56 @@
+"""Helpers of the end-to-end tests: waiting for mail at the sink, for a message's state, and
+reading a topic's end offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from devstack.sinks import Received
+from tests.conftest import Pipeline
+
+SEND = "/api/v1/messages/email/send"
+
+
+async def wait_for_mail(pipeline: Pipeline, predicate, timeout: float = 30) -> Received:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for item in list(pipeline.backing.smtp.messages):
+            if predicate(item):
+                return item
+        await asyncio.sleep(0.1)
+    raise AssertionError("no matching message reached the SMTP sink")
+
+
+def by_message_id(message_id: str):
+    return lambda item: item.parsed()["X-Herald-Message-ID"] == message_id
+
+
+async def wait_for_state(client: httpx.AsyncClient, message_id: str, state: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        r = await client.get(f"/api/v1/messages/{message_id}")
+        if r.status_code == 200:
+            last = r.json()["data"]
+            if last["state"] == state:
+                return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{message_id} never reached {state}; last seen {last}")
+
+
+async def request_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not parts:
+            await consumer.topics()
+            parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        offsets = await consumer.end_offsets(parts)
+        return {tp.partition: o for tp, o in offsets.items()}
+    finally:
+        await consumer.stop()
