@@ -146,6 +146,8 @@ class EmailOptions(BaseModel):
     bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
     from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES)
     reply_to: EmailStr | None = None
+    # The plain-text alternative of an HTML body; derived from the HTML when not given.
+    text: str | None = Field(default=None, min_length=1)
     # None rather than []: a message without attachments serialises exactly as before them.
     attachments: list[AttachmentRef] | None = Field(default=None, max_length=20)
 

@@ -54,12 +54,17 @@ HealthHook = Callable[[dict[str, Any]], Awaitable[None]]
 class Provider(Protocol):
     """One way of delivering on one channel (an SMTP pool, an SMS vendor, a bot).
 
-    ``open`` acquires what the provider needs (connections, its configuration) and validates the
-    settings, so a bad configuration fails at start-up; ``health`` publishes changes of a
-    sending identity's health (e.g. a mailbox disabled) to ``notify.provider-health``."""
+    ``check`` validates the settings without I/O, so a bad configuration fails at start-up;
+    ``open`` acquires what the provider needs (connections, its configuration); ``health``
+    publishes changes of a sending identity's health (e.g. a mailbox disabled) to
+    ``notify.provider-health``."""
 
     name: ClassVar[str]
     channel: ClassVar[str]
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        """Raise when ``settings`` cannot work for this provider (no I/O)."""
 
     @classmethod
     async def open(cls, settings: Settings, health: HealthHook) -> Provider: ...

@@ -313,6 +313,8 @@ def _parse(record: ConsumerRecord) -> DispatchV1 | list[dict]:
 
 async def serve(settings: Settings, channel: str) -> None:
     """Run the sender of ``channel`` until SIGTERM/SIGINT."""
+    provider_class = registry.load(channel)
+    provider_class.check(settings)  # a bad configuration stops here, before any connection
     await ensure_topics(settings)
     producer = make_producer(settings)
     await producer.start()
@@ -321,7 +323,7 @@ async def serve(settings: Settings, channel: str) -> None:
         record = ProviderHealthV1(**change)
         await producer.send_and_wait(Topics.PROVIDER_HEALTH, record.to_bytes(), key=record.identity.encode())
 
-    provider = await registry.load(channel).open(settings, publish_health)
+    provider = await provider_class.open(settings, publish_health)
     consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
     redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
     await consumer.start()

@@ -241,3 +241,17 @@ async def test_recipient_refusals_permanent_and_transient(
     full = await send(client, "full-box@example.com", "try later")
     retrying = await wait_for_event(client, full, "retrying")
     assert "452" in retrying["error"]
+
+
+async def test_pool_gauges_are_exported(pipeline: Pipeline, client: httpx.AsyncClient) -> None:
+    await wait_for_state(client, await send(client, "gauge@example.com", "gauge"), "sent")
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(f"{pipeline.services['sender-email'].url}/metrics")).text
+    available = [
+        line for line in text.splitlines() if line.startswith('email_pool_available_accounts{tenant="default"}')
+    ]
+    assert available and float(available[0].split()[-1]) >= 1
+    sent = [
+        line for line in text.splitlines() if line.startswith('email_pool_daily_sent{account="herald@example.org"}')
+    ]
+    assert sent and float(sent[0].split()[-1]) >= 1

@@ -201,3 +201,10 @@ async def test_load_attachments_stays_inside_the_data_folder(tmp_path: Path) -> 
     with pytest.raises(Permanent) as exc:
         await load_attachments(dispatch(email=EmailOptions(attachments=[r])), data_dir)
     assert exc.value.code == 2006 and "outside" in exc.value.message
+
+
+def test_a_given_text_alternative_is_used_instead_of_the_derived_one() -> None:
+    d = dispatch(email=EmailOptions(text="Plain words, written by hand."))
+    msg = parse(build_message(d, "n@example.org", "", "example.org"))
+    assert msg.get_body(("plain",)).get_content().strip() == "Plain words, written by hand."
+    assert "<b>there</b>" in msg.get_body(("html",)).get_content()

@@ -42,6 +42,9 @@ class EmailSendRequest(BaseModel):
     subject: str | None = Field(default=None, min_length=1, max_length=998, pattern=NO_NEWLINES)
     content: str | None = Field(default=None, min_length=1)
     content_type: ContentType = ContentType.HTML
+    text_content: str | None = Field(
+        default=None, min_length=1, description="Plain-text alternative of an HTML body; derived when absent"
+    )
     from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES, description="Sender display name")
     reply_to: EmailStr | None = None
     template_id: int | None = Field(default=None, ge=1)
@@ -138,7 +141,12 @@ async def send_email(request: Request):
         content=body.content or "",
         content_type=body.content_type,
         email=EmailOptions(
-            cc=body.cc, bcc=body.bcc, from_name=body.from_name, reply_to=body.reply_to, attachments=attachments
+            cc=body.cc,
+            bcc=body.bcc,
+            from_name=body.from_name,
+            reply_to=body.reply_to,
+            text=body.text_content,
+            attachments=attachments,
         ),
         idempotency_key=body.idempotency_key,
         request_id=trace.request_id,

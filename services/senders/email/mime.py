@@ -151,7 +151,8 @@ def build_message(
     name = (options.from_name if options and options.from_name else from_name) or ""
     if dispatch.content_type is ContentType.HTML:
         body: Message = MIMEMultipart("alternative")
-        body.attach(_text_part(html_to_text(dispatch.content), "plain"))
+        given = dispatch.email.text if dispatch.email else None
+        body.attach(_text_part(given or html_to_text(dispatch.content), "plain"))
         body.attach(_text_part(dispatch.content, "html"))
     else:
         body = _text_part(dispatch.content, "plain")

@@ -136,9 +136,17 @@ class SmtpProvider:
         self._gauges_task: asyncio.Task | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, health: HealthHook) -> SmtpProvider:
+    def check(cls, settings: Settings) -> None:
+        cls._secret_box(settings)
+
+    @staticmethod
+    def _secret_box(settings: Settings) -> SecretBox:
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else None
-        box = SecretBox.from_setting(key)  # stops start-up with a clear message when unusable
+        return SecretBox.from_setting(key)  # raises with a clear message when unusable
+
+    @classmethod
+    async def open(cls, settings: Settings, health: HealthHook) -> SmtpProvider:
+        box = cls._secret_box(settings)
         if settings.run_migrations:  # the pool's tables may not exist yet on a first start
             await migrate(settings)
         db_pool = await create_pool(settings)
