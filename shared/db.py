@@ -26,6 +26,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
+class _Connection(asyncpg.Connection):
+    """No reset query on release: asyncpg's default (``RESET ALL``, unlisten, advisory locks)
+    is a round trip per release, ~9% of the sender's CPU in a profile. Herald keeps no session
+    state on pooled connections: no SET, LISTEN, advisory locks or temporary tables."""
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(settings: Settings, *, attempts: int = 30) -> asyncpg.Pool:
     """A pool with JSON codecs; retried while the server is still starting."""
     delay = 0.2
@@ -36,6 +45,7 @@ async def create_pool(settings: Settings, *, attempts: int = 30) -> asyncpg.Pool
                 min_size=settings.db_pool_min,
                 max_size=settings.db_pool_max,
                 init=_init_connection,
+                connection_class=_Connection,
                 command_timeout=30,
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     # Counters reset on the first use of a new day in this timezone (seed 004: Asia/Shanghai).
     pool_timezone: str = "Asia/Shanghai"
     pool_failure_threshold: int = Field(default=3, ge=1)
+    # Mailbox slots counted per database round trip (1 = exact order, one UPDATE per email).
+    pool_lease_size: int = Field(default=8, ge=1, le=1000)
     smtp_ca_file: str | None = None  # extra CA bundle trusted for SMTP TLS (private relays)
     # Bootstrap account: when HERALD_SMTP_HOST is set and the default tenant has no mailbox
     # yet, the sender adds this one to the pool at start-up (make run points it at the sink).

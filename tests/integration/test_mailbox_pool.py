@@ -157,3 +157,30 @@ async def test_bootstrap_account_only_fills_an_empty_default_pool(pools, backing
                     f"({', '.join(f'${i}' for i in range(1, len(cols) + 1))})",
                     *r.values(),
                 )
+
+
+async def test_leased_slots_keep_the_limit_and_unused_ones_go_back(pools, tenant) -> None:
+    a_id = await add(pools[0], tenant, "a", priority=2, limit=40)
+    b_id = await add(pools[0], tenant, "b", priority=1, limit=25)
+    one = MailboxPool(pools[0], BOX, TZ, 3, lease_size=8)
+    two = MailboxPool(pools[1], BOX, TZ, 3, lease_size=8)
+
+    async def grab(m: MailboxPool) -> int | None:
+        account = await m.reserve(tenant)
+        return account.id if account else None
+
+    results = await asyncio.gather(*(grab(one if i % 3 else two) for i in range(50)))
+    taken = Counter(r for r in results if r is not None)
+    assert sum(taken.values()) == 50 and taken[a_id] <= 40 and taken[b_id] <= 25
+    await one.close()
+    await two.close()  # unused leased slots go back
+    rows = await pools[0].fetch("SELECT id, daily_sent_count FROM email_accounts WHERE tenant_id=$1", tenant)
+    assert {r["id"]: r["daily_sent_count"] for r in rows} == {a_id: taken[a_id], b_id: taken[b_id]}
+    # Exhaust both, whatever is leased where: never more than the limits in total.
+    rest = await asyncio.gather(*(grab(one if i % 2 else two) for i in range(100)))
+    await one.close()
+    await two.close()
+    total = Counter(r for r in [*results, *rest] if r is not None)
+    assert total[a_id] <= 40 and total[b_id] <= 25
+    rows = await pools[0].fetch("SELECT id, daily_sent_count FROM email_accounts WHERE tenant_id=$1", tenant)
+    assert {r["id"]: r["daily_sent_count"] for r in rows} == {a_id: total[a_id], b_id: total[b_id]}

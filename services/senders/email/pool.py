@@ -11,7 +11,9 @@ fails is given back (:meth:`MailboxPool.release`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -24,12 +26,12 @@ log = logging.getLogger("herald.sender.pool")
 
 PASSWORD_PURPOSE = "email_accounts.smtp_password"
 
-# $1 tenant, $2 timezone, $3 account ids to leave out. Effective count: 0 when the stored
-# counter belongs to an earlier day.
+# $1 tenant, $2 timezone, $3 account ids to leave out, $4 slots wanted. Effective count: 0 when
+# the stored counter belongs to an earlier day. Grants up to $4 slots of the chosen account.
 _RESERVE = """
 WITH today AS (SELECT (now() AT TIME ZONE $2)::date AS d),
 pick AS (
-    SELECT a.id
+    SELECT a.id, (CASE WHEN a.last_reset_date < today.d THEN 0 ELSE a.daily_sent_count END) AS used
     FROM email_accounts a, today
     WHERE a.tenant_id = $1 AND a.is_active AND NOT (a.id = ANY($3::bigint[]))
       AND (CASE WHEN a.last_reset_date < today.d THEN 0 ELSE a.daily_sent_count END) < a.daily_limit
@@ -40,19 +42,20 @@ pick AS (
     FOR UPDATE OF a {skip}
 )
 UPDATE email_accounts a SET
-    daily_sent_count = CASE WHEN a.last_reset_date < today.d THEN 1 ELSE a.daily_sent_count + 1 END,
+    daily_sent_count = pick.used + LEAST($4, a.daily_limit - pick.used),
     last_reset_date = today.d
 FROM pick, today
 WHERE a.id = pick.id
 RETURNING a.id, a.tenant_id, a.email, a.smtp_host, a.smtp_port, a.smtp_username, a.smtp_password,
-          a.tls_mode, a.display_name, a.daily_limit, a.daily_sent_count, a.failure_count
+          a.tls_mode, a.display_name, a.daily_limit, a.daily_sent_count, a.failure_count,
+          LEAST($4, a.daily_limit - pick.used) AS granted
 """
 _RESERVE_SKIP = _RESERVE.format(skip="SKIP LOCKED")
 _RESERVE_WAIT = _RESERVE.format(skip="")
 
 _RELEASE = """
-UPDATE email_accounts SET daily_sent_count = daily_sent_count - 1
-WHERE id = $1 AND daily_sent_count > 0 AND last_reset_date = (now() AT TIME ZONE $2)::date
+UPDATE email_accounts SET daily_sent_count = GREATEST(daily_sent_count - $3, 0)
+WHERE id = $1 AND last_reset_date = (now() AT TIME ZONE $2)::date
 """
 
 _FAILURE = """
@@ -110,23 +113,72 @@ class Disabled:
     reason: str
 
 
+@dataclass(slots=True)
+class _Lease:
+    """Slots of one account counted in the database and not yet used by this process."""
+
+    account: Account
+    left: int
+    until: float
+
+
 class MailboxPool:
-    def __init__(self, pool: asyncpg.Pool, box: SecretBox, timezone: str, failure_threshold: int) -> None:
+    """Hands out accounts, ``lease_size`` slots at a time per database round trip.
+
+    Slots are counted in the database when leased, so the limit holds across processes; unused
+    ones go back after ``lease_ttl`` seconds or at :meth:`close`. With ``lease_size`` 1 every
+    email is one reservation and the order (priority, then least used) is exact; with more, it
+    is exact per lease, and near a limit another process may briefly hold the last slots.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        box: SecretBox,
+        timezone: str,
+        failure_threshold: int,
+        *,
+        lease_size: int = 1,
+        lease_ttl: float = 2.0,
+    ) -> None:
         self.pool = pool
         self.box = box
         self.timezone = timezone
         self.failure_threshold = failure_threshold
+        self.lease_size = lease_size
+        self.lease_ttl = lease_ttl
+        self._leases: dict[str, _Lease] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def reserve(self, tenant_id: str, exclude: set[int] | frozenset[int] = frozenset()) -> Account | None:
         """Choose an account and count this attempt against its daily limit; None when every
         active account of the tenant is at its limit (or excluded)."""
-        args = (tenant_id, self.timezone, list(exclude))
+        lock = self._locks.setdefault(tenant_id, asyncio.Lock())
+        async with lock:
+            lease = self._leases.get(tenant_id)
+            if lease is not None:
+                if lease.left > 0 and lease.account.id not in exclude and time.monotonic() < lease.until:
+                    lease.left -= 1
+                    return lease.account
+                await self._give_back(tenant_id)
+            want = 1 if exclude else self.lease_size
+            row = await self._lease(tenant_id, exclude, want)
+            if row is None:
+                return None
+            account = self._account(row)
+            if row["granted"] > 1:
+                self._leases[tenant_id] = _Lease(account, row["granted"] - 1, time.monotonic() + self.lease_ttl)
+            return account
+
+    async def _lease(self, tenant_id: str, exclude: set[int] | frozenset[int], want: int) -> asyncpg.Record | None:
+        args = (tenant_id, self.timezone, list(exclude), want)
         row = await self.pool.fetchrow(_RESERVE_SKIP, *args)
         if row is None:
             # Rows locked by a concurrent reservation were skipped: ask again, waiting for them.
             row = await self.pool.fetchrow(_RESERVE_WAIT, *args)
-        if row is None:
-            return None
+        return row
+
+    def _account(self, row: asyncpg.Record) -> Account:
         password = self.box.decrypt(row["smtp_password"], PASSWORD_PURPOSE) if row["smtp_password"] else ""
         return Account(
             id=row["id"],
@@ -143,9 +195,30 @@ class MailboxPool:
             failure_count=row["failure_count"],
         )
 
+    async def _give_back(self, tenant_id: str) -> None:
+        lease = self._leases.pop(tenant_id, None)
+        if lease is not None and lease.left > 0:
+            await self.pool.execute(_RELEASE, lease.account.id, self.timezone, lease.left)
+
     async def release(self, account: Account) -> None:
         """Give back a reservation whose send did not go through."""
-        await self.pool.execute(_RELEASE, account.id, self.timezone)
+        lease = self._leases.get(account.tenant_id)
+        if lease is not None and lease.account.id == account.id and time.monotonic() < lease.until:
+            lease.left += 1
+            return
+        await self.pool.execute(_RELEASE, account.id, self.timezone, 1)
+
+    async def drop_lease(self, account: Account) -> None:
+        """Stop using an account's leased slots (it just failed)."""
+        lease = self._leases.get(account.tenant_id)
+        if lease is not None and lease.account.id == account.id:
+            async with self._locks.setdefault(account.tenant_id, asyncio.Lock()):
+                await self._give_back(account.tenant_id)
+
+    async def close(self) -> None:
+        """Return every unused leased slot."""
+        for tenant_id in list(self._leases):
+            await self._give_back(tenant_id)
 
     async def succeeded(self, account: Account) -> None:
         if account.failure_count:

@@ -151,7 +151,13 @@ class SmtpProvider:
             await migrate(settings)
         db_pool = await create_pool(settings)
         await ensure_bootstrap_account(db_pool, box, settings)
-        mailboxes = MailboxPool(db_pool, box, settings.pool_timezone, settings.pool_failure_threshold)
+        mailboxes = MailboxPool(
+            db_pool,
+            box,
+            settings.pool_timezone,
+            settings.pool_failure_threshold,
+            lease_size=settings.pool_lease_size,
+        )
         provider = cls(settings, mailboxes, health, db_pool)
         provider._gauges_task = asyncio.create_task(provider._refresh_gauges())
         return provider
@@ -189,6 +195,7 @@ class SmtpProvider:
                 await self.mailboxes.release(account)
                 if not exc.sender_fault:
                     raise
+                await self.mailboxes.drop_lease(account)
                 last = exc
                 disabled = await self.mailboxes.failed(account, exc.message)
                 if disabled is not None:
@@ -259,6 +266,7 @@ class SmtpProvider:
             self._gauges_task.cancel()
         for connections in self._connections.values():
             await connections.close()
+        await self.mailboxes.close()
         await self.db_pool.close()
 
 
