@@ -75,6 +75,9 @@ def backing() -> Iterator[Backing]:
         "HERALD_ATTACHMENT_MAX_BYTES": "2000000",
         "HERALD_ATTACHMENTS_TOTAL_MAX_BYTES": "3000000",
         "HERALD_RETRY_DELAYS_S": "1,2,3",
+        # One mailbox slot per reservation: pool changes made by a test apply to the very next
+        # email (leases are tested in tests/integration/test_mailbox_pool.py).
+        "HERALD_POOL_LEASE_SIZE": "1",
         "HERALD_MAX_BODY_BYTES": "65536",
         "HERALD_LOG_JSON": "true",
     }

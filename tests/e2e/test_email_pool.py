@@ -245,13 +245,19 @@ async def test_recipient_refusals_permanent_and_transient(
 
 async def test_pool_gauges_are_exported(pipeline: Pipeline, client: httpx.AsyncClient) -> None:
     await wait_for_state(client, await send(client, "gauge@example.com", "gauge"), "sent")
+
+    def value(text: str, prefix: str) -> float | None:
+        found = [line for line in text.splitlines() if line.startswith(prefix)]
+        return float(found[0].split()[-1]) if found else None
+
+    deadline = time.monotonic() + 20  # the gauges are refreshed every 5 s
     async with httpx.AsyncClient() as c:
-        text = (await c.get(f"{pipeline.services['sender-email'].url}/metrics")).text
-    available = [
-        line for line in text.splitlines() if line.startswith('email_pool_available_accounts{tenant="default"}')
-    ]
-    assert available and float(available[0].split()[-1]) >= 1
-    sent = [
-        line for line in text.splitlines() if line.startswith('email_pool_daily_sent{account="herald@example.org"}')
-    ]
-    assert sent and float(sent[0].split()[-1]) >= 1
+        while True:
+            text = (await c.get(f"{pipeline.services['sender-email'].url}/metrics")).text
+            available = value(text, 'email_pool_available_accounts{tenant="default"}')
+            sent = value(text, 'email_pool_daily_sent{account="herald@example.org"}')
+            if (available or 0) >= 1 and (sent or 0) >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    assert available is not None and available >= 1
+    assert sent is not None and sent >= 1

@@ -259,7 +259,7 @@ class SmtpProvider:
                     EMAIL_POOL_AVAILABLE.labels(tenant).set(count)
             except Exception:  # metrics must never stop the sender
                 log.warning("could not refresh mailbox pool gauges", exc_info=True)
-            await asyncio.sleep(15)
+            await asyncio.sleep(5)
 
     async def close(self) -> None:
         if self._gauges_task:
