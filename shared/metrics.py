@@ -45,3 +45,6 @@ EMAIL_POOL_DAILY_SENT = Gauge("email_pool_daily_sent", "Emails counted against a
 RETRIES_SCHEDULED = Counter(
     "herald_retries_scheduled_total", "Delivery attempts scheduled for a retry", ["channel", "tier"]
 )
+DEDUP_SKIPPED = Counter(
+    "herald_dedup_skipped_total", "Requests accepted without the duplicate check (Redis unavailable)"
+)

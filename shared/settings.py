@@ -54,6 +54,16 @@ class Settings(BaseSettings):
     record_batch_wait_ms: float = Field(default=2.0, ge=0)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     public_url: str = ""
+    # Idempotency keys hold this long (seed 004: 5 minutes; at most 24 h).
+    idempotency_ttl_s: int = Field(default=300, ge=1, le=86400)
+    # Same recipient + subject + content within this window is a duplicate (0: off).
+    dedup_window_s: int = Field(default=300, ge=0, le=86400)
+    # Redis down: True accepts the request unchecked (marked dedup_skipped); False answers 503.
+    dedup_fail_open: bool = True
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+    # The sweeper re-publishes a message that made no progress for this long.
+    sweep_stalled_after_s: float = Field(default=120.0, gt=0)
+    sweep_interval_s: float = Field(default=15.0, gt=0)
 
     # --- workers' health/metrics ports ---------------------------------------------------
     router_http_port: int = 8101

@@ -78,6 +78,7 @@ def backing() -> Iterator[Backing]:
         # One mailbox slot per reservation: pool changes made by a test apply to the very next
         # email (leases are tested in tests/integration/test_mailbox_pool.py).
         "HERALD_POOL_LEASE_SIZE": "1",
+        "HERALD_IDEMPOTENCY_TTL_S": "5",
         "HERALD_MAX_BODY_BYTES": "65536",
         "HERALD_LOG_JSON": "true",
     }

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.ingest.attachments import run_sweeper
+from services.ingest.dedup import Guard
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
@@ -36,10 +37,17 @@ def create_app(settings: Settings) -> FastAPI:
             await migrate(settings)
         await ensure_topics(settings)
         pool = await create_pool(settings)
-        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
+        # Short timeouts: a Redis that hangs must not hold a request (dedup then fails open).
+        redis = Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+        )
         producer = make_producer(settings)
         await producer.start()
-        batcher = RecordBatcher(pool, settings.record_batch_max, settings.record_batch_wait_ms)
+        batcher = RecordBatcher(
+            pool, settings.record_batch_max, settings.record_batch_wait_ms, settings.idempotency_ttl_s
+        )
         batcher.start()
         sweeper = asyncio.create_task(
             run_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s), name="attachment-sweep"
@@ -50,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
             redis=redis,
             producer=producer,
             publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s),
+            guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_window_s, settings.dedup_fail_open),
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:

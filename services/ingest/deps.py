@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import Request
 from redis.asyncio import Redis
 
+from services.ingest.dedup import Guard
 from services.ingest.publish import Publisher
 from shared.settings import Settings
 
@@ -22,6 +23,7 @@ class Services:
     redis: Redis
     producer: AIOKafkaProducer
     publisher: Publisher
+    guard: Guard
 
 
 # Routes call these directly rather than through ``Depends``: in the ingest profile FastAPI's

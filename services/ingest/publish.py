@@ -34,6 +34,8 @@ class NewRecord:
     request: RequestV1
     recipients: dict[str, list[str]]
     accepted_at: datetime
+    request_hash: str | None = None
+    dedup_skipped: bool = False
 
     @property
     def recipient(self) -> str:
@@ -47,22 +49,25 @@ class Outcome:
     message_id: str
     created: bool
     state: str = State.ACCEPTED.value
+    request_hash: str | None = None  # of the record an idempotency key named
 
 
 _INSERT = """
 WITH rows AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-        $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[]
+        $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
+        $12::text[], $13::text[], $14::bool[]
     ) AS r(message_id, tenant_id, message_type, recipient, recipients, subject,
-           content, content_type, idempotency_key, request_id, created_at)
+           content, content_type, idempotency_key, request_id, created_at,
+           request_hash, request, dedup_skipped)
 ), inserted AS (
     INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients,
         subject, content, content_type, idempotency_key, request_id, created_at, updated_at,
-        status, state, state_rank)
+        status, state, state_rank, request_hash, request, dedup_skipped)
     SELECT message_id, tenant_id, message_type, recipient, recipients::jsonb, subject, content,
         content_type, idempotency_key, request_id, created_at, created_at,
-        'pending', 'accepted', 0
+        'pending', 'accepted', 0, request_hash, request::jsonb, dedup_skipped
     FROM rows
     ON CONFLICT DO NOTHING
     RETURNING message_id, tenant_id, created_at
@@ -78,17 +83,25 @@ SELECT message_id FROM inserted
 """
 
 _EXISTING = """
-SELECT DISTINCT ON (tenant_id, idempotency_key) tenant_id, idempotency_key, message_id, state
+SELECT DISTINCT ON (tenant_id, idempotency_key) tenant_id, idempotency_key, message_id, state, request_hash
 FROM message_records
 WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+# A key older than its time to live no longer names its message: let it go before inserting.
+_RELEASE_EXPIRED_KEYS = """
+UPDATE message_records SET idempotency_key = NULL
+WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+  AND created_at < now() - make_interval(secs => $3)
 """
 
 
 class RecordBatcher:
     """Collects records from concurrent requests and inserts them in one statement."""
 
-    def __init__(self, pool: asyncpg.Pool, max_batch: int, max_wait_ms: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_batch: int, max_wait_ms: float, key_ttl_s: float = 300) -> None:
         self.pool = pool
+        self.key_ttl_s = key_ttl_s
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[tuple[NewRecord, asyncio.Future[Outcome]]] = asyncio.Queue()
@@ -142,7 +155,7 @@ class RecordBatcher:
                 fut.set_result(outcome)
 
     async def _write(self, records: list[NewRecord]) -> list[Outcome]:
-        cols: list[list] = [[] for _ in range(11)]
+        cols: list[list] = [[] for _ in range(14)]
         for r in records:
             q = r.request
             for i, value in enumerate(
@@ -158,14 +171,25 @@ class RecordBatcher:
                     q.idempotency_key,
                     q.request_id,
                     r.accepted_at,
+                    r.request_hash,
+                    q.to_bytes().decode(),
+                    r.dedup_skipped,
                 )
             ):
                 cols[i].append(value)
-        async with self.pool.acquire() as conn:
+        keyed_all = [r for r in records if r.request.idempotency_key]
+        async with self.pool.acquire() as conn, conn.transaction():
+            if keyed_all:
+                await conn.execute(
+                    _RELEASE_EXPIRED_KEYS,
+                    [r.request.tenant_id for r in keyed_all],
+                    [r.request.idempotency_key for r in keyed_all],
+                    float(self.key_ttl_s),
+                )
             rows = await conn.fetch(_INSERT, *cols)
             created = {row["message_id"] for row in rows}
             lost = [r for r in records if r.request.message_id not in created]
-            existing: dict[tuple[str, str], tuple[str, str]] = {}
+            existing: dict[tuple[str, str], tuple[str, str, str | None]] = {}
             if lost:
                 keyed = [r for r in lost if r.request.idempotency_key]
                 found = await conn.fetch(
@@ -173,7 +197,10 @@ class RecordBatcher:
                     [r.request.tenant_id for r in keyed],
                     [r.request.idempotency_key for r in keyed],
                 )
-                existing = {(f["tenant_id"], f["idempotency_key"]): (f["message_id"], f["state"]) for f in found}
+                existing = {
+                    (f["tenant_id"], f["idempotency_key"]): (f["message_id"], f["state"], f["request_hash"])
+                    for f in found
+                }
         outcomes = []
         for r in records:
             q = r.request
@@ -185,7 +212,7 @@ class RecordBatcher:
                 # Two requests of this batch shared a key: the loser replays the winner.
                 twin = next(
                     (
-                        o.request.message_id
+                        o
                         for o in records
                         if o.request.message_id in created
                         and o.request.tenant_id == q.tenant_id
@@ -195,9 +222,9 @@ class RecordBatcher:
                 )
                 if twin is None:
                     raise RuntimeError(f"message {q.message_id} was neither inserted nor found")
-                outcomes.append(Outcome(twin, False))
+                outcomes.append(Outcome(twin.request.message_id, False, request_hash=twin.request_hash))
             else:
-                outcomes.append(Outcome(hit[0], False, hit[1]))
+                outcomes.append(Outcome(hit[0], False, hit[1], hit[2]))
         return outcomes
 
 

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from services.ingest.attachments import resolve_attachments
+from services.ingest.dedup import fingerprint, request_hash
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import envelope, json_body_schema, parse_body
+from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
 from services.ingest.publish import NewRecord
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
@@ -50,7 +51,8 @@ class EmailSendRequest(BaseModel):
     template_id: int | None = Field(default=None, ge=1)
     template_vars: dict[str, Any] | None = None
     attachment_ids: list[str] = Field(default_factory=list, max_length=20)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
+    dedup: bool = Field(default=True, description="false: skip the content-fingerprint duplicate check")
     async_: bool = Field(default=True, alias="async")
 
     def mode_error(self) -> HeraldError | None:
@@ -130,6 +132,11 @@ async def send_email(request: Request):
         if body.attachment_ids
         else None
     )
+    key = _idempotency_key(body, request)
+    digest = request_hash(body.model_dump(mode="json", by_alias=True))
+    guard = services.guard
+    if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
+        return _replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
     now = datetime.now(UTC)
     trace = Trace(request.state.request_id, request.state.traceparent)
     req = RequestV1(
@@ -148,20 +155,58 @@ async def send_email(request: Request):
             text=body.text_content,
             attachments=attachments,
         ),
-        idempotency_key=body.idempotency_key,
+        idempotency_key=key,
         request_id=trace.request_id,
         accepted_at=now,
         recorded=True,
     )
+    fp, skipped = None, False
+    if key is None and body.dedup:
+        fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, req.content)
+        earlier, skipped = await guard.claim(fp, req.message_id or "")
+        if earlier is not None:
+            raise HeraldError(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"duplicate of {earlier}: same recipients, subject and content within "
+                f'{settings.dedup_window_s} s (send with "dedup": false to force)',
+                field="content",
+            )
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
-    outcome = await services.publisher.accept(NewRecord(req, recipients, now), trace)
+    record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped)
+    try:
+        outcome = await services.publisher.accept(record, trace)
+    except HeraldError:
+        if fp is not None:
+            await guard.release(fp, req.message_id or "")
+        raise
     state = State(outcome.state)
-    headers = None if outcome.created else {"Idempotent-Replayed": "true"}
-    return envelope(
-        {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value},
-        status_code=202,
-        headers=headers,
-    )
+    response = {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value}
+    if not outcome.created:
+        return _replay(outcome.message_id, outcome.request_hash, digest, response)
+    if key is not None:
+        await guard.remember(tenant_id, key, outcome.message_id, digest, response)
+    return envelope(response, status_code=202)
+
+
+def _idempotency_key(body: EmailSendRequest, request: Request) -> str | None:
+    """The key from the body or the ``Idempotency-Key`` header; both must agree."""
+    header = request.headers.get("idempotency-key")
+    if header is not None and (not header.strip() or len(header) > 255):
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "1 to 255 characters", field="Idempotency-Key")
+    if header and body.idempotency_key and header != body.idempotency_key:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "differs from the Idempotency-Key header", field="idempotency_key")
+    return body.idempotency_key or header
+
+
+def _replay(message_id: str, first_hash: str | None, digest: str, response: dict) -> JSONResponse:
+    """The first response again, or 409 when the key came back with another body."""
+    if first_hash is not None and first_hash != digest:
+        raise HeraldError(
+            ErrorCode.DUPLICATE_REQUEST,
+            f"idempotency key already used for {message_id} with a different request body",
+            field="idempotency_key",
+        )
+    return envelope(response, status_code=202, headers={"Idempotent-Replayed": "true"})
 
 
 @router.get("/{message_id}", summary="One message's status")

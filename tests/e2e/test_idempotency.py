@@ -1,0 +1,111 @@
+"""Idempotency keys and content fingerprints (seed 004 §3.1.3), with Redis up and down.
+
+The services run with HERALD_IDEMPOTENCY_TTL_S=5 (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.conftest import Pipeline
+from tests.e2e.helpers import SEND
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
+
+
+def body(**changes: object) -> dict:
+    return {"to": "idem@example.com", "subject": f"s {uuid.uuid4().hex}", "content": "<p>c</p>", **changes}
+
+
+async def test_same_key_same_body_replays_the_first_response(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    payload = body()
+    first = await client.post(SEND, json=payload, headers={"Idempotency-Key": key})
+    again = await client.post(SEND, json={**payload, "idempotency_key": key})  # body field, same key
+    assert first.status_code == again.status_code == 202
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert again.json()["data"] == first.json()["data"]
+    assert await db.fetchval("SELECT count(*) FROM message_records WHERE idempotency_key=$1", key) == 1
+
+
+async def test_same_key_different_body_is_409(client: httpx.AsyncClient) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    first = await client.post(SEND, json=body(idempotency_key=key))
+    other = await client.post(SEND, json=body(idempotency_key=key))  # another subject
+    assert other.status_code == 409 and other.json()["code"] == 1006
+    assert first.json()["data"]["message_id"] in other.json()["message"]
+
+
+async def test_header_and_body_keys_must_agree(client: httpx.AsyncClient) -> None:
+    r = await client.post(SEND, json=body(idempotency_key="a"), headers={"Idempotency-Key": "b"})
+    assert r.status_code == 400 and r.json()["errors"][0]["field"] == "idempotency_key"
+
+
+async def test_concurrent_requests_with_one_key_make_one_message(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    payload = body(idempotency_key=key)
+    answers = await asyncio.gather(*(client.post(SEND, json=payload) for _ in range(20)))
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["data"]["message_id"] for a in answers}) == 1
+    assert sum(1 for a in answers if "idempotent-replayed" not in a.headers) == 1
+    assert await db.fetchval("SELECT count(*) FROM message_records WHERE idempotency_key=$1", key) == 1
+
+
+async def test_a_key_is_free_again_after_its_time_to_live(client: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    first = await client.post(SEND, json=body(idempotency_key=key))
+    await asyncio.sleep(6)
+    later = await client.post(SEND, json=body(idempotency_key=key))  # another body is fine now
+    assert later.status_code == 202 and "idempotent-replayed" not in later.headers
+    assert later.json()["data"]["message_id"] != first.json()["data"]["message_id"]
+    assert await db.fetchval("SELECT count(*) FROM message_records WHERE idempotency_key=$1", key) == 1
+
+
+async def test_same_content_within_the_window_is_a_duplicate(client: httpx.AsyncClient) -> None:
+    payload = body(to=["fp1@example.com", "fp2@example.com"])
+    first = await client.post(SEND, json=payload)
+    assert first.status_code == 202
+    dup = await client.post(SEND, json={**payload, "to": ["fp2@example.com", "fp1@example.com"]})
+    assert dup.status_code == 409 and dup.json()["code"] == 1006
+    assert first.json()["data"]["message_id"] in dup.json()["message"]
+    forced = await client.post(SEND, json={**payload, "dedup": False})
+    assert forced.status_code == 202
+    other = await client.post(SEND, json={**payload, "content": "<p>different</p>"})
+    assert other.status_code == 202
+
+
+async def test_redis_down_keys_still_hold_and_dedup_fails_open(
+    pipeline: Pipeline, client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    keys = [f"down-{run}-{i}" for i in range(100)]
+    pipeline.backing.redis.stop()
+    try:
+        semaphore = asyncio.Semaphore(50)
+
+        async def one(i: int) -> httpx.Response:
+            async with semaphore:
+                key = keys[i % 100]
+                return await client.post(SEND, json={"to": "down@example.com", "subject": key, "content": "c",
+                                                     "idempotency_key": key})  # fmt: skip
+
+        answers = await asyncio.gather(*(one(i) for i in range(1000)))
+        assert {a.status_code for a in answers} == {202}, {a.status_code for a in answers}
+        messages = await db.fetchval(
+            "SELECT count(*) FROM message_records WHERE idempotency_key = ANY($1::text[])", keys
+        )
+        print(f"redis down: 1000 requests over 100 keys -> {messages} messages")
+        assert messages == 100
+        # Without a key the fingerprint check cannot ask Redis: accepted, marked, counted.
+        r = await client.post(SEND, json={"to": "open@example.com", "subject": f"open {run}", "content": "c"})
+        assert r.status_code == 202
+        mid = r.json()["data"]["message_id"]
+        assert await db.fetchval("SELECT dedup_skipped FROM message_records WHERE message_id=$1", mid) is True
+        metrics = (await client.get("/metrics")).text
+        assert "herald_dedup_skipped_total" in metrics
+    finally:
+        pipeline.backing.restart_redis()
