@@ -169,6 +169,9 @@ class RequestV1(_Event):
     accepted_at: datetime | None = None
     # True when ingest already wrote the message record and its 'accepted' event.
     recorded: bool = False
+    # Set by the sweeper when it publishes a stalled message again: the delivery attempt to
+    # dispatch (the same one when its outcome may exist, so the sender replays it, not resends).
+    attempt: int | None = Field(default=None, ge=1)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 

@@ -48,3 +48,4 @@ RETRIES_SCHEDULED = Counter(
 DEDUP_SKIPPED = Counter(
     "herald_dedup_skipped_total", "Requests accepted without the duplicate check (Redis unavailable)"
 )
+MESSAGES_REPUBLISHED = Counter("herald_messages_republished_total", "Stalled messages the sweeper published again")

@@ -79,6 +79,8 @@ def backing() -> Iterator[Backing]:
         # email (leases are tested in tests/integration/test_mailbox_pool.py).
         "HERALD_POOL_LEASE_SIZE": "1",
         "HERALD_IDEMPOTENCY_TTL_S": "5",
+        "HERALD_SWEEP_STALLED_AFTER_S": "5",
+        "HERALD_SWEEP_INTERVAL_S": "1",
         "HERALD_MAX_BODY_BYTES": "65536",
         "HERALD_LOG_JSON": "true",
     }

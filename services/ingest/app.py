@@ -11,12 +11,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from services.ingest.attachments import run_sweeper
+from services.ingest.attachments import run_sweeper as run_attachment_sweeper
 from services.ingest.dedup import Guard
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
 from services.ingest.routes import accounts, attachments, health, messages
+from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
@@ -49,9 +50,13 @@ def create_app(settings: Settings) -> FastAPI:
             pool, settings.record_batch_max, settings.record_batch_wait_ms, settings.idempotency_ttl_s
         )
         batcher.start()
-        sweeper = asyncio.create_task(
-            run_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s), name="attachment-sweep"
-        )
+        background = [
+            asyncio.create_task(
+                run_attachment_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s),
+                name="attachment-sweep",
+            ),
+            asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
+        ]
         app.state.services = Services(
             settings=settings,
             pool=pool,
@@ -64,9 +69,10 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await batcher.stop()
             await stop_quietly(producer)
             await redis.aclose()

@@ -221,12 +221,13 @@ def _route(request: RequestV1, now: datetime) -> Routed:
             **common,
         )
     )
+    attempt = request.attempt or 1
     dispatch = DispatchV1(
-        dispatch_id=f"{message_id}:1",
+        dispatch_id=f"{message_id}:{attempt}",
         message_id=message_id,
         tenant_id=request.tenant_id,
         channel=request.channel,
-        attempt=1,
+        attempt=attempt,
         to=list(request.to),
         subject=request.subject,
         content=request.content,
