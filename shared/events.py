@@ -272,6 +272,7 @@ class DeadLetterV1(_Event):
     key: str | None = None
     payload: str  # the original bytes, decoded as UTF-8 with replacement
     headers: dict[str, str] = Field(default_factory=dict)
+    tenant_id: str | None = None  # when the record says whose it is
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -16,7 +16,7 @@ from services.ingest.dedup import Guard
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
-from services.ingest.routes import accounts, attachments, health, messages
+from services.ingest.routes import accounts, attachments, dead_letters, health, messages
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
@@ -94,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(messages.router)
     app.include_router(accounts.router)
+    app.include_router(dead_letters.router)
     app.include_router(attachments.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")

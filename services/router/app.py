@@ -115,9 +115,12 @@ def create_app(settings: Settings) -> faust.App:
         assert isinstance(decision, Rejected)
         for event in decision.events:
             await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
-        await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id)
+        tenant_id = decision.events[0].tenant_id if decision.events else None
+        await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id, tenant_id)
 
-    async def _dead_letter(record, trace: Trace, reason: str, errors: list, message_id: str | None) -> None:
+    async def _dead_letter(
+        record, trace: Trace, reason: str, errors: list, message_id: str | None, tenant_id: str | None = None
+    ) -> None:
         msg = record.message
         letter = DeadLetterV1(
             source_topic=msg.topic,
@@ -127,6 +130,7 @@ def create_app(settings: Settings) -> faust.App:
             errors=errors[:50],
             message_id=message_id,
             service="router",
+            tenant_id=tenant_id,
             occurred_at=utcnow(),
             key=msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None,
             payload=(record.value or b"").decode("utf-8", "replace")

@@ -176,14 +176,35 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:
             await conn.execute(_MOVE, *_columns(moves, 10))
+        troubled = sorted({e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES})
+        if troubled:
+            await conn.execute(_RETRY_LOGS, troubled)
 
+
+_RETRY_LOG_STATES = frozenset({State.RETRYING, State.FAILED, State.DEAD})
+
+# retry_logs (seed 004): every failed attempt with its time, error and provider, rebuilt from the
+# timeline so a redelivered batch cannot append twice.
+_RETRY_LOGS = """
+UPDATE message_records m SET retry_logs = (
+    SELECT jsonb_agg(jsonb_build_object(
+               'at', e.occurred_at, 'attempt', e.attempt, 'state', e.state, 'error_code', e.error_code,
+               'error', e.error, 'provider', e.provider, 'account', e.detail->>'account',
+               'next_attempt_at', e.detail->>'next_attempt_at')
+           ORDER BY e.occurred_at, e.id)
+    FROM message_events e
+    WHERE e.message_id = m.message_id AND e.state IN ('retrying', 'failed', 'dead')
+)
+WHERE m.message_id = ANY($1::text[])
+"""
 
 _DEAD_LETTER = """
 INSERT INTO dead_letters (source_topic, partition, "offset", message_id, service, reason, errors,
-    payload, headers, occurred_at)
-SELECT st, pa, os, mi, sv, re, er::jsonb, pl, he::jsonb, oc
+    payload, headers, occurred_at, tenant_id)
+SELECT st, pa, os, mi, sv, re, er::jsonb, pl, he::jsonb, oc, COALESCE(te, 'default')
 FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::timestamptz[]) AS u(st, pa, os, mi, sv, re, er, pl, he, oc)
+    $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+    AS u(st, pa, os, mi, sv, re, er, pl, he, oc, te)
 """
 
 
@@ -200,8 +221,9 @@ async def write_dead_letters(conn: asyncpg.Connection, letters: list[DeadLetterV
             d.payload,
             _json(d.headers),
             d.occurred_at,
+            d.tenant_id,
         )
         for d in letters
     ]
     if rows:
-        await conn.execute(_DEAD_LETTER, *_columns(rows, 10))
+        await conn.execute(_DEAD_LETTER, *_columns(rows, 11))
