@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     max_recipients: int = Field(default=100, ge=1)
     record_batch_max: int = Field(default=256, ge=1)
     record_batch_wait_ms: float = Field(default=2.0, ge=0)
-    publish_timeout_s: float = Field(default=10.0, gt=0)
+    # Ingest answers 503 / 5001 rather than wait longer than these (broker, PostgreSQL).
+    publish_timeout_s: float = Field(default=4.0, gt=0)
+    record_timeout_s: float = Field(default=1.0, gt=0)
     public_url: str = ""
     # Idempotency keys hold this long (seed 004: 5 minutes; at most 24 h).
     idempotency_ttl_s: int = Field(default=300, ge=1, le=86400)

@@ -62,7 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
             pool=pool,
             redis=redis,
             producer=producer,
-            publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s),
+            publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s, settings.record_timeout_s),
             guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_window_s, settings.dedup_fail_open),
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)

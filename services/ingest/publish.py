@@ -237,7 +237,9 @@ class Publisher:
         producer: AIOKafkaProducer,
         batcher: RecordBatcher,
         publish_timeout_s: float,
+        record_timeout_s: float = 1.0,
     ) -> None:
+        self.record_timeout_s = record_timeout_s
         self.pool = pool
         self.producer = producer
         self.batcher = batcher
@@ -245,9 +247,16 @@ class Publisher:
 
     async def accept(self, record: NewRecord, trace: Trace) -> Outcome:
         try:
-            outcome = await self.batcher.insert(record)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise HeraldError(ErrorCode.DATABASE_ERROR, "the message could not be recorded") from exc
+            # Bounded: with PostgreSQL gone the caller hears so within a second, not a minute.
+            # (A write that lands after the deadline is an accepted record the sweeper will
+            # publish; a client retrying a 503 should send an idempotency key.)
+            outcome = await asyncio.wait_for(self.batcher.insert(record), self.record_timeout_s)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise HeraldError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "database unavailable: the message was not accepted; try again",
+                http_status=503,
+            ) from exc
         if not outcome.created:
             return outcome
         request = record.request
@@ -264,8 +273,8 @@ class Publisher:
         except (TimeoutError, KafkaError, OSError) as exc:
             await self._withdraw(request.message_id or "", str(exc) or exc.__class__.__name__)
             raise HeraldError(
-                ErrorCode.QUEUE_ERROR,
-                "the message queue did not acknowledge the message; nothing was sent",
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "message queue unavailable: the message was not accepted and will not be sent; try again",
                 http_status=503,
             ) from exc
         MESSAGES_ACCEPTED.labels(request.channel.value).inc()
