@@ -62,22 +62,24 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
+def _spawn(name: str, env: dict[str, str], log_path: Path, port: int, *, append: bool = False) -> Service:
+    proc = subprocess.Popen(
+        [sys.executable, *COMMANDS[name]],
+        cwd=ROOT,
+        env={**os.environ, **env, PORT_VARIABLE[name]: str(port), "PYTHONUNBUFFERED": "1"},
+        stdout=open(log_path, "ab" if append else "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    return Service(name, proc, log_path, port)
+
+
 def start_services(
     env: dict[str, str], log_dir: Path, names: list[str] | None = None, timeout: float = 120
 ) -> dict[str, Service]:
     """Start the named services (all four by default) and wait until each is ready."""
     started: dict[str, Service] = {}
     for name in names or list(COMMANDS):
-        port = free_port()
-        log_path = log_dir / f"{name}.log"
-        proc = subprocess.Popen(
-            [sys.executable, *COMMANDS[name]],
-            cwd=ROOT,
-            env={**os.environ, **env, PORT_VARIABLE[name]: str(port), "PYTHONUNBUFFERED": "1"},
-            stdout=open(log_path, "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        started[name] = Service(name, proc, log_path, port)
+        started[name] = _spawn(name, env, log_dir / f"{name}.log", free_port())
     try:
         for service in started.values():
             wait_ready(f"{service.url}/health/ready", service.process, timeout)
@@ -87,6 +89,40 @@ def start_services(
         stop_services(started)
         raise
     return started
+
+
+def kill_service(service: Service) -> None:
+    """``kill -9``: the process gets no chance to flush, commit or say goodbye (a crash)."""
+    if service.process.poll() is None:
+        service.process.kill()
+    service.process.wait(10)
+
+
+def terminate_service(service: Service, timeout: float = 30) -> float:
+    """SIGTERM, then wait for the exit; answers the seconds it took (``kill -9`` after
+    ``timeout``, and then the answer is ``inf``)."""
+    started = time.monotonic()
+    if service.process.poll() is None:
+        service.process.terminate()
+    try:
+        service.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        service.process.kill()
+        service.process.wait(10)
+        return float("inf")
+    return time.monotonic() - started
+
+
+def restart_service(service: Service, env: dict[str, str], timeout: float = 120, *, wait: bool = True) -> Service:
+    """Start a stopped (or killed) service again on the same port, appending to its log."""
+    if service.process.poll() is None:
+        raise RuntimeError(f"{service.name} is still running")
+    with open(service.log_path, "ab") as log:
+        log.write(f"\n===== restarted after exit code {service.process.returncode} =====\n".encode())
+    fresh = _spawn(service.name, env, service.log_path, service.port, append=True)
+    if wait:
+        wait_ready(f"{fresh.url}/health/ready", fresh.process, timeout)
+    return fresh
 
 
 def stop_services(services: dict[str, Service], timeout: float = 15) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 
 from faust.worker import Worker
 
@@ -12,9 +14,16 @@ from shared.kafka import ensure_topics
 from shared.logging import setup_logging
 from shared.settings import Settings
 
+# faust's shutdown can hang for good while the broker is down: aiokafka's fetcher raises
+# CancelledError out of the consumer thread's stop, the thread dies without reporting it, and
+# the worker waits for it forever. A stop gets this long, then the process exits anyway; nothing
+# is lost (offsets not committed are routed again, with the same ids).
+_STOP_DEADLINE_S = 7.0
+
 
 class _Worker(Worker):
-    """faust's worker, with Herald's JSON logging instead of faust's own format."""
+    """faust's worker, with Herald's JSON logging instead of faust's own format, and a
+    deadline on stopping."""
 
     herald_settings: Settings
 
@@ -22,6 +31,18 @@ class _Worker(Worker):
         s = self.herald_settings
         self.spinner = None  # faust's terminal spinner would write escape codes into the log stream
         setup_logging("router", s.log_level, s.log_json)
+
+    async def stop(self) -> None:
+        watchdog = threading.Timer(_STOP_DEADLINE_S, _exit_now)
+        watchdog.daemon = True
+        watchdog.start()
+        await super().stop()
+
+
+def _exit_now() -> None:
+    logging.getLogger("herald.router").error("shutdown still not done after %.0fs; exiting", _STOP_DEADLINE_S)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main() -> None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 
 import faust
 from pydantic import ValidationError
 
-from services.router.routing import Rejected, Routed, plan
+from services.router.routing import Origin, Rejected, Routed, plan
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, DispatchV1, utcnow
 from shared.health import HealthServer
@@ -91,7 +92,9 @@ def create_app(settings: Settings) -> faust.App:
                 traceparent_var.reset(tp)
 
     async def _handle(record: faust.types.EventT, trace: Trace) -> None:
-        decision = plan(record.value)
+        msg = record.message
+        stamped = datetime.fromtimestamp(msg.timestamp, UTC) if msg.timestamp else utcnow()
+        decision = plan(record.value, origin=Origin(msg.topic, msg.partition, msg.offset, stamped))
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             for event in decision.events:

@@ -7,8 +7,9 @@ reason, the offending fields, and the events to emit). The faust app only moves 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -28,6 +29,31 @@ from shared.events import (
 from shared.ids import is_message_id, new_message_id
 
 SERVICE = "router"
+
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a record sits in the log (topic, partition, offset) and when the broker stamped it.
+
+    Ids the router assigns are derived from it rather than drawn at random: a record routed a
+    second time (the router crashed before committing its offset) gets the same message id,
+    so its dispatch has the same dispatch id and the sender does not send it twice."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: datetime
+
+    def message_id(self) -> str:
+        ms = int(self.timestamp.timestamp() * 1000)
+        digest = hashlib.sha256(f"{self.topic}:{self.partition}:{self.offset}:{ms}".encode()).digest()
+        value, chars = int.from_bytes(digest[:16], "big"), []
+        for _ in range(16):
+            value, digit = divmod(value, 36)
+            chars.append(_BASE36[digit])
+        return f"msg_{self.timestamp.astimezone(UTC):%Y%m%d}_{''.join(chars)}"
 
 
 @dataclass(slots=True)
@@ -116,18 +142,18 @@ def _reject(
     return Rejected(message_id, reason, errors, [event])
 
 
-def plan(raw: bytes | None, *, now: datetime | None = None) -> Routed | Rejected:
-    """Decide what to do with one record of ``notify.requests``."""
+def plan(raw: bytes | None, *, now: datetime | None = None, origin: Origin | None = None) -> Routed | Rejected:
+    """Decide what to do with one record of ``notify.requests``; ``origin`` (the record's
+    place in the log) makes the ids the router assigns the same each time it is routed."""
     now = now or utcnow()
+    assigned = origin.message_id() if origin is not None else new_message_id(now)  # when none is given
     try:
         data = orjson.loads(raw or b"")
     except orjson.JSONDecodeError as exc:
-        return _reject(
-            new_message_id(now), "invalid_json", [{"field": "body", "message": str(exc)[:200]}], None, "default", now
-        )
+        return _reject(assigned, "invalid_json", [{"field": "body", "message": str(exc)[:200]}], None, "default", now)
     if not isinstance(data, dict):
         return _reject(
-            new_message_id(now),
+            assigned,
             "invalid_json",
             [{"field": "body", "message": "not a JSON object"}],
             None,
@@ -139,13 +165,13 @@ def plan(raw: bytes | None, *, now: datetime | None = None) -> Routed | Rejected
     tenant_id = tenant if isinstance(tenant, str) and 0 < len(tenant) <= 64 else "default"
     given = data.get("message_id")
     if given is None:
-        message_id = new_message_id(now)
+        message_id = assigned
         data = {**data, "message_id": message_id}
     elif isinstance(given, str) and is_message_id(given):
         message_id = given
     else:
         return _reject(
-            new_message_id(now),
+            assigned,
             "invalid_request",
             [{"field": "message_id", "message": "expected msg_<yyyymmdd>_<random> or no value"}],
             data,

@@ -5,6 +5,8 @@ Exception tree::
     DeliveryError(message, code)
      ├── Retryable(retry_after)   -- try again later (network, 4xx SMTP, throttling)
      └── Permanent                -- never retry (bad address, rejected content, auth)
+
+    Unavailable                   -- the sender's own dependency is down: no attempt was made
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ class Permanent(DeliveryError):
     pass
 
 
+class Unavailable(Exception):
+    """Something the sender itself needs (its database) is down, so nothing was attempted.
+    Not an attempt and not the dispatch's fault: the runner waits and tries the same dispatch
+    again instead of spending one of its retries or dead-lettering it."""
+
+
 @dataclass(slots=True)
 class SendResult:
     """A provider's answer to a successful attempt."""
@@ -49,6 +57,11 @@ class SendResult:
 
 
 HealthHook = Callable[[dict[str, Any]], Awaitable[None]]
+# Called (not awaited) by a provider in the same event-loop step as the message leaves for the
+# provider, right after the write (SMTP: the content and its final dot), and only when the
+# whole message went out in that write. The runner marks the dispatch handed there: a sender
+# that dies from then on is not followed by a second send.
+Handoff = Callable[[], None]
 
 
 class Provider(Protocol):
@@ -69,7 +82,11 @@ class Provider(Protocol):
     @classmethod
     async def open(cls, settings: Settings, health: HealthHook) -> Provider: ...
 
-    async def send(self, dispatch: DispatchV1) -> SendResult: ...
+    async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
+        """Deliver one attempt; calls ``handoff`` as the message leaves (see :data:`Handoff`).
+        A provider that cannot tell when that is never calls it: the runner then errs towards
+        sending again after a crash."""
+        ...
 
     async def ready(self) -> None: ...
 

@@ -1,27 +1,61 @@
-"""The sender loop of one channel: consume → skip if done → provider.send → event → commit.
+"""The sender loop of one channel: consume → claim → provider.send → record the outcome →
+publish it → commit.
 
-An offset is committed only after the outcome events of every record before it are on the
-broker. A command already completed (redelivered after a crash or a rebalance) is skipped, so
-it is not sent twice; the window left is a crash between the provider's acceptance and the
-'done' mark, which at-least-once delivery cannot close.
+Each dispatch's progress is kept in Redis under ``herald:done:<dispatch_id>``:
+
+``claim:<owner>``
+    set (only if absent) before delivering. A second copy of the command (a router replay, a
+    rebalance that hands the partition to another sender while the first still works on it)
+    finds the claim of a live owner and waits for its outcome instead of sending again. The
+    claim of a dead owner (``kill -9``: its ``herald:sender:alive:<owner>`` key lapsed) is
+    taken over and the dispatch delivered.
+``handed:<owner>``
+    written in the same event-loop step as the message leaves for the provider (SMTP: the
+    content and its final dot; :mod:`services.senders.ledger`), so a crash leaves both or
+    neither. A dead owner's handed dispatch is **not sent again**: the provider has the
+    message and only its answer was never read; it is recorded as ``sent`` with
+    ``unconfirmed: true`` (wrong only if the provider refused the message in that very
+    moment). A dead owner's mere claim is delivered again: nothing had left.
+``done:<records>``
+    the outcome, written as soon as the provider answers and before anything is published,
+    with the records it produces (events, retry, dead letter). A command redelivered after a
+    crash publishes those again (ids are deterministic, consumers dedup) and sends nothing.
+``1:<state>``
+    the same once the offset is committed: the records are on the broker, only the outcome's
+    state is kept (7 days). A command redelivered later (a router replay, the sweeper) sends
+    nothing and publishes that state's event again. (``1``: the same, written by older
+    versions.)
+
+The offset is committed once the records of every dispatch before it are on the broker.
+Without Redis none of this can be known and the sender delivers anyway (at least once beats
+dropping); the same when a message did not leave in one write (larger than the socket's
+buffer): no hand-off is marked and a crash before the outcome means a second send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.senders import registry
-from services.senders.base import DeliveryError, Permanent, Provider, Retryable
+from services.senders.base import DeliveryError, Permanent, Provider, Retryable, Unavailable
+from services.senders.ledger import Ledger
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, DispatchV1, EventV1, ProviderHealthV1, State, event_id, utcnow
 from shared.health import HealthServer
@@ -39,6 +73,77 @@ from shared.settings import Settings
 
 log = logging.getLogger("herald.sender")
 
+# SIGTERM: deliveries already talking to the provider get this long to finish (a rolling
+# update must not cut an SMTP transaction in half); the ones not started are left to the next
+# owner of the partition. Keeps the whole shutdown well inside Kubernetes' 30 s and our 10 s.
+_STOP_GRACE_S = 5.0
+# A claim outlives any one delivery (3 mailboxes x the SMTP timeout); it only guards against
+# a live owner, so its expiry is garbage collection, not a decision.
+_CLAIM_TTL_S = 600
+# Every sender says it is alive under herald:sender:alive:<owner>; a claim whose owner has not
+# said so for this long belongs to a dead process (kill -9, OOM, lost node).
+_ALIVE_TTL_S = 5
+_ALIVE_EVERY_S = 1.0
+# Waits while the sender's own database is down (first, longest), and polls while a live
+# owner finishes a dispatch.
+_UNAVAILABLE_WAIT_S = (0.5, 5.0)
+_OWNER_POLL_S = 0.25
+
+_CLAIM = b"claim:"
+_HANDED = b"handed:"
+_DONE = b"done:"
+_COMPACT = b"1:"  # + the outcome's state: done, and its records are known to be on the broker
+_STATES = frozenset(s.value for s in State)
+
+# Replace a claim only if it is still the one we read (a dead owner's).
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+    return 1
+end
+return 0
+"""
+# Drop a claim only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(slots=True)
+class _Out:
+    """One record to publish (kept as text so an outcome can be stored and published again)."""
+
+    topic: str
+    key: str | None
+    value: str
+    headers: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, topic: str, key: bytes | None, value: bytes, headers: list) -> _Out:
+        return cls(topic, key.decode() if key else None, value.decode(), [(k, v.decode()) for k, v in headers])
+
+
+@dataclass(slots=True)
+class _Result:
+    """What handling one record left to do: futures of its published records, the dispatch
+    whose outcome was recorded (to compact after the commit), whether it was abandoned."""
+
+    futures: list[asyncio.Future] = field(default_factory=list)
+    recorded: tuple[str, str] | None = None  # (dispatch id, state of its outcome)
+    abandoned: bool = False
+
+
+@dataclass(slots=True)
+class _Claim:
+    go: bool = False  # deliver it (the claim is ours)
+    outputs: list[_Out] | None = None  # already done: publish these again
+    state: str | None = None  # already done, records compacted: its outcome's state
+    abandoned: bool = False  # stopping while waiting for another owner
+    handed_by: str | None = None  # a dead owner handed it to the provider: do not send again
+
 
 class SenderRunner:
     """Consumes ``notify.dispatch.<channel>`` and delivers through the channel's provider."""
@@ -51,6 +156,7 @@ class SenderRunner:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         redis: Redis,
+        ledger: Ledger,
     ) -> None:
         self.settings = settings
         self.channel = channel
@@ -58,110 +164,273 @@ class SenderRunner:
         self.consumer = consumer
         self.producer = producer
         self.redis = redis
+        self.ledger = ledger
         self.service = f"sender-{channel}"
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._owner = self.owner.encode()
         self._slots = asyncio.Semaphore(settings.sender_concurrency)
         self._stopping = asyncio.Event()
+        self._delivering: set[str] = set()
+        self._take_over = redis.register_script(_TAKE_OVER)
+        self._release_claim = redis.register_script(_RELEASE)
 
     # --- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            batches = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.kafka_max_batch)
-            if not batches:
-                continue
-            await asyncio.gather(*(self._partition(tp, records) for tp, records in batches.items()))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        alive = asyncio.create_task(self._say_alive())
+        try:
+            while not self._stopping.is_set():
+                batches = await self.consumer.getmany(timeout_ms=500, max_records=self.settings.kafka_max_batch)
+                if not batches:
+                    continue
+                work = asyncio.ensure_future(
+                    asyncio.gather(*(self._partition(tp, records) for tp, records in batches.items()))
+                )
+                await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    # Stopping mid-batch: records not started are abandoned (not committed,
+                    # so the next owner delivers them); those in flight get a grace period.
+                    finished, _ = await asyncio.wait({work}, timeout=_STOP_GRACE_S)
+                    if not finished:
+                        log.warning("deliveries still in flight after %.0fs; stopping anyway", _STOP_GRACE_S)
+                        work.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await work
+                    return
+                work.result()
+        finally:
+            stop.cancel()
+            alive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await alive
+            with contextlib.suppress(RedisError):  # our claims are free to take at once
+                await self.redis.delete(self._alive_key(self.owner))
 
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _say_alive(self) -> None:
+        while True:
+            try:
+                await self.redis.set(self._alive_key(self.owner), b"1", ex=_ALIVE_TTL_S)
+            except RedisError:
+                pass  # claims are not taken without Redis either
+            await asyncio.sleep(_ALIVE_EVERY_S)
+
     async def _partition(self, tp: TopicPartition, records: list[ConsumerRecord]) -> None:
-        # Records of one partition are delivered concurrently (bounded); the offset after the
-        # last one is committed once all of their outcome events are on the broker. Redis is
-        # asked once per batch which dispatches are already done, and told once which now are.
+        # Records of one partition are delivered concurrently (bounded). A dispatch repeated
+        # within the batch (a router replay) is handled once, by its first copy. The offset
+        # committed is the one after the last record before the first abandoned one, once the
+        # records every dispatch produced are on the broker.
         parsed = [_parse(r) for r in records]
-        done = await self._done_flags([d.dispatch_id for d in parsed if isinstance(d, DispatchV1)])
-        results = await asyncio.gather(*(self._one(r, d, done) for r, d in zip(records, parsed, strict=True)))
-        await asyncio.gather(*(f for futures, _ in results for f in futures))
-        await self._mark_done([d for _, d in results if d is not None])
-        await self.consumer.commit({tp: records[-1].offset + 1})
+        seen: set[str] = set()
+        firsts = []
+        for d in parsed:
+            first = not isinstance(d, DispatchV1) or d.dispatch_id not in seen
+            if isinstance(d, DispatchV1):
+                seen.add(d.dispatch_id)
+            firsts.append(first)
+        results = await asyncio.gather(
+            *(self._one(r, d, f) for r, d, f in zip(records, parsed, firsts, strict=True)), return_exceptions=True
+        )
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        try:
+            if failed is not None:
+                raise failed
+            await asyncio.gather(*(f for r in results for f in r.futures))  # type: ignore[union-attr]
+            commit_to = next(
+                (rec.offset for rec, r in zip(records, results, strict=True) if r.abandoned),  # type: ignore[union-attr]
+                records[-1].offset + 1,
+            )
+            if commit_to > records[0].offset:
+                await self.consumer.commit({tp: commit_to})
+        except KafkaError as exc:
+            # The broker did not take the outputs or the commit (down, or the partition moved
+            # to another sender). Read the batch again: dispatches already recorded are not
+            # sent again, their records are only published again.
+            log.warning("batch of %s not committed (%s); reading it again", tp, exc.__class__.__name__)
+            self._rewind(tp, records[0].offset)
+            return
+        await self._compact([r.recorded for r in results if r.recorded])  # type: ignore[union-attr]
         CONSUMER_LAST_PROGRESS.labels(self.service).set(time.time())
 
-    async def _one(
-        self, record: ConsumerRecord, parsed: DispatchV1 | list[dict], done: set[str]
-    ) -> tuple[list[asyncio.Future], DispatchV1 | None]:
-        """Deliver one record; answers the futures of the events it produced and the dispatch
-        to mark done (None when nothing was delivered)."""
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
+
+    async def _one(self, record: ConsumerRecord, parsed: DispatchV1 | list[dict], first: bool) -> _Result:
+        """Handle one record. Kafka errors propagate (the batch is read again); any other
+        failure dead-letters the record, so one bad record never stops the channel."""
         trace = Trace.from_headers(record.headers)
         rid = request_id_var.set(trace.request_id or new_request_id())
         tp = traceparent_var.set(trace.traceparent)
         try:
             if not isinstance(parsed, DispatchV1):
-                return [await self._dead_letter(record, trace, "invalid_dispatch", parsed, None)], None
-            if parsed.dispatch_id in done:
+                return _Result([await self._dead_letter(record, trace, "invalid_dispatch", parsed, None)])
+            if not first:
                 log_event(
                     log,
                     logging.INFO,
-                    "dispatch already completed; skipped",
+                    "dispatch repeated within the batch; handled once",
                     message_id=parsed.message_id,
                     dispatch_id=parsed.dispatch_id,
                 )
-                return [], None
+                return _Result()
+            if self._stopping.is_set():
+                return _Result(abandoned=True)
             async with self._slots:
-                return await self._deliver(parsed, trace), parsed
-        except Exception as exc:  # one bad record never stops the channel
+                if self._stopping.is_set():
+                    return _Result(abandoned=True)
+                return await self._handle(parsed, trace)
+        except KafkaError:
+            raise
+        except Exception as exc:
             log.exception("unexpected failure; sending the record to the dead-letter topic")
             errors = [{"field": "body", "message": str(exc)[:200]}]
-            return [await self._dead_letter(record, trace, "sender_error", errors, None)], None
+            return _Result([await self._dead_letter(record, trace, "sender_error", errors, None)])
         finally:
             request_id_var.reset(rid)
             traceparent_var.reset(tp)
 
-    async def _deliver(self, dispatch: DispatchV1, trace: Trace) -> list[asyncio.Future]:
-        headers = trace.headers()
-        futures = [await self._emit(self._event(dispatch, State.SENDING), headers)]
-        started = time.perf_counter()
-        provider_name = getattr(self.provider, "name", "unknown")
-        try:
-            result = await self.provider.send(dispatch)
-        except DeliveryError as exc:
-            elapsed = time.perf_counter() - started
-            SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
-            MESSAGES_SENT.labels(self.channel, "failed", provider_name).inc()
-            outcome = await self._failure(dispatch, exc, elapsed, headers)
-            futures.extend(outcome)
-            return futures
-        else:
-            elapsed = time.perf_counter() - started
-            SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
-            MESSAGES_SENT.labels(self.channel, "success", provider_name).inc()
-            event = self._event(
-                dispatch,
-                State.SENT,
-                detail={
-                    **result.detail,
-                    "provider_message_id": result.provider_message_id,
-                    "duration_ms": round(elapsed * 1000, 1),
-                },
-            )
+    async def _handle(self, dispatch: DispatchV1, trace: Trace) -> _Result:
+        """Claim, deliver, record, publish."""
+        claim = await self._claim(dispatch.dispatch_id)
+        if claim.abandoned:
+            return _Result(abandoned=True)
+        if claim.outputs is not None:
             log_event(
                 log,
                 logging.INFO,
-                "message sent",
+                "dispatch already completed; its outcome is published again, nothing is sent",
                 message_id=dispatch.message_id,
-                recipient=dispatch.to[0],
-                duration_ms=round(elapsed * 1000, 1),
+                dispatch_id=dispatch.dispatch_id,
             )
-        futures.append(await self._emit(event, headers))
-        return futures
+            outputs = claim.outputs
+            if not outputs and claim.state in _STATES:
+                # Compacted: only the outcome's state is left. Its event again (same id), so a
+                # tracker that lost it (a broker that lost its data) still learns the outcome.
+                event = self._event(dispatch, State(claim.state), detail={"replayed": True})
+                outputs = [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), trace.headers())]
+            return _Result(await self._publish(outputs))
+        self._delivering.add(dispatch.dispatch_id)
+        try:
+            headers = trace.headers()
+            sending = _Out.of(
+                Topics.EVENTS, dispatch.message_id.encode(), self._event(dispatch, State.SENDING).to_bytes(), headers
+            )
+            futures = await self._publish([sending])
+            if claim.handed_by is not None:
+                outcome = [self._unconfirmed(dispatch, claim.handed_by, headers)]
+            else:
+                delivered = await self._deliver(dispatch, trace)
+                if delivered is None:  # stopping while the provider could not even start
+                    await self._release(dispatch.dispatch_id)
+                    return _Result(futures, abandoned=True)
+                outcome = delivered
+            await self._record(dispatch.dispatch_id, [sending, *outcome])
+            futures.extend(await self._publish(outcome))
+            return _Result(futures, recorded=(dispatch.dispatch_id, _outcome_state(outcome)))
+        finally:
+            self._delivering.discard(dispatch.dispatch_id)
 
-    async def _failure(
-        self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list
-    ) -> list[asyncio.Future]:
+    def _unconfirmed(self, dispatch: DispatchV1, owner: str, headers: list) -> _Out:
+        """The outcome of a dispatch whose sender died between handing it to the provider and
+        reading the answer: counted as sent, never sent a second time."""
+        log_event(
+            log,
+            logging.WARNING,
+            "sender died after handing the message to the provider; recorded as sent, not sent again",
+            message_id=dispatch.message_id,
+            dispatch_id=dispatch.dispatch_id,
+            previous_owner=owner,
+        )
+        MESSAGES_SENT.labels(self.channel, "unconfirmed", getattr(self.provider, "name", "unknown")).inc()
+        event = self._event(
+            dispatch,
+            State.SENT,
+            detail={
+                "unconfirmed": True,
+                "reason": "the sender stopped after handing the message over, before the provider's answer",
+            },
+        )
+        return _Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)
+
+    async def _deliver(self, dispatch: DispatchV1, trace: Trace) -> list[_Out] | None:
+        """One attempt through the provider; answers the records it produces (None when the
+        sender is stopping while its own dependencies are down and nothing was attempted)."""
+        headers = trace.headers()
+        provider_name = getattr(self.provider, "name", "unknown")
+        wait = _UNAVAILABLE_WAIT_S[0]
+        marks: list[asyncio.Future[bool]] = []
+
+        def handoff() -> None:
+            # Synchronous: the mark leaves in the same event-loop step as the message.
+            mark = self.ledger.set(
+                self._done_key(dispatch.dispatch_id), _HANDED + self._owner, _CLAIM_TTL_S, immediate=True
+            )
+            if mark is not None:
+                marks.append(mark)
+
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.provider.send(dispatch, handoff)
+                await _settled(marks)
+                break
+            except Unavailable as exc:
+                # The sender's own dependency (its database) is down: no attempt was made and
+                # the dispatch is not at fault. Wait and try the same one again; nothing is
+                # committed meanwhile, so the partition waits too (back-pressure, no loss).
+                if marks:  # an earlier mailbox of this attempt failed after its hand-off
+                    await _settled(marks)
+                    marks.clear()
+                    await self._reclaim(dispatch.dispatch_id)
+                if self._stopping.is_set():
+                    return None
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "sender dependency unavailable; waiting",
+                    message_id=dispatch.message_id,
+                    retry_in_s=wait,
+                    error=str(exc)[:200],
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
+                wait = min(wait * 2, _UNAVAILABLE_WAIT_S[1])
+            except DeliveryError as exc:
+                await _settled(marks)
+                elapsed = time.perf_counter() - started
+                SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
+                MESSAGES_SENT.labels(self.channel, "failed", provider_name).inc()
+                return self._failure(dispatch, exc, elapsed, headers)
+        elapsed = time.perf_counter() - started
+        SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
+        MESSAGES_SENT.labels(self.channel, "success", provider_name).inc()
+        detail = {
+            **result.detail,
+            "provider_message_id": result.provider_message_id,
+            "duration_ms": round(elapsed * 1000, 1),
+        }
+        log_event(
+            log,
+            logging.INFO,
+            "message sent",
+            message_id=dispatch.message_id,
+            recipient=dispatch.to[0],
+            duration_ms=round(elapsed * 1000, 1),
+        )
+        event = self._event(dispatch, State.SENT, detail=detail)
+        return [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]
+
+    def _failure(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
         """A failed attempt: retry later (transient, attempts left), dead (transient, none
         left: also dead-lettered), or failed (permanent)."""
         delays = self.settings.retry_delays
         detail: dict[str, Any] = {"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)}
         fields = {"error_code": exc.code, "error": exc.message}
+        key = dispatch.message_id.encode()
         if isinstance(exc, Retryable) and dispatch.attempt <= len(delays):
             tier = dispatch.attempt - 1
             delay = max(delays[tier], exc.retry_after or 0)
@@ -192,10 +461,8 @@ class SenderRunner:
                 **fields,
             )
             return [
-                await self._emit(event, headers),
-                await self.producer.send(
-                    topic, retry.to_bytes(), key=message_key(dispatch.tenant_id, dispatch.to[0]), headers=headers
-                ),
+                _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
+                _Out.of(topic, message_key(dispatch.tenant_id, dispatch.to[0]), retry.to_bytes(), headers),
             ]
         if isinstance(exc, Retryable):
             log_event(
@@ -218,10 +485,8 @@ class SenderRunner:
                 payload=dispatch.to_bytes().decode(),
             )
             return [
-                await self._emit(event, headers),
-                await self.producer.send(
-                    Topics.DLQ, letter.to_bytes(), key=dispatch.message_id.encode(), headers=headers
-                ),
+                _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
+                _Out.of(Topics.DLQ, key, letter.to_bytes(), headers),
             ]
         log_event(
             log,
@@ -231,7 +496,8 @@ class SenderRunner:
             recipient=dispatch.to[0],
             error=exc.message,
         )
-        return [await self._emit(self._event(dispatch, State.FAILED, detail=detail, **fields), headers)]
+        event = self._event(dispatch, State.FAILED, detail=detail, **fields)
+        return [_Out.of(Topics.EVENTS, key, event.to_bytes(), headers)]
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -250,36 +516,111 @@ class SenderRunner:
             **fields,
         )
 
-    async def _emit(self, event: EventV1, headers: list) -> asyncio.Future:
-        return await self.producer.send(Topics.EVENTS, event.to_bytes(), key=event.message_id.encode(), headers=headers)
+    async def _publish(self, outputs: list[_Out]) -> list[asyncio.Future]:
+        return [
+            await self.producer.send(
+                o.topic,
+                o.value.encode(),
+                key=o.key.encode() if o.key is not None else None,
+                headers=[(k, v.encode()) for k, v in o.headers],
+            )
+            for o in outputs
+        ]
+
+    # --- the dispatch's state in Redis -----------------------------------------------------
 
     @staticmethod
     def _done_key(dispatch_id: str) -> str:
         return f"herald:done:{dispatch_id}"
 
-    async def _done_flags(self, dispatch_ids: list[str]) -> set[str]:
-        """Which of these dispatches were completed before (one round trip)."""
-        if not dispatch_ids:
-            return set()
-        try:
-            values = await self.redis.mget([self._done_key(i) for i in dispatch_ids])
-        except RedisError:
-            # Without Redis we cannot tell; delivering (at least once) beats dropping.
-            log.warning("redis unavailable; cannot check whether %d dispatches were already sent", len(dispatch_ids))
-            return set()
-        return {i for i, v in zip(dispatch_ids, values, strict=True) if v is not None}
+    @staticmethod
+    def _alive_key(owner: str) -> str:
+        return f"herald:sender:alive:{owner}"
 
-    async def _mark_done(self, dispatches: list[DispatchV1]) -> None:
-        """Called once the outcome events are on the broker (one round trip)."""
-        if not dispatches:
-            return
+    async def _claim(self, dispatch_id: str) -> _Claim:
+        """Make this process the one delivering ``dispatch_id``, or learn its outcome.
+        Without Redis nothing can be known: deliver (at least once beats dropping)."""
+        key, mine = self._done_key(dispatch_id), _CLAIM + self._owner
+        claimed = await self._write(key, mine, _CLAIM_TTL_S, only_new=True)
+        if claimed is None:
+            log.warning("redis unavailable; cannot check whether %s was already sent", dispatch_id)
+            return _Claim(go=True)
+        if claimed:
+            return _Claim(go=True)
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for d in dispatches:
-                    pipe.set(self._done_key(d.dispatch_id), b"1", ex=self.settings.sender_done_ttl_s)
-                await pipe.execute()
+            while True:
+                value = await self.redis.get(key)
+                if value is None:  # expired or given up meanwhile
+                    if await self.redis.set(key, mine, nx=True, ex=_CLAIM_TTL_S):
+                        return _Claim(go=True)
+                    continue
+                kind = _CLAIM if value.startswith(_CLAIM) else _HANDED if value.startswith(_HANDED) else None
+                if kind is None:
+                    if value.startswith(_COMPACT):
+                        return _Claim(outputs=[], state=value[len(_COMPACT) :].decode())
+                    return _Claim(outputs=_decode_outputs(value))
+                owner = value[len(kind) :].decode()
+                busy = dispatch_id in self._delivering if owner == self.owner else await self._is_alive(owner)
+                if busy:
+                    # A live owner is on it (a rebalance, a replayed command): its outcome will
+                    # be recorded in a moment.
+                    if self._stopping.is_set():
+                        return _Claim(abandoned=True)
+                    await asyncio.sleep(_OWNER_POLL_S)
+                    continue
+                # Its owner died mid-delivery. Take the key over (unless another sender just did).
+                if not await self._take_over(keys=[key], args=[value, mine, _CLAIM_TTL_S]):
+                    continue
+                if kind == _HANDED:
+                    return _Claim(go=True, handed_by=owner)
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "sender died before handing the dispatch over; delivering it",
+                    dispatch_id=dispatch_id,
+                    previous_owner=owner,
+                )
+                return _Claim(go=True)
         except RedisError:
-            log.warning("redis unavailable; %d dispatches not marked done", len(dispatches))
+            log.warning("redis unavailable; cannot check whether %s was already sent", dispatch_id)
+            return _Claim(go=True)
+
+    async def _reclaim(self, dispatch_id: str) -> None:
+        """Back from handed to claimed: the hand-off's attempt failed, nothing was accepted."""
+        if await self._write(self._done_key(dispatch_id), _CLAIM + self._owner, _CLAIM_TTL_S) is None:
+            log.warning("redis unavailable; claim of %s not renewed", dispatch_id)
+
+    async def _write(self, key: str, value: bytes, ttl: int, *, only_new: bool = False) -> bool | None:
+        """``SET`` through the ledger's connection: whether it was set, None without Redis."""
+        written = self.ledger.set(key, value, ttl, only_new=only_new)
+        if written is None:
+            return None
+        try:
+            return await written
+        except ConnectionError:
+            return None
+
+    async def _is_alive(self, owner: str) -> bool:
+        return bool(await self.redis.exists(self._alive_key(owner)))
+
+    async def _record(self, dispatch_id: str, outputs: list[_Out]) -> None:
+        """The outcome, right after the provider's answer and before anything is published."""
+        value = _DONE + orjson.dumps([[o.topic, o.key, o.value, o.headers] for o in outputs])
+        if await self._write(self._done_key(dispatch_id), value, self.settings.sender_done_ttl_s) is None:
+            log.warning("redis unavailable; outcome of %s not recorded", dispatch_id)
+
+    async def _release(self, dispatch_id: str) -> None:
+        """Give up a claim on a dispatch that was not attempted."""
+        with contextlib.suppress(RedisError):
+            await self._release_claim(keys=[self._done_key(dispatch_id)], args=[_CLAIM + self._owner])
+
+    async def _compact(self, done: list[tuple[str, str]]) -> None:
+        """Once committed, a dispatch is never read again from this partition: its stored
+        records (which may hold the whole message, for a retry) give way to its outcome's
+        state, a few bytes kept for the 7 days."""
+        ttl = self.settings.sender_done_ttl_s
+        writes = [self.ledger.set(self._done_key(i), _COMPACT + state.encode(), ttl) for i, state in done]
+        await _settled([w for w in writes if w is not None])
 
     async def _dead_letter(
         self, record: ConsumerRecord, trace: Trace, reason: str, errors: list, message_id: str | None
@@ -301,6 +642,28 @@ class SenderRunner:
         return await self.producer.send(
             Topics.DLQ, letter.to_bytes(), key=message_id.encode() if message_id else None, headers=trace.headers()
         )
+
+
+async def _settled(marks: list[asyncio.Future[bool]]) -> None:
+    """Wait for the replies of ledger writes whose failure only leaves a mark absent."""
+    for mark in marks:
+        with contextlib.suppress(Exception):
+            await mark
+
+
+def _outcome_state(outputs: list[_Out]) -> str:
+    """The state of the outcome event among a delivery's records."""
+    for o in outputs:
+        if o.topic == Topics.EVENTS:
+            return str(orjson.loads(o.value)["state"])
+    return ""
+
+
+def _decode_outputs(value: bytes) -> list[_Out]:
+    """The records a completed dispatch produced ([] for an old-style "1" marker)."""
+    if not value.startswith(_DONE):
+        return []
+    return [_Out(t, k, v, [(a, b) for a, b in h]) for t, k, v, h in orjson.loads(value[len(_DONE) :])]
 
 
 def _parse(record: ConsumerRecord) -> DispatchV1 | list[dict]:
@@ -326,8 +689,11 @@ async def serve(settings: Settings, channel: str) -> None:
     provider = await provider_class.open(settings, publish_health)
     consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
     redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
+    ledger = Ledger(settings.redis_url.get_secret_value())
+    ledger.start()
+    await ledger.wait_connected(5)
     await consumer.start()
-    runner = SenderRunner(settings, channel, provider, consumer, producer, redis)
+    runner = SenderRunner(settings, channel, provider, consumer, producer, redis, ledger)
 
     async def kafka_ready() -> None:
         if not consumer.assignment():
@@ -350,7 +716,22 @@ async def serve(settings: Settings, channel: str) -> None:
         await runner.run()
     finally:
         await health.stop()
-        await stop_quietly(consumer)
-        await stop_quietly(producer)
-        await provider.close()
+        # Each of these can hang on a server that is down (aiokafka #1101, a pool whose
+        # database went away): stopped together and each bounded, so SIGTERM ends in seconds.
+        # A record not flushed is not lost: its dispatch's outcome is recorded and its offset
+        # not committed, so the next owner publishes it again.
+        await asyncio.gather(
+            stop_quietly(consumer, 3),
+            stop_quietly(producer, 3),
+            _closed(provider.close(), 3, "provider"),
+        )
+        await ledger.close()
         await redis.aclose()
+    log.info("sender for %s stopped", channel)
+
+
+async def _closed(coro: Any, timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(coro, timeout)
+    except Exception as exc:  # shutting down: report, never hang or skip the rest
+        log.warning("%s did not close cleanly: %s", what, exc.__class__.__name__)

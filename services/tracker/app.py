@@ -4,6 +4,7 @@ every ``notify.dlq`` record in ``dead_letters``. Offsets are committed after the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -11,6 +12,7 @@ import time
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
@@ -25,12 +27,28 @@ from shared.settings import Settings
 
 log = logging.getLogger("herald.tracker")
 
+# The database is away, not refusing this batch: wait and fold it again. A server shutting
+# down cuts running queries with 57P01 (admin_shutdown), a PostgresError that is no connection
+# error; taken for a refusal it sent the batch's events to the dead-letter topic, out of their
+# records. Also: starting up (57P03), out of connections (53300), a failover's read-only
+# standby (25006), serialization failures and deadlocks (40001, 40P01), and a connection the
+# server terminated while idle, whose next query fails with asyncpg's InternalClientError
+# ("cannot switch to state ...": it used to stop the tracker).
 _UNAVAILABLE = (
     OSError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TransactionRollbackError,
 )
+_RETRY_MAX_S = 5.0  # so a database that is back is used again within seconds
+
+
+class _Stopping(Exception):
+    """Stopping while the database is away: the batch is left uncommitted (it comes back)."""
 
 
 class Tracker:
@@ -52,8 +70,19 @@ class Tracker:
             if not batches:
                 continue
             records = [r for rs in batches.values() for r in rs]
-            await self._fold_with_retry(records)
-            await self.consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
+            try:
+                await self._fold_with_retry(records)
+                await self.consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
+            except _Stopping:
+                return
+            except KafkaError as exc:
+                # A dead letter or the commit did not reach the broker (down, or the partitions
+                # moved): read the batch again; folding is idempotent.
+                log.warning("batch not committed (%s); reading it again", exc.__class__.__name__)
+                for tp, rs in batches.items():
+                    if tp in self.consumer.assignment():
+                        self.consumer.seek(tp, rs[0].offset)
+                continue
             CONSUMER_LAST_PROGRESS.labels("tracker").set(time.time())
 
     async def _fold_with_retry(self, records: list[ConsumerRecord]) -> None:
@@ -66,9 +95,12 @@ class Tracker:
                 await self.fold(records)
                 return
             except _UNAVAILABLE as exc:
+                if self._stopping.is_set():
+                    raise _Stopping from exc
                 log.error("database unavailable (%s); retrying the batch in %.1fs", exc.__class__.__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
             except asyncpg.PostgresError:
                 if len(records) == 1:
                     await self._refused(records[0])
@@ -164,6 +196,14 @@ async def serve(settings: Settings) -> None:
         await tracker.run()
     finally:
         await health.stop()
-        await stop_quietly(consumer)
-        await stop_quietly(producer)
-        await pool.close()
+        # Bounded and together: each can hang on a server that is down (aiokafka #1101, a
+        # pool whose database went away), and SIGTERM must end the process in seconds.
+        await asyncio.gather(stop_quietly(consumer, 3), stop_quietly(producer, 3), _close_pool(pool, 3))
+    log.info("tracker stopped")
+
+
+async def _close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except (TimeoutError, *_UNAVAILABLE):
+        pool.terminate()

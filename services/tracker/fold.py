@@ -61,6 +61,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
      AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
           content_type, idempotency_key, request_id, created_at)
 ON CONFLICT DO NOTHING
+RETURNING message_id
 """
 
 _TIMELINE = """
@@ -105,15 +106,27 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 
-def _sender_info(event: EventV1) -> dict[str, Any] | None:
-    if event.state not in (State.SENT, State.DELIVERED, State.FAILED) or not event.provider:
+def _sender_info(state: State, provider: str | None, detail: dict[str, Any] | None) -> dict[str, Any] | None:
+    if state not in (State.SENT, State.DELIVERED, State.FAILED) or not provider:
         return None
-    info: dict[str, Any] = {"provider": event.provider}
-    if event.detail:
+    info: dict[str, Any] = {"provider": provider}
+    if detail:
         for key in ("account", "provider_message_id"):
-            if event.detail.get(key):
-                info[key] = event.detail[key]
+            if detail.get(key):
+                info[key] = detail[key]
     return info
+
+
+# Events stored before their message's record existed. Events of one message share a partition,
+# but not a producer: after a router crash its 'accepted'/'routed' events (which create the
+# record of a message published straight to Kafka) can be lost while its dispatch survived, so
+# the sender's 'sent' arrives first and moves no record; the router's replay then creates the
+# record. A record created now catches up with what its timeline already holds.
+_EARLIER = """
+SELECT message_id, tenant_id, state, attempt, occurred_at, error_code, error, provider, detail
+FROM message_events
+WHERE message_id = ANY($1::text[]) AND NOT (event_id = ANY($2::text[]))
+"""
 
 
 async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
@@ -155,30 +168,83 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
         for e in plan.timeline
     ]
     moves = [
-        (
-            e.message_id,
-            e.tenant_id,
-            e.state.value,
-            SEED_STATUS[e.state].value,
-            STATE_RANK[e.state],
-            e.attempt,
-            e.occurred_at,
-            e.error_code,
-            e.error,
-            _json(_sender_info(e)),
-        )
+        _move(e.message_id, e.tenant_id, e.state, e.attempt, e.occurred_at, e.error_code, e.error, e.provider, e.detail)
         for e in plan.moves
     ]
     async with conn.transaction():
+        created: list[str] = []
         if creates:
-            await conn.execute(_CREATE, *_columns(creates, 11))
+            created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 11))]
         if timeline:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:
             await conn.execute(_MOVE, *_columns(moves, 10))
-        troubled = sorted({e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES})
+        troubled = {e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES}
+        if created:
+            catch_up = await _catch_up(conn, created, [e.event_id for e in plan.timeline])
+            if catch_up:
+                await conn.execute(_MOVE, *_columns([m for m, _ in catch_up.values()], 10))
+                troubled |= {mid for mid, (_, retried) in catch_up.items() if retried}
         if troubled:
-            await conn.execute(_RETRY_LOGS, troubled)
+            await conn.execute(_RETRY_LOGS, sorted(troubled))
+
+
+def _move(
+    message_id: str,
+    tenant_id: str,
+    state: State,
+    attempt: int,
+    occurred_at: Any,
+    error_code: int | None,
+    error: str | None,
+    provider: str | None,
+    detail: dict[str, Any] | None,
+) -> tuple:
+    return (
+        message_id,
+        tenant_id,
+        state.value,
+        SEED_STATUS[state].value,
+        STATE_RANK[state],
+        attempt,
+        occurred_at,
+        error_code,
+        error,
+        _json(_sender_info(state, provider, detail)),
+    )
+
+
+async def _catch_up(conn: asyncpg.Connection, created: list[str], batch_event_ids: list[str]) -> dict[str, tuple]:
+    """For records just created: the furthest state among events stored earlier (usually none),
+    as a move row, and whether any of them was a failed attempt (for retry_logs)."""
+    best: dict[str, tuple[tuple[int, int], asyncpg.Record]] = {}
+    retried: set[str] = set()
+    for row in await conn.fetch(_EARLIER, created, batch_event_ids):
+        try:
+            state = State(row["state"])
+        except ValueError:
+            continue
+        if state in _RETRY_LOG_STATES:
+            retried.add(row["message_id"])
+        order = (row["attempt"], STATE_RANK[state])
+        if row["message_id"] not in best or order > best[row["message_id"]][0]:
+            best[row["message_id"]] = (order, row)
+    out = {}
+    for message_id, (_, r) in best.items():
+        state = State(r["state"])
+        move = _move(
+            message_id,
+            r["tenant_id"],
+            state,
+            r["attempt"],
+            r["occurred_at"],
+            r["error_code"],
+            r["error"],
+            r["provider"],
+            r["detail"],
+        )
+        out[message_id] = (move, message_id in retried)
+    return out
 
 
 _RETRY_LOG_STATES = frozenset({State.RETRYING, State.FAILED, State.DEAD})

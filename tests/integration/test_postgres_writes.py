@@ -146,3 +146,25 @@ async def test_a_later_attempt_moves_past_an_earlier_failure(pool: asyncpg.Pool)
         await write_fold(conn, fold_plan([event(mid, State.SENDING, 2, t0 + timedelta(seconds=60))]))
         row = await conn.fetchrow("SELECT state, status, retry_count FROM message_records WHERE message_id=$1", mid)
         assert tuple(row) == ("sending", "sending", 1)
+
+
+async def test_a_record_created_after_its_outcome_catches_up(pool: asyncpg.Pool) -> None:
+    """After a router crash its 'accepted'/'routed' events may be lost while the dispatch was
+    delivered: the sender's events arrive first, the router's replay creates the record later."""
+    t0 = datetime.now(UTC)
+    mid = new_message_id(t0)
+    snapshot = MessageSnapshot(channel="email", recipient="late@example.com", accepted_at=t0)
+    sent = event(mid, State.SENT, 1, t0 + timedelta(milliseconds=3), provider="smtp", detail={"account": "a@x.org"})
+    async with pool.acquire() as conn:
+        await write_fold(conn, fold_plan([event(mid, State.SENDING, 1, t0 + timedelta(milliseconds=2)), sent]))
+        assert await conn.fetchval("SELECT count(*) FROM message_records WHERE message_id=$1", mid) == 0
+        replay = [
+            event(mid, State.ACCEPTED, 0, t0 + timedelta(seconds=20), message=snapshot),
+            event(mid, State.ROUTED, 0, t0 + timedelta(seconds=20), message=snapshot),
+        ]
+        await write_fold(conn, fold_plan(replay))
+        row = await conn.fetchrow(
+            "SELECT state, status, sent_at, sender_info FROM message_records WHERE message_id=$1", mid
+        )
+    assert (row["state"], row["status"], row["sent_at"]) == ("sent", "success", sent.occurred_at)
+    assert row["sender_info"] == {"provider": "smtp", "account": "a@x.org"}

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from services.router.routing import Rejected, Routed, plan
+from services.router.routing import Origin, Rejected, Routed, plan
 from shared.events import State
 
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
@@ -88,3 +88,16 @@ def test_duplicate_recipients_are_collapsed() -> None:
     decision = plan(raw(to=["a@example.com", "a@example.com", "b@example.com"]), now=NOW)
     assert isinstance(decision, Routed)
     assert decision.dispatch.to == ["a@example.com", "b@example.com"]
+
+
+def test_ids_the_router_assigns_follow_the_record_so_a_replay_gets_the_same_one() -> None:
+    origin = Origin("notify.requests", 2, 41, NOW)
+    first, again = plan(raw(), now=NOW, origin=origin), plan(raw(), now=datetime.now(UTC), origin=origin)
+    assert isinstance(first, Routed) and isinstance(again, Routed)
+    assert first.dispatch.message_id == again.dispatch.message_id
+    assert first.dispatch.dispatch_id == again.dispatch.dispatch_id
+    assert first.dispatch.message_id.startswith("msg_20261123_")
+    other = plan(raw(), now=NOW, origin=Origin("notify.requests", 2, 42, NOW))
+    assert isinstance(other, Routed) and other.dispatch.message_id != first.dispatch.message_id
+    rejected = plan(b"not json", now=NOW, origin=origin)
+    assert isinstance(rejected, Rejected) and rejected.message_id == first.dispatch.message_id

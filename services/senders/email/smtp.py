@@ -4,17 +4,21 @@ open per account, and classifies every SMTP outcome (RFC 5321 reply classes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 import aiosmtplib
+from aiosmtplib import SMTPStatus
 
-from services.senders.base import DeliveryError, HealthHook, Permanent, Retryable, SendResult
+from services.senders.base import DeliveryError, Handoff, HealthHook, Permanent, Retryable, SendResult, Unavailable
 from services.senders.email.mime import build_message, envelope_recipients, load_attachments
-from services.senders.email.pool import Account, MailboxPool, ensure_bootstrap_account
+from services.senders.email.pool import DB_UNAVAILABLE, Account, MailboxPool, ensure_bootstrap_account
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.errors import ErrorCode
@@ -28,6 +32,8 @@ log = logging.getLogger("herald.sender.smtp")
 _MAX_IDLE_S = 30.0
 # Accounts tried within one attempt when accounts fail (auth, connection) before giving up.
 _ACCOUNTS_PER_ATTEMPT = 3
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def classify(exc: BaseException) -> Retryable | Permanent:
@@ -175,13 +181,18 @@ class SmtpProvider:
             self._connections[account.id] = current
         return current
 
-    async def send(self, dispatch: DispatchV1) -> SendResult:
+    async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
         attachments = await load_attachments(dispatch, self.data_dir)
         recipients = envelope_recipients(dispatch)
         tried: set[int] = set()
         last: DeliveryError | None = None
         while len(tried) < _ACCOUNTS_PER_ATTEMPT:
-            account = await self.mailboxes.reserve(dispatch.tenant_id, tried)
+            try:
+                account = await self.mailboxes.reserve(dispatch.tenant_id, tried)
+            except DB_UNAVAILABLE as exc:
+                # Nothing sent yet: the runner waits for the database and tries again, the
+                # dispatch keeps its attempts (it used to be dead-lettered as a sender error).
+                raise Unavailable(f"mailbox pool database unavailable: {exc.__class__.__name__}: {exc}") from exc
             if account is None:
                 break
             tried.add(account.id)
@@ -190,14 +201,14 @@ class SmtpProvider:
                 dispatch, account.email, account.display_name or "", _domain(account.email), attachments=attachments
             )
             try:
-                response, refused = await self._transmit(account, recipients, message.data)
+                response, refused = await self._transmit(account, recipients, message.data, handoff)
             except DeliveryError as exc:
-                await self.mailboxes.release(account)
+                await _bookkeeping(self.mailboxes.release(account), "slot given back")
                 if not exc.sender_fault:
                     raise
-                await self.mailboxes.drop_lease(account)
+                await _bookkeeping(self.mailboxes.drop_lease(account), "lease dropped")
                 last = exc
-                disabled = await self.mailboxes.failed(account, exc.message)
+                disabled = await _bookkeeping(self.mailboxes.failed(account, exc.message), "failure counted")
                 if disabled is not None:
                     await self.health(
                         {
@@ -212,7 +223,8 @@ class SmtpProvider:
                         }
                     )
                 continue
-            await self.mailboxes.succeeded(account)
+            # The server has the message: a database hiccup now must not turn it into a failure.
+            await _bookkeeping(self.mailboxes.succeeded(account), "success counted")
             detail: dict = {"account": account.email, "account_id": account.id, "response": response[:200]}
             if refused:
                 detail["refused"] = refused
@@ -226,25 +238,37 @@ class SmtpProvider:
             code=ErrorCode.EMAIL_POOL_EXHAUSTED,
         )
 
-    async def _transmit(self, account: Account, recipients: list[str], data: bytes) -> tuple[str, dict[str, str]]:
+    async def _transmit(
+        self, account: Account, recipients: list[str], data: bytes, handoff: Handoff | None
+    ) -> tuple[str, dict[str, str]]:
         connections = self._connections_for(account)
+        handed = False
+
+        def mark(complete: bool) -> None:
+            nonlocal handed
+            handed = True
+            if handoff is not None and complete:
+                handoff()
+
         async with connections.slots:
             client: aiosmtplib.SMTP | None = None
             try:
                 client = await connections.checkout()
                 try:
-                    refused, response = await client.sendmail(account.email, recipients, data)
+                    refused, response = await _sendmail(client, account.email, recipients, data, mark)
                 except aiosmtplib.SMTPServerDisconnected:
+                    if handed:  # the message went out: the server may have it, no second try here
+                        raise
                     # A reused session the server had closed: one fresh try.
                     await _close(client)
                     client = await connections.connect()
-                    refused, response = await client.sendmail(account.email, recipients, data)
+                    refused, response = await _sendmail(client, account.email, recipients, data, mark)
             except Exception as exc:
                 if client is not None:
                     await _close(client)
                 raise classify(exc) from exc
             connections.checkin(client)
-        return str(response), {k: f"{v.code} {v.message}"[:200] for k, v in refused.items()}
+        return response, {k: f"{v.code} {v.message}"[:200] for k, v in refused.items()}
 
     async def _refresh_gauges(self) -> None:
         while True:
@@ -266,8 +290,64 @@ class SmtpProvider:
             self._gauges_task.cancel()
         for connections in self._connections.values():
             await connections.close()
-        await self.mailboxes.close()
-        await self.db_pool.close()
+        # Unused leased slots go back if the database is there; if not, they stay counted
+        # (the safe direction) and the pool is closed anyway.
+        await _bookkeeping(self.mailboxes.close(), "leases given back")
+        try:
+            await asyncio.wait_for(self.db_pool.close(), 2)
+        except (TimeoutError, *DB_UNAVAILABLE):
+            self.db_pool.terminate()
+
+
+async def _sendmail(
+    client: aiosmtplib.SMTP, sender: str, recipients: list[str], data: bytes, written: Callable[[bool], None]
+) -> tuple[dict[str, aiosmtplib.SMTPRecipientRefused], str]:
+    """aiosmtplib's ``sendmail`` (MAIL, RCPT, DATA), with the DATA step written here so that
+    ``written`` runs in the same event-loop step as the message's final dot is written (with
+    whether all of it went to the kernel at once): the server keeps nothing before that dot,
+    and may have the message after it."""
+    options = [f"size={len(data)}"] if client.supports_extension("size") else []
+    try:
+        await client.mail(sender, options=options)
+        refused: dict[str, aiosmtplib.SMTPRecipientRefused] = {}
+        for recipient in recipients:
+            try:
+                await client.rcpt(recipient)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused[recipient] = exc
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(list(refused.values()))
+        start = await client.execute_command(b"DATA")
+        if start.code != SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        protocol = client.protocol
+        if protocol is None or protocol.transport is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        # What SMTP.data() writes after the 354: CRLF line ends, leading dots doubled, the
+        # final dot. No await between this write, the hand-off and arming the reply.
+        body = _LINE_END.sub(b"\r\n", data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        protocol.write(_LEADING_DOT.sub(b"..", body) + b".\r\n")
+        written(protocol.transport.get_write_buffer_size() == 0)
+        response = await protocol.read_response(timeout=client.timeout)
+        if response.code != SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        with contextlib.suppress(aiosmtplib.SMTPException, ConnectionError):
+            await client.rset()  # leave the reused session clean
+        raise
+    return refused, response.message
+
+
+async def _bookkeeping(coro, what: str):
+    """Pool bookkeeping around a send (counters, failure streaks): logged and skipped while
+    the database is unavailable, never allowed to change the outcome of the send itself."""
+    try:
+        return await coro
+    except DB_UNAVAILABLE as exc:
+        log.warning("mailbox pool: %s not recorded, database unavailable (%s)", what, exc.__class__.__name__)
+        return None
 
 
 def _domain(address: str) -> str:
