@@ -16,7 +16,7 @@ cannot meet:
 
 Commands go out in order on one connection, so Redis applies them in the order written;
 commands issued within one turn of the event loop leave in one write (a system call per turn,
-not per command), except an ``immediate`` one, which leaves at once with those before it. Only
+not per command), except a prepared one, which leaves when called, with those before it. Only
 ``SET`` is sent, whose replies are one line (``+OK``, ``$-1`` when NX did not set, ``-ERR``);
 a background task reads them and resolves each command's future. When not connected a command
 is not written (the caller gets None and treats Redis as unavailable); the connection is made
@@ -30,6 +30,7 @@ import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlparse
 
 log = logging.getLogger("herald.sender.ledger")
@@ -78,23 +79,33 @@ class Ledger:
                 await self._task
         self._disconnect(ConnectionError("closed"))
 
-    def set(
-        self, key: str, value: bytes, ttl: int, *, only_new: bool = False, immediate: bool = False
-    ) -> asyncio.Future[bool] | None:
-        """Queue ``SET`` (written at the end of this loop turn, or before returning when
-        ``immediate``). The future answers whether it was set (False: ``only_new`` and the key
-        existed) or fails with Redis's error. None when there is no connection."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            return None
+    def set(self, key: str, value: bytes, ttl: int, *, only_new: bool = False) -> asyncio.Future[bool] | None:
+        """Queue ``SET`` (written at the end of this loop turn). The future answers whether it
+        was set (False: ``only_new`` and the key existed) or fails with Redis's error. None
+        when there is no connection."""
         parts = [b"SET", key.encode(), value, b"EX", str(ttl).encode()]
         if only_new:
             parts.append(b"NX")
-        if not self._outgoing and not immediate:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outgoing.append(_command(*parts))
+        return self._send(_command(*parts), immediate=False)
+
+    def prepare(self, key: str, value: bytes, ttl: int) -> Callable[[], asyncio.Future[bool] | None]:
+        """A ``SET`` built now and written, with whatever is queued before it, when the answer
+        is called: the call does little more than the system call (see the module's
+        docstring)."""
+        command = _command(b"SET", key.encode(), value, b"EX", str(ttl).encode())
+        return lambda: self._send(command, immediate=True)
+
+    def _send(self, command: bytes, *, immediate: bool) -> asyncio.Future[bool] | None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return None
         if immediate:
+            self._outgoing.append(command)
             self._flush()
+        else:
+            if not self._outgoing:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._outgoing.append(command)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending.append(future)
         return future

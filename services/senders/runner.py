@@ -363,12 +363,11 @@ class SenderRunner:
         provider_name = getattr(self.provider, "name", "unknown")
         wait = _UNAVAILABLE_WAIT_S[0]
         marks: list[asyncio.Future[bool]] = []
+        write_mark = self.ledger.prepare(self._done_key(dispatch.dispatch_id), _HANDED + self._owner, _CLAIM_TTL_S)
 
         def handoff() -> None:
-            # Synchronous: the mark leaves in the same event-loop step as the message.
-            mark = self.ledger.set(
-                self._done_key(dispatch.dispatch_id), _HANDED + self._owner, _CLAIM_TTL_S, immediate=True
-            )
+            # Synchronous, built beforehand: the mark leaves right after the message.
+            mark = write_mark()
             if mark is not None:
                 marks.append(mark)
 
