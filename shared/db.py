@@ -13,6 +13,22 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# PostgreSQL is down or going away (connection refused or cut, server shutting down
+# or starting, out of connections, a failover's read-only standby, a deadlock): transient, and
+# no dispatch's fault. InternalClientError: a connection the server terminated while idle
+# (fast shutdown) fails its next query with "cannot switch to state ...; another operation is
+# in progress".
+DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 

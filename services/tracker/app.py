@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
-from shared.db import create_pool, migrate
+from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, EventV1
 from shared.health import HealthServer
@@ -34,16 +34,7 @@ log = logging.getLogger("herald.tracker")
 # standby (25006), serialization failures and deadlocks (40001, 40P01), and a connection the
 # server terminated while idle, whose next query fails with asyncpg's InternalClientError
 # ("cannot switch to state ...": it used to stop the tracker).
-_UNAVAILABLE = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-    asyncpg.exceptions.TransactionRollbackError,
-)
+_UNAVAILABLE = DB_UNAVAILABLE
 _RETRY_MAX_S = 5.0  # so a database that is back is used again within seconds
 
 

@@ -26,21 +26,6 @@ log = logging.getLogger("herald.sender.pool")
 
 PASSWORD_PURPOSE = "email_accounts.smtp_password"
 
-# The pool's database is down or going away (connection refused or cut, server shutting down
-# or starting, out of connections, a failover's read-only standby, a deadlock): transient, and
-# no dispatch's fault. InternalClientError: a connection the server terminated while idle
-# (fast shutdown) fails its next query with "cannot switch to state ...; another operation is
-# in progress".
-DB_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-    asyncpg.exceptions.TransactionRollbackError,
-)
 
 # $1 tenant, $2 timezone, $3 account ids to leave out, $4 slots wanted. Effective count: 0 when
 # the stored counter belongs to an earlier day. Grants up to $4 slots of the chosen account.

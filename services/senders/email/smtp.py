@@ -18,9 +18,9 @@ from aiosmtplib import SMTPStatus
 
 from services.senders.base import DeliveryError, Handoff, HealthHook, Permanent, Retryable, SendResult, Unavailable
 from services.senders.email.mime import build_message, envelope_recipients, load_attachments
-from services.senders.email.pool import DB_UNAVAILABLE, Account, MailboxPool, ensure_bootstrap_account
+from services.senders.email.pool import Account, MailboxPool, ensure_bootstrap_account
 from shared.crypto import SecretBox
-from shared.db import create_pool, migrate
+from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import ErrorCode
 from shared.events import DispatchV1
 from shared.metrics import EMAIL_POOL_AVAILABLE, EMAIL_POOL_DAILY_SENT
