@@ -54,3 +54,18 @@ async def request_end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         return {tp.partition: o for tp, o in offsets.items()}
     finally:
         await consumer.stop()
+
+
+def dispatch_command(message_id: str, to: str, subject: str, content: str) -> dict:
+    """A ``notify.dispatch.v1`` command (attempt 1) as the router would publish it."""
+    return {
+        "schema": "notify.dispatch.v1",
+        "dispatch_id": f"{message_id}:1",
+        "message_id": message_id,
+        "tenant_id": "default",
+        "channel": "email",
+        "attempt": 1,
+        "to": [to],
+        "subject": subject,
+        "content": content,
+    }

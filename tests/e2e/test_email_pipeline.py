@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.conftest import Pipeline
-from tests.e2e.helpers import SEND, by_message_id, request_end_offsets, wait_for_mail, wait_for_state
+from tests.e2e.helpers import SEND, by_message_id, dispatch_command, request_end_offsets, wait_for_mail, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -453,17 +453,7 @@ async def test_sender_skips_a_dispatch_it_already_completed(
     sent twice; a malformed command goes to the dead-letter topic."""
     marker = uuid.uuid4().hex[:16]
     message_id = f"msg_{time.strftime('%Y%m%d', time.gmtime())}_{marker}"
-    command = {
-        "schema": "notify.dispatch.v1",
-        "dispatch_id": f"{message_id}:1",
-        "message_id": message_id,
-        "tenant_id": "default",
-        "channel": "email",
-        "attempt": 1,
-        "to": ["once@example.com"],
-        "subject": f"once {marker}",
-        "content": "exactly once",
-    }
+    command = dispatch_command(message_id, "once@example.com", f"once {marker}", "exactly once")
     await producer.send_and_wait("notify.dispatch.email", orjson.dumps(command), key=b"default:once@example.com")
     await wait_for_mail(pipeline, by_message_id(message_id))
     # The outcome is recorded before the command counts as done; then replay it.

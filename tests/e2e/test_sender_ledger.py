@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from tests.conftest import Pipeline
-from tests.e2e.helpers import by_message_id, wait_for_mail
+from tests.e2e.helpers import by_message_id, dispatch_command, wait_for_mail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -23,19 +23,8 @@ DEAD_OWNER = "gone-host:1:0000dead"  # no herald:sender:alive:<owner> key: a dea
 
 
 def _command(message_id: str, marker: str) -> bytes:
-    return orjson.dumps(
-        {
-            "schema": "notify.dispatch.v1",
-            "dispatch_id": f"{message_id}:1",
-            "message_id": message_id,
-            "tenant_id": "default",
-            "channel": "email",
-            "attempt": 1,
-            "to": ["ledger@example.com"],
-            "subject": f"ledger {marker}",
-            "content": "left behind by a crash",
-        }
-    )
+    command = dispatch_command(message_id, "ledger@example.com", f"ledger {marker}", "left behind by a crash")
+    return orjson.dumps(command)
 
 
 async def _event(db: asyncpg.Pool, event_id: str, timeout: float = 20) -> asyncpg.Record:
