@@ -273,8 +273,40 @@ class DeadLetterV1(_Event):
     payload: str  # the original bytes, decoded as UTF-8 with replacement
     headers: dict[str, str] = Field(default_factory=dict)
     tenant_id: str | None = None  # when the record says whose it is
+    # The same failure reported twice (a redelivered batch, an outcome published again after a
+    # crash) has the same id and is stored once: "<topic>:<partition>:<offset>:<reason>" for a
+    # consumed record, "<dispatch id>:<reason>" for a delivery's outcome.
+    letter_id: str | None = Field(default=None, max_length=255)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @classmethod
+    def of_record(
+        cls,
+        record: Any,
+        *,
+        reason: str,
+        errors: list[dict[str, Any]],
+        service: str,
+        message_id: str | None = None,
+        tenant_id: str | None = None,
+    ) -> DeadLetterV1:
+        """The letter for a consumed record (aiokafka's ``ConsumerRecord`` shape: topic,
+        partition, offset, key, value, headers as pairs), its bytes kept as text."""
+        return cls(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            errors=errors[:50],
+            message_id=message_id,
+            service=service,
+            tenant_id=tenant_id,
+            key=record.key.decode("utf-8", "replace") if record.key else None,
+            payload=(record.value or b"").decode("utf-8", "replace"),
+            headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or [])},
+            letter_id=f"{record.topic}:{record.partition}:{record.offset}:{reason}",
+        )
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))

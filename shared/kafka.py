@@ -95,6 +95,7 @@ def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
         "linger_ms": settings.kafka_linger_ms,
         "request_timeout_ms": int(settings.kafka_request_timeout_s * 1000),
         "client_id": f"herald-{settings.service_name}",
+        "metadata_max_age_ms": int(settings.kafka_metadata_max_age_s * 1000),
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)
@@ -111,13 +112,15 @@ def make_consumer(settings: Settings, topics: Sequence[str], group_id: str, **ov
         "heartbeat_interval_ms": int(settings.kafka_heartbeat_interval_s * 1000),
         "max_poll_records": settings.kafka_max_batch,
         "client_id": f"herald-{settings.service_name}",
+        "metadata_max_age_ms": int(settings.kafka_metadata_max_age_s * 1000),
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)
 
 
-async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None, *, attempts: int = 30) -> None:
-    """Create the topics that are missing; retried while the broker is still starting."""
+async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None, *, attempts: int = 30) -> list[str]:
+    """Create the topics that are missing (answers their names); retried while the broker is
+    still starting."""
     wanted = list(topics or Topics.all())
     delay = 0.2
     for attempt in range(1, attempts + 1):
@@ -145,7 +148,7 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None,
                 except TopicAlreadyExistsError:
                     pass  # another service created them first
                 log.info("created topics %s", ", ".join(missing))
-            return
+            return missing
         except (KafkaError, OSError) as exc:
             if attempt == attempts:
                 raise
@@ -154,6 +157,24 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None,
             delay = min(delay * 2, 2.0)
         finally:
             await _bounded(admin.close(), 5)
+    return []  # not reached: the last attempt raises
+
+
+async def keep_topics(settings: Settings) -> None:
+    """Create again the topics that disappear. A broker that restarts without its data (Tansu
+    keeps everything in memory; a Kafka cluster rebuilt from scratch) comes back with no topics,
+    and worse, Tansu then acknowledges writes to them while listing none, so no consumer is ever
+    assigned a partition. Every service runs this every ``HERALD_KAFKA_TOPIC_CHECK_INTERVAL_S``;
+    what was lost meanwhile is the sweeper's to publish again."""
+    while True:
+        await asyncio.sleep(settings.kafka_topic_check_interval_s)
+        try:
+            created = await ensure_topics(settings, attempts=1)
+        except (KafkaError, OSError) as exc:
+            log.debug("topic check failed (%s); next round tries again", exc.__class__.__name__)
+            continue
+        if created:
+            log.warning("topics were missing and have been created again: %s", ", ".join(created))
 
 
 async def _bounded(coro: object, timeout: float) -> None:

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     kafka_rebalance_timeout_s: float = Field(default=6.0, gt=0)
     kafka_heartbeat_interval_s: float = Field(default=1.0, gt=0)
     kafka_max_batch: int = Field(default=500, ge=1)
+    # Every service checks this often that its topics still exist and creates them again
+    # (a broker restarted without its data); clients refresh their metadata at least this often.
+    kafka_topic_check_interval_s: float = Field(default=10.0, gt=0)
+    kafka_metadata_max_age_s: float = Field(default=30.0, gt=0)
 
     # --- PostgreSQL and Redis ------------------------------------------------------------
     database_url: SecretStr = SecretStr("postgresql://herald@127.0.0.1:5433/herald")

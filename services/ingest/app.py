@@ -21,7 +21,7 @@ from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
-from shared.kafka import ensure_topics, make_producer, stop_quietly
+from shared.kafka import ensure_topics, keep_topics, make_producer, stop_quietly
 from shared.settings import Settings
 
 log = logging.getLogger("herald.ingest")
@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
                 name="attachment-sweep",
             ),
             asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
+            asyncio.create_task(keep_topics(settings), name="keep-topics"),
         ]
         app.state.services = Services(
             settings=settings,

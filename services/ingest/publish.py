@@ -18,6 +18,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
 from shared.events import RequestV1, State
 from shared.kafka import Topics, Trace, message_key
@@ -86,6 +87,15 @@ _EXISTING = """
 SELECT DISTINCT ON (tenant_id, idempotency_key) tenant_id, idempotency_key, message_id, state, request_hash
 FROM message_records
 WHERE (tenant_id, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+"""
+
+# A record withdrawn because the broker did not take it (3003) becomes accepted again when its
+# client retries with the same key and body. Its timeline keeps the rejection.
+_REVIVE = """
+UPDATE message_records SET state = 'accepted', status = 'pending', state_rank = 0,
+    error_code = NULL, error_message = NULL, updated_at = now()
+WHERE message_id = $1 AND state = 'rejected' AND error_code = 3003 AND request IS NOT NULL
+RETURNING request::text
 """
 
 # A key older than its time to live no longer names its message: let it go before inserting.
@@ -258,14 +268,37 @@ class Publisher:
                 http_status=503,
             ) from exc
         if not outcome.created:
-            return outcome
+            if outcome.state != State.REJECTED.value or outcome.request_hash != record.request_hash:
+                return outcome
+            # The key names a message the broker never took (withdrawn with 3003): the client
+            # is retrying a 503, as it should. The same message is accepted again, same id.
+            revived = await self._revive(outcome.message_id)
+            if revived is None:
+                return outcome
+            record = NewRecord(revived, record.recipients, record.accepted_at, record.request_hash)
+            outcome = Outcome(outcome.message_id, True)
         request = record.request
+        await self._publish(request, record.recipient, trace)
+        MESSAGES_ACCEPTED.labels(request.channel.value).inc()
+        log_event(
+            log,
+            logging.INFO,
+            "message accepted",
+            message_id=request.message_id,
+            recipient=record.recipient,
+            channel=request.channel.value,
+        )
+        return outcome
+
+    async def _publish(self, request: RequestV1, recipient: str, trace: Trace) -> None:
+        """Publish an accepted record's request; withdraw the record if the broker does not
+        take it in time (nothing will be sent: 503)."""
         try:
             await asyncio.wait_for(
                 self.producer.send_and_wait(
                     Topics.REQUESTS,
                     request.to_bytes(),
-                    key=message_key(request.tenant_id, record.recipient),
+                    key=message_key(request.tenant_id, recipient),
                     headers=trace.headers(),
                 ),
                 self.publish_timeout_s,
@@ -277,16 +310,22 @@ class Publisher:
                 "message queue unavailable: the message was not accepted and will not be sent; try again",
                 http_status=503,
             ) from exc
-        MESSAGES_ACCEPTED.labels(request.channel.value).inc()
-        log_event(
-            log,
-            logging.INFO,
-            "message accepted",
-            message_id=request.message_id,
-            recipient=record.recipient,
-            channel=request.channel.value,
-        )
-        return outcome
+
+    async def _revive(self, message_id: str) -> RequestV1 | None:
+        """Back to accepted, a record withdrawn after a publish failure; answers its stored
+        request, or None if it is not (or no longer) such a record."""
+        try:
+            stored = await asyncio.wait_for(self.pool.fetchval(_REVIVE, message_id), self.record_timeout_s)
+        except (TimeoutError, *DB_UNAVAILABLE) as exc:
+            raise HeraldError(
+                ErrorCode.SERVICE_UNAVAILABLE,
+                "database unavailable: the message was not accepted; try again",
+                http_status=503,
+            ) from exc
+        if stored is None:
+            return None
+        log_event(log, logging.INFO, "withdrawn message accepted again", message_id=message_id)
+        return RequestV1.model_validate_json(stored)
 
     async def _withdraw(self, message_id: str, reason: str) -> None:
         """The broker did not take the request: mark the record rejected so it is not

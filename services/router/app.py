@@ -8,20 +8,18 @@ before it commits offsets, so a record's outputs are on the broker before its of
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import UTC, datetime
 
 import faust
-from pydantic import ValidationError
 
+from services.router.retry import serve_relay
 from services.router.routing import Origin, Rejected, Routed, plan
-from shared.errors import field_errors
-from shared.events import DeadLetterV1, DispatchV1, utcnow
+from shared.events import DeadLetterV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
-from shared.kafka import Topics, Trace, message_key
+from shared.kafka import Topics, Trace, keep_topics, message_key
 from shared.logging import log_event, request_id_var, traceparent_var
 from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_REJECTED, MESSAGES_ROUTED
 from shared.settings import Settings
@@ -143,6 +141,7 @@ def create_app(settings: Settings) -> faust.App:
                 k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v))
                 for k, v in (record.headers or {}).items()
             },
+            letter_id=f"{msg.topic}:{msg.partition}:{msg.offset}:{reason}",
         )
         await dlq.send(
             key=message_id.encode() if message_id else None,
@@ -159,34 +158,13 @@ def create_app(settings: Settings) -> faust.App:
             errors=errors[:5],
         )
 
-    def retry_relay(topic_name: str) -> None:
-        """Waits out each delayed attempt on ``topic_name`` and puts it back on its channel's
-        dispatch topic. One topic per delay tier keeps each topic in due order, so waiting on
-        the head record never holds back a record that is due earlier."""
-        source = app.topic(topic_name, key_serializer="raw", value_serializer="raw")
+    @app.task(on_leader=False)
+    async def _retry_relay() -> None:
+        await serve_relay(settings)
 
-        async def relay(stream: faust.StreamT) -> None:
-            async for record in stream.events():
-                trace = Trace.from_headers(record.headers)
-                try:
-                    dispatch = DispatchV1.model_validate_json(record.value or b"")
-                except ValidationError as exc:
-                    await _dead_letter(record, trace, "invalid_retry", field_errors(exc), None)
-                    continue
-                wait = (dispatch.not_before - utcnow()).total_seconds() if dispatch.not_before else 0
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                target = dispatch_topics.get(dispatch.channel.value)
-                if target is None:
-                    await _dead_letter(record, trace, "unknown_channel", [], dispatch.message_id)
-                    continue
-                await target.send(key=record.key, value=record.value, headers=trace.headers())
-                CONSUMER_LAST_PROGRESS.labels("router").set(time.time())
-
-        app.agent(source, name=f"herald.retry.{topic_name}", concurrency=1)(relay)
-
-    for retry_topic in Topics.RETRY:
-        retry_relay(retry_topic)
+    @app.task(on_leader=False)
+    async def _keep_topics() -> None:
+        await keep_topics(settings)
 
     @app.on_before_shutdown.connect
     async def _stop_health(sender: object, **kwargs: object) -> None:

@@ -60,7 +60,16 @@ from shared.errors import field_errors
 from shared.events import DeadLetterV1, DispatchV1, EventV1, ProviderHealthV1, State, event_id, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
-from shared.kafka import Topics, Trace, ensure_topics, make_consumer, make_producer, message_key, stop_quietly
+from shared.kafka import (
+    Topics,
+    Trace,
+    ensure_topics,
+    keep_topics,
+    make_consumer,
+    make_producer,
+    message_key,
+    stop_quietly,
+)
 from shared.logging import log_event, request_id_var, traceparent_var
 from shared.metrics import (
     CONSUMER_LAST_PROGRESS,
@@ -424,16 +433,13 @@ class SenderRunner:
         return [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]
 
     def _failure(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
-        """A failed attempt: retry later (transient, attempts left), dead (transient, none
-        left: also dead-lettered), or failed (permanent)."""
-        delays = self.settings.retry_delays
+        """A failed attempt's records: see :func:`next_step`."""
+        step = next_step(exc, dispatch.attempt, self.settings.retry_delays)
         detail: dict[str, Any] = {"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)}
         fields = {"error_code": exc.code, "error": exc.message}
         key = dispatch.message_id.encode()
-        if isinstance(exc, Retryable) and dispatch.attempt <= len(delays):
-            tier = dispatch.attempt - 1
-            delay = max(delays[tier], exc.retry_after or 0)
-            due = utcnow() + timedelta(seconds=delay)
+        if step.retry_in is not None:
+            due = utcnow() + timedelta(seconds=step.retry_in)
             retry = dispatch.model_copy(
                 update={
                     "attempt": dispatch.attempt + 1,
@@ -442,7 +448,7 @@ class SenderRunner:
                     "last_error": exc.message,
                 }
             )
-            topic = Topics.RETRY[min(tier, len(Topics.RETRY) - 1)]
+            topic = Topics.RETRY[step.tier]
             RETRIES_SCHEDULED.labels(self.channel, topic).inc()
             log_event(
                 log,
@@ -450,7 +456,7 @@ class SenderRunner:
                 "delivery failed; retry scheduled",
                 message_id=dispatch.message_id,
                 attempt=dispatch.attempt,
-                retry_in_s=delay,
+                retry_in_s=step.retry_in,
                 error=exc.message,
             )
             event = self._event(
@@ -463,40 +469,32 @@ class SenderRunner:
                 _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
                 _Out.of(topic, message_key(dispatch.tenant_id, dispatch.to[0]), retry.to_bytes(), headers),
             ]
-        if isinstance(exc, Retryable):
-            log_event(
-                log,
-                logging.ERROR,
-                "delivery failed; no attempts left",
-                message_id=dispatch.message_id,
-                attempt=dispatch.attempt,
-                error=exc.message,
-            )
-            event = self._event(dispatch, State.DEAD, detail={**detail, "attempts": dispatch.attempt}, **fields)
-            letter = DeadLetterV1(
-                source_topic=Topics.dispatch(self.channel),
-                partition=-1,
-                offset=-1,
-                reason="retries_exhausted",
-                errors=[{"field": "delivery", "message": exc.message}],
-                message_id=dispatch.message_id,
-                service=self.service,
-                payload=dispatch.to_bytes().decode(),
-            )
-            return [
-                _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
-                _Out.of(Topics.DLQ, key, letter.to_bytes(), headers),
-            ]
         log_event(
             log,
             logging.ERROR,
-            "delivery failed permanently",
+            "delivery failed; no attempts left" if step.state is State.DEAD else "delivery failed permanently",
             message_id=dispatch.message_id,
             recipient=dispatch.to[0],
+            attempt=dispatch.attempt,
             error=exc.message,
         )
-        event = self._event(dispatch, State.FAILED, detail=detail, **fields)
-        return [_Out.of(Topics.EVENTS, key, event.to_bytes(), headers)]
+        event = self._event(dispatch, step.state, detail={**detail, "attempts": dispatch.attempt}, **fields)
+        letter = DeadLetterV1(
+            source_topic=Topics.dispatch(self.channel),
+            partition=-1,
+            offset=-1,
+            reason=step.reason,
+            errors=[{"field": "delivery", "message": exc.message, "code": exc.code}],
+            message_id=dispatch.message_id,
+            tenant_id=dispatch.tenant_id,
+            service=self.service,
+            payload=dispatch.to_bytes().decode(),
+            letter_id=f"{dispatch.dispatch_id}:{step.reason}",
+        )
+        return [
+            _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
+            _Out.of(Topics.DLQ, key, letter.to_bytes(), headers),
+        ]
 
     # --- pieces ----------------------------------------------------------------------------
 
@@ -624,23 +622,37 @@ class SenderRunner:
     async def _dead_letter(
         self, record: ConsumerRecord, trace: Trace, reason: str, errors: list, message_id: str | None
     ) -> asyncio.Future:
-        letter = DeadLetterV1(
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            errors=errors[:50],
-            message_id=message_id,
-            service=self.service,
-            key=record.key.decode("utf-8", "replace") if record.key else None,
-            payload=(record.value or b"").decode("utf-8", "replace"),
-            headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or [])},
+        letter = DeadLetterV1.of_record(
+            record, reason=reason, errors=errors, service=self.service, message_id=message_id
         )
         MESSAGES_REJECTED.labels(self.service, reason).inc()
         log_event(log, logging.WARNING, "record rejected to the dead-letter topic", reason=reason, errors=errors[:5])
         return await self.producer.send(
             Topics.DLQ, letter.to_bytes(), key=message_id.encode() if message_id else None, headers=trace.headers()
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What follows a failed attempt."""
+
+    state: State  # RETRYING, DEAD or FAILED
+    reason: str  # the dead letter's reason ("" when retrying)
+    retry_in: float | None = None  # seconds until the next attempt
+    tier: int = 0  # index into Topics.RETRY
+
+
+def next_step(exc: DeliveryError, attempt: int, delays: list[float]) -> Step:
+    """A transient failure with attempts left is retried after ``delays[attempt - 1]`` (longer
+    if the provider asked so with Retry-After) through the tier's delay topic; one with none
+    left is ``dead``; a permanent one is ``failed`` at once. Both end in the dead-letter table."""
+    if isinstance(exc, Retryable):
+        if attempt <= len(delays):
+            tier = attempt - 1
+            delay = max(delays[tier], exc.retry_after or 0)
+            return Step(State.RETRYING, "", delay, min(tier, len(Topics.RETRY) - 1))
+        return Step(State.DEAD, "retries_exhausted")
+    return Step(State.FAILED, "permanent_failure")
 
 
 async def _settled(marks: list[asyncio.Future[bool]]) -> None:
@@ -711,9 +723,11 @@ async def serve(settings: Settings, channel: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runner.stop)
     log.info("sender for %s started (provider %s)", channel, provider.name)
+    keeper = asyncio.create_task(keep_topics(settings))
     try:
         await runner.run()
     finally:
+        keeper.cancel()
         await health.stop()
         # Each of these can hang on a server that is down (aiokafka #1101, a pool whose
         # database went away): stopped together and each bounded, so SIGTERM ends in seconds.

@@ -20,7 +20,7 @@ from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, EventV1
 from shared.health import HealthServer
-from shared.kafka import Topics, ensure_topics, make_consumer, make_producer, stop_quietly
+from shared.kafka import Topics, ensure_topics, keep_topics, make_consumer, make_producer, stop_quietly
 from shared.logging import log_event
 from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED
 from shared.settings import Settings
@@ -145,17 +145,7 @@ class Tracker:
 
     @staticmethod
     def _letter(record: ConsumerRecord, reason: str, errors: list) -> DeadLetterV1:
-        return DeadLetterV1(
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            errors=errors[:50],
-            service="tracker",
-            key=record.key.decode("utf-8", "replace") if record.key else None,
-            payload=(record.value or b"").decode("utf-8", "replace"),
-            headers={k: v.decode("utf-8", "replace") for k, v in (record.headers or [])},
-        )
+        return DeadLetterV1.of_record(record, reason=reason, errors=errors, service="tracker")
 
 
 async def serve(settings: Settings) -> None:
@@ -183,9 +173,11 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, tracker.stop)
     log.info("tracker started")
+    keeper = asyncio.create_task(keep_topics(settings))
     try:
         await tracker.run()
     finally:
+        keeper.cancel()
         await health.stop()
         # Bounded and together: each can hang on a server that is down (aiokafka #1101, a
         # pool whose database went away), and SIGTERM must end the process in seconds.

@@ -266,11 +266,12 @@ WHERE m.message_id = ANY($1::text[])
 
 _DEAD_LETTER = """
 INSERT INTO dead_letters (source_topic, partition, "offset", message_id, service, reason, errors,
-    payload, headers, occurred_at, tenant_id)
-SELECT st, pa, os, mi, sv, re, er::jsonb, pl, he::jsonb, oc, COALESCE(te, 'default')
+    payload, headers, occurred_at, tenant_id, letter_id)
+SELECT st, pa, os, mi, sv, re, er::jsonb, pl, he::jsonb, oc, COALESCE(te, 'default'), li
 FROM unnest($1::text[], $2::int[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
-    AS u(st, pa, os, mi, sv, re, er, pl, he, oc, te)
+    $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::text[])
+    AS u(st, pa, os, mi, sv, re, er, pl, he, oc, te, li)
+ON CONFLICT (letter_id) WHERE letter_id IS NOT NULL DO NOTHING
 """
 
 
@@ -288,8 +289,9 @@ async def write_dead_letters(conn: asyncpg.Connection, letters: list[DeadLetterV
             _json(d.headers),
             d.occurred_at,
             d.tenant_id,
+            d.letter_id,
         )
         for d in letters
     ]
     if rows:
-        await conn.execute(_DEAD_LETTER, *_columns(rows, 11))
+        await conn.execute(_DEAD_LETTER, *_columns(rows, 12))

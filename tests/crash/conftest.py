@@ -90,6 +90,9 @@ def crash_env(tmp: Path, bootstrap: str, dsn: str, redis_port: int, smtp_port: i
         # The sweeper publishes again what a restarted broker lost; quickly, for the test.
         "HERALD_SWEEP_STALLED_AFTER_S": "5",
         "HERALD_SWEEP_INTERVAL_S": "1",
+        # ... and every service creates again the topics a restarted broker lost.
+        "HERALD_KAFKA_TOPIC_CHECK_INTERVAL_S": "1",
+        "HERALD_KAFKA_METADATA_MAX_AGE_S": "5",
         "HERALD_LOG_JSON": "true",
         # A member killed with -9 leaves the group only when its session times out; 6 s
         # rather than 10 keeps each restart here a few seconds shorter.

@@ -175,11 +175,16 @@ async def test_retries_exhausted_is_dead_and_dead_lettered(
     assert record["status"] == "failed" and record["attempt"] == 4 and record["error_code"] == 2002
     states = [e["state"] for e in await timeline(client, message_id)]
     assert states.count("retrying") == 3 and states[-1] == "dead"
-    deadline = time.monotonic() + 20
-    while not (letter := await db.fetchrow("SELECT * FROM dead_letters WHERE message_id=$1", message_id)):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.1)
+    letter = await _dead_letter(db, message_id)
     assert letter["reason"] == "retries_exhausted" and letter["service"] == "sender-email"
+
+
+async def _dead_letter(db: asyncpg.Pool, message_id: str, timeout: float = 20) -> asyncpg.Record:
+    deadline = time.monotonic() + timeout
+    while not (letter := await db.fetchrow("SELECT * FROM dead_letters WHERE message_id=$1", message_id)):
+        assert time.monotonic() < deadline, f"no dead letter for {message_id}"
+        await asyncio.sleep(0.1)
+    return letter
 
 
 async def test_a_failing_mailbox_is_skipped_counted_and_disabled_after_three(
@@ -235,6 +240,12 @@ async def test_recipient_refusals_permanent_and_transient(
     record = await wait_for_state(client, bounced, "failed")
     assert record["status"] == "failed" and record["attempt"] == 1
     assert "550" in record["error_message"] and "does not exist" in record["error_message"]
+    # Failed for good: dead-lettered with the full error, for the tenant, replayable.
+    letter = await _dead_letter(db, bounced)
+    assert letter["reason"] == "permanent_failure" and letter["tenant_id"] == "default"
+    (error,) = orjson.loads(letter["errors"])
+    assert error["code"] == record["error_code"] and "550" in error["message"]
+    assert orjson.loads(letter["payload"])["dispatch_id"] == f"{bounced}:1"
     # A recipient's 550 is not the mailbox's fault.
     assert await db.fetchval("SELECT sum(failure_count) FROM email_accounts WHERE tenant_id='default'") == before
 

@@ -5,14 +5,24 @@ The services run with HERALD_IDEMPOTENCY_TTL_S=5 (tests/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
 import httpx
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from devstack import servers
+from services.ingest.dedup import request_hash
+from services.ingest.publish import NewRecord, Publisher, RecordBatcher
+from services.ingest.routes.messages import EmailSendRequest
+from shared.errors import HeraldError
+from shared.events import RequestV1, utcnow
+from shared.ids import new_message_id
+from shared.kafka import Trace
 from tests.conftest import Pipeline
-from tests.e2e.helpers import SEND
+from tests.e2e.helpers import SEND, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -109,3 +119,54 @@ async def test_redis_down_keys_still_hold_and_dedup_fails_open(
         assert "herald_dedup_skipped_total" in metrics
     finally:
         pipeline.backing.restart_redis()
+
+
+async def test_retrying_a_503_with_its_key_sends_the_message_once(
+    pipeline: Pipeline, client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    """The broker does not take a request: 503 and the record is withdrawn (3003). The client
+    retries with the same key once the broker is back: the same message is accepted again and
+    delivered once. (Ingest's own broker cannot be stopped under the session's pipeline, so a
+    Publisher on the pipeline's database writes through a broker that is then stopped.)"""
+    key = f"k-{uuid.uuid4().hex}"
+    payload = body(idempotency_key=key)
+    doomed = servers.start_tansu(servers.free_port())
+    producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{doomed.port}", acks="all", request_timeout_ms=2000)
+    await producer.start()
+    doomed.stop()
+    batcher = RecordBatcher(db, 16, 1.0)
+    batcher.start()
+    try:
+        request = RequestV1(
+            message_id=new_message_id(),
+            channel="email",
+            to=[payload["to"]],
+            subject=payload["subject"],
+            content=payload["content"],
+            idempotency_key=key,
+            recorded=True,
+        )
+        digest = request_hash(EmailSendRequest.model_validate(payload).model_dump(mode="json", by_alias=True))
+        record = NewRecord(request, {"to": request.to, "cc": [], "bcc": []}, utcnow(), request_hash=digest)
+        with pytest.raises(HeraldError) as refused:
+            await Publisher(db, producer, batcher, publish_timeout_s=1.0).accept(record, Trace())
+        assert refused.value.http_status == 503
+    finally:
+        await batcher.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), 3)
+    row = await db.fetchrow("SELECT state, error_code FROM message_records WHERE message_id=$1", request.message_id)
+    assert (row["state"], row["error_code"]) == ("rejected", 3003)
+
+    retried = await client.post(SEND, json=payload)
+    assert retried.status_code == 202, retried.text
+    data = retried.json()["data"]
+    assert data["message_id"] == request.message_id and data["state"] == "accepted"
+    await wait_for_state(client, request.message_id, "sent")
+    await asyncio.sleep(1)  # a second copy, if any, would arrive within this
+    copies = [
+        m for m in list(pipeline.backing.smtp.messages) if m.parsed()["X-Herald-Message-ID"] == request.message_id
+    ]
+    assert len(copies) == 1
+    again = await client.post(SEND, json=payload)  # and now an ordinary replay
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["data"]["message_id"] == request.message_id

@@ -10,6 +10,7 @@ import pytest
 
 from services.senders.base import Permanent, Retryable
 from services.senders.email.smtp import classify
+from services.senders.runner import next_step
 from services.tracker.fold import fold_plan
 from shared.errors import ErrorCode
 from shared.events import (
@@ -104,3 +105,21 @@ def test_fold_plan_keeps_the_furthest_state_whatever_the_arrival_order() -> None
 def test_smtp_errors_are_classified_by_reply_class(exc: Exception, kind: type, code: int) -> None:
     decision = classify(exc)
     assert type(decision) is kind and decision.code == code
+
+
+def test_failed_attempts_are_retried_by_tier_then_dead_and_permanent_ones_fail_at_once() -> None:
+    delays = [1.0, 5.0, 10.0]
+    steps = [next_step(Retryable("421 try later"), attempt, delays) for attempt in (1, 2, 3, 4)]
+    assert [(s.state, s.retry_in, s.tier) for s in steps[:3]] == [
+        (State.RETRYING, 1.0, 0),
+        (State.RETRYING, 5.0, 1),
+        (State.RETRYING, 10.0, 2),
+    ]
+    assert (steps[3].state, steps[3].reason, steps[3].retry_in) == (State.DEAD, "retries_exhausted", None)
+    # The provider's Retry-After lengthens a delay, never shortens it.
+    assert next_step(Retryable("429", retry_after=30), 1, delays).retry_in == 30
+    assert next_step(Retryable("429", retry_after=0.5), 2, delays).retry_in == 5.0
+    permanent = next_step(Permanent("550 no such user"), 1, delays)
+    assert (permanent.state, permanent.reason, permanent.retry_in) == (State.FAILED, "permanent_failure", None)
+    # More delays than tier topics: the extra attempts wait in the last tier.
+    assert next_step(Retryable("x"), 5, [1, 1, 1, 1, 1]).tier == 2
