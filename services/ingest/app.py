@@ -16,8 +16,9 @@ from services.ingest.dedup import Guard
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
-from services.ingest.routes import accounts, attachments, dead_letters, health, messages
+from services.ingest.routes import accounts, attachments, dead_letters, health, messages, tenants
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
+from services.ingest.tenants import TenantSettingsCache
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
@@ -64,7 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
             redis=redis,
             producer=producer,
             publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s, settings.record_timeout_s),
-            guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_window_s, settings.dedup_fail_open),
+            guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_fail_open),
+            tenants=TenantSettingsCache(pool, settings.dedup_window_s, settings.record_timeout_s),
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
@@ -97,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(dead_letters.router)
     app.include_router(attachments.router)
+    app.include_router(tenants.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
     async def event_schema(name: str) -> JSONResponse:

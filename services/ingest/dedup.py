@@ -6,10 +6,11 @@
   source of truth (a unique index on the record's key), so keys hold when Redis is down; Redis
   only caches the first response so a replay costs no database query.
 - A request without a key is fingerprinted: SHA-256 over tenant, recipients, subject and the
-  content's hash. The same fingerprint within ``HERALD_DEDUP_WINDOW_S`` → 409 / 1006 naming the
-  earlier message. Redis holds the window; when Redis is down the check fails open (the message is
-  accepted and marked ``dedup_skipped``, a metric counts it) or, with
-  ``HERALD_DEDUP_FAIL_OPEN=false``, the request gets 503.
+  content's hash. The same fingerprint within the tenant's window (``tenants.dedup_window_s``,
+  default ``HERALD_DEDUP_WINDOW_S``) → 409 / 1006 naming the earlier message. Redis holds the
+  window; when Redis is down the check fails open (the message is accepted and marked
+  ``dedup_skipped``, a metric counts it) or, with ``HERALD_DEDUP_FAIL_OPEN=false``, the request
+  gets 503.
 """
 
 from __future__ import annotations
@@ -51,10 +52,9 @@ class Remembered:
 class Guard:
     """The Redis side of idempotency and dedup; every call is bounded and never hangs."""
 
-    def __init__(self, redis: Redis, idempotency_ttl_s: int, dedup_window_s: int, fail_open: bool) -> None:
+    def __init__(self, redis: Redis, idempotency_ttl_s: int, fail_open: bool) -> None:
         self.redis = redis
         self.ttl = idempotency_ttl_s
-        self.window = dedup_window_s
         self.fail_open = fail_open
 
     @staticmethod
@@ -79,14 +79,15 @@ class Guard:
         except RedisError:
             log.warning("redis unavailable; idempotency key kept in PostgreSQL only")
 
-    async def claim(self, fp: str, message_id: str) -> tuple[str | None, bool]:
-        """Claim a fingerprint for ``message_id``: answers (earlier message id or None, skipped).
-        ``skipped`` is True when Redis could not be asked and the check failed open."""
-        if self.window <= 0:
+    async def claim(self, fp: str, message_id: str, window_s: int) -> tuple[str | None, bool]:
+        """Claim a fingerprint for ``message_id`` for ``window_s`` (the tenant's window; 0: no
+        check): answers (earlier message id or None, skipped). ``skipped`` is True when Redis
+        could not be asked and the check failed open."""
+        if window_s <= 0:
             return None, False
         key = f"herald:fp:{fp}"
         try:
-            if await self.redis.set(key, message_id, nx=True, ex=self.window):
+            if await self.redis.set(key, message_id, nx=True, ex=window_s):
                 return None, False
             earlier = await self.redis.get(key)
             return (earlier.decode() if earlier else None), False

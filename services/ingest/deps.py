@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from services.ingest.dedup import Guard
 from services.ingest.publish import Publisher
+from services.ingest.tenants import TenantSettingsCache
 from shared.settings import Settings
 
 
@@ -24,6 +25,7 @@ class Services:
     producer: AIOKafkaProducer
     publisher: Publisher
     guard: Guard
+    tenants: TenantSettingsCache
 
 
 # Routes call these directly rather than through ``Depends``: in the ingest profile FastAPI's

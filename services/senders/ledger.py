@@ -31,7 +31,8 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from urllib.parse import parse_qs, unquote, urlparse
+
+from redis.connection import SSLConnection, parse_url
 
 log = logging.getLogger("herald.sender.ledger")
 
@@ -47,16 +48,15 @@ class Ledger:
     """One Redis connection of its own for synchronous ``SET key value EX ttl [NX]`` writes."""
 
     def __init__(self, url: str, *, connect_timeout: float = 2.0) -> None:
-        u = urlparse(url)
-        query = parse_qs(u.query)
-        self._path = u.path if u.scheme == "unix" else None
-        self._host = u.hostname or "127.0.0.1"
-        self._port = u.port or 6379
-        self._ssl = ssl.create_default_context() if u.scheme == "rediss" else None
-        self._username = unquote(u.username) if u.username else None
-        self._password = unquote(u.password) if u.password else None
-        db = query.get("db", [None])[0] or (u.path.strip("/") if u.scheme != "unix" else "") or "0"
-        self._db = int(db)
+        # The URL means what it means to redis-py (the sender's other client).
+        options = parse_url(url)
+        self._path = options.get("path")
+        self._host = options.get("host") or "127.0.0.1"
+        self._port = int(options.get("port") or 6379)
+        self._ssl = ssl.create_default_context() if options.get("connection_class") is SSLConnection else None
+        self._username = options.get("username")
+        self._password = options.get("password")
+        self._db = int(options.get("db") or 0)
         self._timeout = connect_timeout
         self._writer: asyncio.StreamWriter | None = None
         self._pending: deque[asyncio.Future[bool]] = deque()

@@ -170,3 +170,30 @@ async def test_retrying_a_503_with_its_key_sends_the_message_once(
     assert len(copies) == 1
     again = await client.post(SEND, json=payload)  # and now an ordinary replay
     assert again.headers["idempotent-replayed"] == "true" and again.json()["data"]["message_id"] == request.message_id
+
+
+async def test_the_fingerprint_window_is_set_per_tenant(client: httpx.AsyncClient) -> None:
+    tenant = "/api/v1/tenants/default"
+    default = (await client.get(tenant)).json()["data"]
+    assert default["dedup_window_s"] is None and default["effective_dedup_window_s"] == 300
+    try:
+        off = await client.patch(tenant, json={"dedup_window_s": 0})
+        assert off.status_code == 200 and off.json()["data"]["effective_dedup_window_s"] == 0
+        payload = body()
+        assert [(await client.post(SEND, json=payload)).status_code for _ in range(2)] == [202, 202]
+
+        await client.patch(tenant, json={"dedup_window_s": 2})
+        payload = body()
+        assert (await client.post(SEND, json=payload)).status_code == 202
+        dup = await client.post(SEND, json=payload)
+        assert dup.status_code == 409 and "within 2 s" in dup.json()["message"]
+        await asyncio.sleep(2.5)
+        assert (await client.post(SEND, json=payload)).status_code == 202  # the window has passed
+    finally:
+        back = await client.patch(tenant, json={"dedup_window_s": None})
+    assert back.json()["data"]["effective_dedup_window_s"] == 300
+    bad = await client.patch(tenant, json={"dedup_window_s": 86401})
+    assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "dedup_window_s"
+    other = await client.get("/api/v1/tenants/someone-else")
+    assert other.status_code == 404 and other.json()["code"] == 1004
+    assert (await client.patch("/api/v1/tenants/someone-else", json={"dedup_window_s": 0})).status_code == 404

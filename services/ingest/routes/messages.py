@@ -163,12 +163,13 @@ async def send_email(request: Request):
     fp, skipped = None, False
     if key is None and body.dedup:
         fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, req.content)
-        earlier, skipped = await guard.claim(fp, req.message_id or "")
+        window = (await services.tenants.get(tenant_id)).dedup_window_s
+        earlier, skipped = await guard.claim(fp, req.message_id or "", window)
         if earlier is not None:
             raise HeraldError(
                 ErrorCode.DUPLICATE_REQUEST,
                 f"duplicate of {earlier}: same recipients, subject and content within "
-                f'{settings.dedup_window_s} s (send with "dedup": false to force)',
+                f'{window} s (send with "dedup": false to force)',
                 field="content",
             )
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
