@@ -165,6 +165,8 @@ def start_postgres(
     ]
     if fast:  # tests: durability is not what they check
         cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        # Statement counts, so tests can show which queries a path does (not) make.
+        cmd += ["-c", "shared_preload_libraries=pg_stat_statements"]
     # The server's log goes to a file next to its data: a pipe nobody reads fills up after a
     # few hundred lines and then blocks the server.
     log = open(datadir.parent / f"{datadir.name}.log", "ab")  # noqa: SIM115

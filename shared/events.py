@@ -152,6 +152,18 @@ class EmailOptions(BaseModel):
     attachments: list[AttachmentRef] | None = Field(default=None, max_length=20)
 
 
+class TemplateRef(BaseModel):
+    """A send in template mode: which template version, its variables and the locale. Ingest
+    pins the version (the current one unless the caller named one); the router renders."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template_id: int = Field(ge=1)
+    version: int = Field(ge=1)
+    vars: dict[str, Any] = Field(default_factory=dict)
+    locale: str | None = Field(default=None, max_length=35)
+
+
 class RequestV1(_Event):
     """``notify.request.v1``: a message to send, from ingest or from any internal producer."""
 
@@ -161,8 +173,11 @@ class RequestV1(_Event):
     channel: Channel
     to: list[Address] = Field(min_length=1, max_length=100)
     subject: str | None = Field(default=None, max_length=998, pattern=NO_NEWLINES)
-    content: str = Field(min_length=1)
+    # Required unless ``template`` is given (the router renders subject and content from it);
+    # the router checks that exactly one of the two is there.
+    content: str = ""
     content_type: ContentType = ContentType.HTML
+    template: TemplateRef | None = None
     email: EmailOptions | None = None
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_id: str | None = Field(default=None, max_length=64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -30,6 +30,10 @@ class Topics:
     DLQ = "notify.dlq"
     RETRY = ("notify.retry.1m", "notify.retry.5m", "notify.retry.10m")
     PROVIDER_HEALTH = "notify.provider-health"
+    # Templates (and later routing rules, provider settings): ingest writes, routers read all.
+    CONFIG = "notify.config"
+    # Keyed state where only the latest record per key matters.
+    COMPACTED = frozenset({PROVIDER_HEALTH, CONFIG})
 
     @staticmethod
     def dispatch(channel: Channel | str) -> str:
@@ -43,6 +47,7 @@ class Topics:
             cls.DLQ,
             *cls.RETRY,
             cls.PROVIDER_HEALTH,
+            cls.CONFIG,
             *(cls.dispatch(c) for c in Channel),
         ]
 
@@ -141,6 +146,7 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None,
                                 t,
                                 num_partitions=settings.kafka_topic_partitions,
                                 replication_factor=settings.kafka_replication_factor,
+                                topic_configs={"cleanup.policy": "compact"} if t in Topics.COMPACTED else {},
                             )
                             for t in missing
                         ]
@@ -160,7 +166,7 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None,
     return []  # not reached: the last attempt raises
 
 
-async def keep_topics(settings: Settings) -> None:
+async def keep_topics(settings: Settings, on_created: Callable[[list[str]], None] | None = None) -> None:
     """Create again the topics that disappear. A broker that restarts without its data (Tansu
     keeps everything in memory; a Kafka cluster rebuilt from scratch) comes back with no topics,
     and worse, Tansu then acknowledges writes to them while listing none, so no consumer is ever
@@ -175,6 +181,8 @@ async def keep_topics(settings: Settings) -> None:
             continue
         if created:
             log.warning("topics were missing and have been created again: %s", ", ".join(created))
+            if on_created is not None:
+                on_created(created)
 
 
 async def _bounded(coro: object, timeout: float) -> None:

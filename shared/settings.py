@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # The sweeper re-publishes a message that made no progress for this long.
     sweep_stalled_after_s: float = Field(default=120.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)
+    # Each field of a template (subject, content, text) at most this many bytes.
+    template_max_bytes: int = Field(default=65536, ge=1024, le=1_048_576)
 
     # --- workers' health/metrics ports ---------------------------------------------------
     router_http_port: int = 8101

@@ -82,6 +82,7 @@ def backing() -> Iterator[Backing]:
         "HERALD_SWEEP_STALLED_AFTER_S": "5",
         "HERALD_SWEEP_INTERVAL_S": "1",
         "HERALD_MAX_BODY_BYTES": "65536",
+        "HERALD_TEMPLATE_MAX_BYTES": "16384",
         "HERALD_LOG_JSON": "true",
     }
     try:

@@ -16,14 +16,16 @@ from services.ingest.dedup import Guard
 from services.ingest.deps import Services
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.publish import Publisher, RecordBatcher
-from services.ingest.routes import accounts, attachments, dead_letters, health, messages, tenants
+from services.ingest.routes import accounts, attachments, dead_letters, health, messages, templates, tenants
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
+from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
 from shared.kafka import ensure_topics, keep_topics, make_producer, stop_quietly
 from shared.settings import Settings
+from shared.template_store import ConfigFollower, TemplateStore
 
 log = logging.getLogger("herald.ingest")
 
@@ -51,13 +53,18 @@ def create_app(settings: Settings) -> FastAPI:
             pool, settings.record_batch_max, settings.record_batch_wait_ms, settings.idempotency_ttl_s
         )
         batcher.start()
+        store = TemplateStore()
+        distributor = TemplateDistributor(pool, producer, store, settings.publish_timeout_s)
+        follower = ConfigFollower(settings, store)  # other replicas' changes
+        await follower.start()
         background = [
             asyncio.create_task(
                 run_attachment_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s),
                 name="attachment-sweep",
             ),
             asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
-            asyncio.create_task(keep_topics(settings), name="keep-topics"),
+            asyncio.create_task(keep_topics(settings, lambda _: distributor.dirty.set()), name="keep-topics"),
+            asyncio.create_task(distributor.run(), name="template-distributor"),
         ]
         app.state.services = Services(
             settings=settings,
@@ -67,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
             publisher=Publisher(pool, producer, batcher, settings.publish_timeout_s, settings.record_timeout_s),
             guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_fail_open),
             tenants=TenantSettingsCache(pool, settings.dedup_window_s, settings.record_timeout_s),
+            templates=distributor,
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
@@ -77,6 +85,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await batcher.stop()
+            await follower.stop()
             await stop_quietly(producer)
             await redis.aclose()
             await pool.close()
@@ -100,6 +109,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(dead_letters.router)
     app.include_router(attachments.router)
     app.include_router(tenants.router)
+    app.include_router(templates.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
     async def event_schema(name: str) -> JSONResponse:

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from services.ingest.dedup import Guard
 from services.ingest.publish import Publisher
+from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
 from shared.settings import Settings
 
@@ -26,6 +27,7 @@ class Services:
     publisher: Publisher
     guard: Guard
     tenants: TenantSettingsCache
+    templates: TemplateDistributor
 
 
 # Routes call these directly rather than through ``Depends``: in the ingest profile FastAPI's

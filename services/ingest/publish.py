@@ -58,17 +58,19 @@ WITH rows AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
-        $12::text[], $13::text[], $14::bool[]
+        $12::text[], $13::text[], $14::bool[], $15::bigint[], $16::int[], $17::text[], $18::text[]
     ) AS r(message_id, tenant_id, message_type, recipient, recipients, subject,
            content, content_type, idempotency_key, request_id, created_at,
-           request_hash, request, dedup_skipped)
+           request_hash, request, dedup_skipped, template_id, template_version, template_vars, locale)
 ), inserted AS (
     INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients,
         subject, content, content_type, idempotency_key, request_id, created_at, updated_at,
-        status, state, state_rank, request_hash, request, dedup_skipped)
-    SELECT message_id, tenant_id, message_type, recipient, recipients::jsonb, subject, content,
+        status, state, state_rank, request_hash, request, dedup_skipped,
+        template_id, template_version, template_vars, locale)
+    SELECT message_id, tenant_id, message_type, recipient, recipients::jsonb, subject, NULLIF(content, ''),
         content_type, idempotency_key, request_id, created_at, created_at,
-        'pending', 'accepted', 0, request_hash, request::jsonb, dedup_skipped
+        'pending', 'accepted', 0, request_hash, request::jsonb, dedup_skipped,
+        template_id, template_version, template_vars::jsonb, locale
     FROM rows
     ON CONFLICT DO NOTHING
     RETURNING message_id, tenant_id, created_at
@@ -165,9 +167,10 @@ class RecordBatcher:
                 fut.set_result(outcome)
 
     async def _write(self, records: list[NewRecord]) -> list[Outcome]:
-        cols: list[list] = [[] for _ in range(14)]
+        cols: list[list] = [[] for _ in range(18)]
         for r in records:
             q = r.request
+            t = q.template
             for i, value in enumerate(
                 (
                     q.message_id,
@@ -184,6 +187,10 @@ class RecordBatcher:
                     r.request_hash,
                     q.to_bytes().decode(),
                     r.dedup_skipped,
+                    t.template_id if t else None,
+                    t.version if t else None,
+                    orjson.dumps(t.vars).decode() if t else None,
+                    t.locale if t else None,
                 )
             ):
                 cols[i].append(value)

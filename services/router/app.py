@@ -8,6 +8,7 @@ before it commits offsets, so a record's outputs are on the broker before its of
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 import faust
 
 from services.router.retry import serve_relay
-from services.router.routing import Origin, Rejected, Routed, plan
+from services.router.routing import Origin, Rejected, Routed, Unknown, plan, unknown_template
 from shared.events import DeadLetterV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
@@ -23,6 +24,8 @@ from shared.kafka import Topics, Trace, keep_topics, message_key
 from shared.logging import log_event, request_id_var, traceparent_var
 from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_REJECTED, MESSAGES_ROUTED
 from shared.settings import Settings
+from shared.template_store import ConfigFollower, TemplateStore
+from shared.templates import Renderer
 
 log = logging.getLogger("herald.router")
 
@@ -56,12 +59,32 @@ def create_app(settings: Settings) -> faust.App:
         for channel in ("email",)
     }
     state = {"assigned": False}
+    # Templates come from notify.config, read whole before the first request is routed.
+    templates = TemplateStore()
+    follower = ConfigFollower(settings, templates)
+    renderer = Renderer()
+    app.herald_templates = templates  # type: ignore[attr-defined]
 
     @app.on_rebalance_complete.connect
     async def _assigned(sender: object, **kwargs: object) -> None:
         state["assigned"] = True
 
+    loading = asyncio.Lock()
+
+    async def templates_loaded() -> None:
+        """Read the config topic whole (once) before the first request is routed."""
+        if follower.consumer is None:
+            async with loading:
+                if follower.consumer is None:
+                    await follower.start()
+
+    @app.task(on_leader=False)
+    async def _read_config() -> None:
+        await templates_loaded()
+
     async def ready() -> None:
+        if follower.consumer is None:
+            raise RuntimeError("templates not loaded yet")
         if not state["assigned"]:
             raise RuntimeError("no partitions assigned yet")
         if app.rebalancing:
@@ -92,7 +115,22 @@ def create_app(settings: Settings) -> faust.App:
     async def _handle(record: faust.types.EventT, trace: Trace) -> None:
         msg = record.message
         stamped = datetime.fromtimestamp(msg.timestamp, UTC) if msg.timestamp else utcnow()
-        decision = plan(record.value, origin=Origin(msg.topic, msg.partition, msg.offset, stamped))
+        origin = Origin(msg.topic, msg.partition, msg.offset, stamped)
+        await templates_loaded()
+        decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
+        if isinstance(decision, Unknown):
+            # Published a moment ago? Read the config topic to its end, then decide again.
+            synced = await follower.sync(timeout=10)
+            decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
+            if isinstance(decision, Unknown):
+                if not synced or not templates.heads:
+                    # The config topic is not readable or empty (a broker that lost it; ingest
+                    # publishes every template again): not the request's fault. Dead-lettered
+                    # for replay, and left unrouted, so the sweeper publishes it again.
+                    errors = [{"field": "template", "message": "template store not available"}]
+                    await _dead_letter(record, trace, "template_unavailable", errors, decision.message_id)
+                    return
+                decision = unknown_template(decision, record.value)
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             for event in decision.events:
@@ -169,5 +207,6 @@ def create_app(settings: Settings) -> faust.App:
     @app.on_before_shutdown.connect
     async def _stop_health(sender: object, **kwargs: object) -> None:
         await health.stop()
+        await follower.stop()
 
     return app

@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
 
 from shared.events import (
     Channel,
+    ContentType,
     DispatchV1,
+    EmailOptions,
     EventV1,
     MessageSnapshot,
     RequestV1,
@@ -27,10 +29,12 @@ from shared.events import (
     validate_email_address,
 )
 from shared.ids import is_message_id, new_message_id
+from shared.templates import Rendered, Renderer, TemplateProblem, TemplateVersion
 
 SERVICE = "router"
 
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_RENDERER = Renderer()
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,21 @@ class Rejected:
     events: list[EventV1] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Unknown:
+    """The request's template version is not in the router's store (yet)."""
+
+    message_id: str
+    template_id: int
+    version: int
+
+
+class Templates(Protocol):
+    """What routing needs of the template store and renderer."""
+
+    def version(self, tenant_id: str, template_id: int, version: int) -> TemplateVersion | None: ...
+
+
 def _field(loc: tuple | list) -> str:
     return ".".join(str(p) for p in loc) or "body"
 
@@ -99,6 +118,17 @@ def _snapshot(data: dict[str, Any], channel: str, accepted_at: datetime | None) 
     )
 
 
+def _mode_errors(request: RequestV1) -> list[dict[str, str]]:
+    """Content or a template, not both (checked before rendering)."""
+    errors: list[dict[str, str]] = []
+    if request.template is None and not request.content:
+        errors.append({"field": "content", "message": "field required unless a template is given"})
+    if request.template is not None and (request.content or request.subject):
+        field_name = "content" if request.content else "subject"
+        errors.append({"field": field_name, "message": "not allowed with a template (the template provides it)"})
+    return errors
+
+
 def _channel_errors(request: RequestV1) -> list[dict[str, str]]:
     """Checks that depend on the channel (addresses of the right kind, required fields)."""
     errors: list[dict[str, str]] = []
@@ -120,6 +150,7 @@ def _reject(
     data: dict[str, Any] | None,
     tenant_id: str,
     now: datetime,
+    code: int = 1001,
 ) -> Rejected:
     data = data or {}
     snapshot = _snapshot(data, str(data.get("channel") or "unknown"), now)
@@ -133,7 +164,7 @@ def _reject(
         occurred_at=now,
         service=SERVICE,
         channel=snapshot.channel,
-        error_code=1001,
+        error_code=code,
         error=f"{reason}: {text}"[:2000],
         detail={"reason": reason, "errors": errors[:20]},
         message=snapshot,
@@ -142,9 +173,18 @@ def _reject(
     return Rejected(message_id, reason, errors, [event])
 
 
-def plan(raw: bytes | None, *, now: datetime | None = None, origin: Origin | None = None) -> Routed | Rejected:
+def plan(
+    raw: bytes | None,
+    *,
+    now: datetime | None = None,
+    origin: Origin | None = None,
+    templates: Templates | None = None,
+    renderer: Renderer | None = None,
+) -> Routed | Rejected | Unknown:
     """Decide what to do with one record of ``notify.requests``; ``origin`` (the record's
-    place in the log) makes the ids the router assigns the same each time it is routed."""
+    place in the log) makes the ids the router assigns the same each time it is routed.
+    A request in template mode is rendered from ``templates`` (never a database query);
+    :class:`Unknown` when its version is not there."""
     now = now or utcnow()
     assigned = origin.message_id() if origin is not None else new_message_id(now)  # when none is given
     try:
@@ -193,10 +233,55 @@ def plan(raw: bytes | None, *, now: datetime | None = None, origin: Origin | Non
     except ValidationError as exc:
         errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
-    errors = _channel_errors(request)
+    errors = _mode_errors(request) or (_channel_errors(request) if request.template is None else [])
     if errors:
         return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+    if request.template is not None:
+        ref = request.template
+        version = templates.version(tenant_id, ref.template_id, ref.version) if templates is not None else None
+        if version is None:
+            return Unknown(message_id, ref.template_id, ref.version)
+        try:
+            rendered = (renderer or _RENDERER).render(version, request.channel.value, ref.locale, ref.vars)
+        except TemplateProblem as exc:
+            errors = [{"field": exc.field, "message": exc.message}]
+            return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, int(exc.code))
+        request = _with_rendered(request, rendered)
+        errors = _channel_errors(request)
+        if errors:  # e.g. a template without a subject for email
+            return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
     return _route(request, now)
+
+
+def unknown_template(unknown: Unknown, raw: bytes | None, now: datetime | None = None) -> Rejected:
+    """The rejection of a request whose template version does not exist (2003)."""
+    now = now or utcnow()
+    data = orjson.loads(raw or b"{}")
+    tenant_id = data.get("tenant_id") if isinstance(data.get("tenant_id"), str) else "default"
+    errors = [{"field": "template", "message": f"template {unknown.template_id} version {unknown.version} not found"}]
+    return _reject(unknown.message_id, "template_not_found", errors, data, tenant_id, now, 2003)
+
+
+def _routed_detail(request: RequestV1) -> dict[str, Any]:
+    detail: dict[str, Any] = {"channel": request.channel.value}
+    if request.template is not None:
+        ref = request.template
+        detail["template"] = {"template_id": ref.template_id, "version": ref.version, "locale": ref.locale}
+    return detail
+
+
+def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
+    """The request as if sent with the rendered subject and content (the template stays, so
+    the dispatch and the record can name it)."""
+    update: dict[str, Any] = {
+        "subject": rendered.subject,
+        "content": rendered.content,
+        "content_type": ContentType.HTML if rendered.format == "html" else ContentType.TEXT,
+    }
+    if request.channel is Channel.EMAIL and rendered.text_content:
+        email = request.email or EmailOptions()
+        update["email"] = email.model_copy(update={"text": rendered.text_content})
+    return request.model_copy(update=update)
 
 
 def _route(request: RequestV1, now: datetime) -> Routed:
@@ -243,7 +328,7 @@ def _route(request: RequestV1, now: datetime) -> Routed:
             state=State.ROUTED,
             occurred_at=max(now, accepted_at),
             message=snapshot,
-            detail={"channel": request.channel.value},
+            detail=_routed_detail(request),
             **common,
         )
     )

@@ -22,6 +22,8 @@ class FoldPlan:
     new_records: list[EventV1] = field(default_factory=list)
     timeline: list[EventV1] = field(default_factory=list)
     moves: list[EventV1] = field(default_factory=list)
+    # 'routed' events of templated messages: the subject and content the router rendered.
+    rendered: list[EventV1] = field(default_factory=list)
 
 
 def _order(event: EventV1) -> tuple[int, int]:
@@ -41,6 +43,8 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
         plan.timeline.append(event)
         if event.message is not None and event.message_id not in snapshots:
             snapshots[event.message_id] = event
+        if event.state is State.ROUTED and event.message is not None and (event.detail or {}).get("template"):
+            plan.rendered.append(event)
         best = furthest.get(event.message_id)
         if best is None or _order(event) > _order(best):
             furthest[event.message_id] = event
@@ -62,6 +66,16 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text
           content_type, idempotency_key, request_id, created_at)
 ON CONFLICT DO NOTHING
 RETURNING message_id
+"""
+
+# Ingest records a templated message before it is rendered; the router's 'routed' event brings
+# what it rendered (the same each time: a version never changes).
+_RENDERED = """
+UPDATE message_records m SET subject = u.subject, content = u.content, content_type = u.content_type
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+     AS u(message_id, tenant_id, subject, content, content_type)
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.template_id IS NOT NULL
+  AND (m.content IS NULL OR m.content = '')
 """
 
 _TIMELINE = """
@@ -179,6 +193,13 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:
             await conn.execute(_MOVE, *_columns(moves, 10))
+        if plan.rendered:
+            rendered = [
+                (e.message_id, e.tenant_id, e.message.subject, e.message.content, e.message.content_type)
+                for e in plan.rendered
+                if e.message is not None
+            ]
+            await conn.execute(_RENDERED, *_columns(rendered, 5))
         troubled = {e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES}
         if created:
             catch_up = await _catch_up(conn, created, [e.event_id for e in plan.timeline])

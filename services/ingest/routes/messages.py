@@ -13,6 +13,7 @@ from services.ingest.dedup import fingerprint, request_hash
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
 from services.ingest.publish import NewRecord
+from services.ingest.routes.templates import resolve as resolve_template
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
@@ -23,6 +24,7 @@ from shared.events import (
     RequestV1,
     State,
     Status,
+    TemplateRef,
 )
 from shared.ids import new_message_id
 from shared.kafka import Trace
@@ -49,7 +51,12 @@ class EmailSendRequest(BaseModel):
     from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES, description="Sender display name")
     reply_to: EmailStr | None = None
     template_id: int | None = Field(default=None, ge=1)
+    template_name: str | None = Field(default=None, min_length=1, max_length=100)
+    template_version: int | None = Field(default=None, ge=1, description="pin a version; default the current one")
     template_vars: dict[str, Any] | None = None
+    locale: str | None = Field(
+        default=None, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", description="e.g. zh-CN"
+    )
     attachment_ids: list[str] = Field(default_factory=list, max_length=20)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
     dedup: bool = Field(default=True, description="false: skip the content-fingerprint duplicate check")
@@ -59,16 +66,24 @@ class EmailSendRequest(BaseModel):
         """Seed 004: ``content`` and ``template_id`` are exclusive; direct mode needs both
         ``subject`` and ``content``. Checked here rather than in a model validator so that the
         error names the field."""
-        if self.content is not None and self.template_id is not None:
-            return HeraldError(
-                ErrorCode.INVALID_PARAMS,
-                "content and template_id are mutually exclusive: give one of them",
-                field="content",
-            )
-        if self.template_id is None:
+        templated = self.template_id is not None or self.template_name is not None
+        if self.template_id is not None and self.template_name is not None:
+            return HeraldError(ErrorCode.INVALID_PARAMS, "give template_id or template_name, not both",
+                               field="template_name")  # fmt: skip
+        for name in ("content", "subject", "text_content"):
+            if templated and getattr(self, name) is not None:
+                return HeraldError(
+                    ErrorCode.INVALID_PARAMS,
+                    f"{name} and template_id are mutually exclusive: the template provides it",
+                    field=name,
+                )
+        if not templated:
             for name in ("content", "subject"):
                 if getattr(self, name) is None:
                     return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id", field=name)
+            for name in ("template_vars", "template_version", "locale"):
+                if getattr(self, name) is not None:
+                    return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
         return None
 
     @property
@@ -83,7 +98,7 @@ class BatchQuery(BaseModel):
 
 _DETAIL_COLUMNS = """message_id, tenant_id, message_type, recipient, recipients, subject,
     content_type, status, state, attempt, retry_count, error_code, error_message,
-    idempotency_key, request_id, sender_info, template_id, template_version,
+    idempotency_key, request_id, sender_info, template_id, template_version, template_vars, locale,
     created_at, updated_at, sent_at"""
 
 
@@ -122,9 +137,9 @@ async def send_email(request: Request):
             f"at most {settings.max_recipients} recipients in to, cc and bcc together",
             field="to",
         )
-    if body.template_id is not None:
-        # Templates arrive with their own issue; until then no template exists.
-        raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {body.template_id} not found", field="template_id")
+    template = None
+    if body.template_id is not None or body.template_name is not None:
+        template = await _template_ref(request, tenant_id, body)
     attachments = (
         await resolve_attachments(
             services.pool, tenant_id, body.attachment_ids, datetime.now(UTC), settings.attachments_total_max_bytes
@@ -147,6 +162,7 @@ async def send_email(request: Request):
         subject=body.subject,
         content=body.content or "",
         content_type=body.content_type,
+        template=template,
         email=EmailOptions(
             cc=body.cc,
             bcc=body.bcc,
@@ -162,7 +178,8 @@ async def send_email(request: Request):
     )
     fp, skipped = None, False
     if key is None and body.dedup:
-        fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, req.content)
+        content = req.content if template is None else template.model_dump_json()
+        fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, content)
         window = (await services.tenants.get(tenant_id)).dedup_window_s
         earlier, skipped = await guard.claim(fp, req.message_id or "", window)
         if earlier is not None:
@@ -187,6 +204,25 @@ async def send_email(request: Request):
     if key is not None:
         await guard.remember(tenant_id, key, outcome.message_id, digest, response)
     return envelope(response, status_code=202)
+
+
+async def _template_ref(request: Request, tenant_id: str, body: EmailSendRequest) -> TemplateRef:
+    """The template version this send uses, pinned; its declared variables must all be given
+    (2004 naming the first one missing). Answered from ingest's template store."""
+    version = await resolve_template(request, tenant_id, body.template_id, body.template_name, body.template_version)
+    variables = body.template_vars or {}
+    missing = [name for name in version.variables if name not in variables]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise HeraldError(
+            ErrorCode.TEMPLATE_RENDER_FAILED,
+            f"missing template variable: {missing[0]}{more}",
+            field=f"template_vars.{missing[0]}",
+        )
+    if not any(v.channel == "email" for v in version.variants):
+        raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no email variant",
+                          field="template_id")  # fmt: skip
+    return TemplateRef(template_id=version.template_id, version=version.version, vars=variables, locale=body.locale)
 
 
 def _idempotency_key(body: EmailSendRequest, request: Request) -> str | None:
