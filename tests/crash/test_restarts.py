@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 
 from tests.crash.conftest import Stack
 from tests.crash.load import (
+    SEND,
     HttpLoad,
     new_tag,
     paced_http,
@@ -122,3 +124,26 @@ async def test_sigterm_each_service_under_load(stack: Stack) -> None:
     assert t.lost == 0, t.lost_tokens
     assert t.duplicated == 0, t.duplicated_tokens
     assert states.get("sent") == len(load.accepted), states
+
+
+async def test_a_restarted_router_renders_templates_from_the_config_topic(stack: Stack) -> None:
+    """The router keeps templates only in memory, read from notify.config: killed and started
+    again, it rebuilds them from the topic (it has no database access to fall back on)."""
+    tag = new_tag("template-restart")
+    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30) as client:
+        created = await client.post("/api/v1/templates", json={
+            "template_name": tag, "subject": "code {{ code }}", "content": "<p>{{ code }}</p>",
+            "variables": ["code"]})  # fmt: skip
+        assert created.status_code == 201, created.text
+        template_id = created.json()["data"]["id"]
+        stack.kill("router")
+        await asyncio.to_thread(stack.restart, "router")
+        sent = await client.post(SEND, json={"to": "restart@example.com", "template_id": template_id,
+                                             "template_vars": {"code": tag}})  # fmt: skip
+        assert sent.status_code == 202, sent.text
+        message_id = sent.json()["data"]["message_id"]
+    deadline = time.monotonic() + 60
+    while not (found := [m for m in list(stack.smtp.messages) if m.parsed()["X-Herald-Message-ID"] == message_id]):
+        assert time.monotonic() < deadline, "the templated message was not delivered"
+        await asyncio.sleep(0.2)
+    assert found[0].parsed()["Subject"] == f"code {tag}" and f"<p>{tag}</p>" in found[0].data.decode()
