@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     # The sweeper re-publishes a message that made no progress for this long.
     sweep_stalled_after_s: float = Field(default=120.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)
+    # User-given outbound URLs (webhooks, callbacks) may reach these private ranges and hosts
+    # (comma-separated CIDRs and names; shared/ssrf.py). Empty: public addresses only.
+    outbound_allow: str = ""
     # Each field of a template (subject, content, text) at most this many bytes.
     template_max_bytes: int = Field(default=65536, ge=1024, le=1_048_576)
 
