@@ -68,6 +68,12 @@ class TemplateStore:
             template_id = self._names.get((tenant_id, name))
         return self.heads.get((tenant_id, template_id)) if template_id is not None else None
 
+    def missing_for_good(self, tenant_id: str, template_id: int, version: int) -> bool:
+        """Whether a version this store lacks will never come: its template is known and
+        deleted, or its current version is older. Otherwise it may be on its way."""
+        head = self.heads.get((tenant_id, template_id))
+        return head is not None and (head.deleted or version > head.version)
+
     def for_send(
         self, tenant_id: str, template_id: int | None, name: str | None, version: int | None
     ) -> TemplateVersion | None:
@@ -101,11 +107,13 @@ class ConfigFollower:
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.applied = 0
+        self.loaded = asyncio.Event()  # read to the end once (or gave up waiting, with a warning)
 
     async def start(self, timeout: float = 30) -> None:
-        """Assign every partition and read up to the end before answering."""
+        """Assign every partition and read up to the end before answering; a consumer that
+        cannot start is closed and the error raised (call again to retry)."""
         s = self.settings
-        self.consumer = AIOKafkaConsumer(
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap_servers,
             group_id=None,
             enable_auto_commit=False,
@@ -113,11 +121,19 @@ class ConfigFollower:
             metadata_max_age_ms=int(s.kafka_metadata_max_age_s * 1000),
             client_id=f"herald-{s.service_name}-config",
         )
-        await self.consumer.start()
-        await self._assign()
+        try:
+            await consumer.start()
+            self.consumer = consumer
+            await self._assign()
+        except BaseException:
+            self.consumer = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), 3)
+            raise
         self._task = asyncio.create_task(self._run(), name="config-follower")
         if not await self.sync(timeout):
             log.warning("config topic not read to its end within %.0fs; continuing", timeout)
+        self.loaded.set()
 
     async def _assign(self) -> None:
         assert self.consumer is not None

@@ -17,21 +17,26 @@ so that a bad one never reaches a send:
   undeclared names such as ``config`` or ``cycler`` are therefore refused too;
 - each field is at most ``HERALD_TEMPLATE_MAX_BYTES`` (default :data:`MAX_FIELD_BYTES`; 1001).
 
-Rendering also bounds the work: ``range`` and loops over it count towards
-:data:`MAX_ITERATIONS` per render, ``*``/``**`` cannot build huge values, and the output is at
-most :data:`MAX_OUTPUT_BYTES`.
+Rendering also bounds the work: every loop step, call and filter counts towards
+:data:`MAX_ITERATIONS` per render (loops are rewritten at parse time to iterate through a
+counter), ``*``/``**``/``%``, widths and format strings cannot build huge values, lists and dicts
+cannot be changed (the immutable sandbox), and each field's output is at most
+:data:`MAX_OUTPUT_BYTES`. Not bounded yet: memory built by repeated ``~`` concatenation inside
+``{% set %}`` (tens of MB at most within the step budget) — rendering in a worker process with
+resource limits is the complete answer.
 """
 
 from __future__ import annotations
 
 import contextvars
 import operator
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ErrorCode
@@ -122,16 +127,65 @@ def _spend(n: int) -> None:
 
 def _range(*args: int) -> range:
     r = range(*args)
-    _spend(len(r))
+    if len(r) > MAX_ITERATIONS:
+        raise SecurityError(f"range of more than {MAX_ITERATIONS} items")
     return r
 
 
-class _Sandbox(SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+def _counted(iterable: Any) -> Any:
+    """Every loop iterates through this (see :meth:`_Sandbox._parse`): each step is charged."""
+    for item in iterable:
+        _spend(1)
+        yield item
+
+
+_LOOP_GLOBAL = "herald_loop"
+# A width or precision in a format string ("%0100000000d", "{:>100000000}") builds that much.
+_WIDE_FORMAT = re.compile(r"\d{6,}")
+
+
+def _too_big(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_OUTPUT_BYTES
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox with work bounds: loops and calls charge the render's budget, repetition,
+    powers, widths and format strings are bounded, lists and dicts cannot be changed."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(nodes.Name(_LOOP_GLOBAL, "load"), [loop.iter], [], None, None, lineno=loop.lineno)
+        return tree
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _spend(1)
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise SecurityError("argument too large")
+        if any(isinstance(a, str) and _WIDE_FORMAT.search(a) for a in args) and getattr(__obj, "__name__", "") in (
+            "format",
+            "format_map",
+        ):
+            raise SecurityError("format width too large")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def format_string(self, s: str, args: Any, kwargs: Any, format_func: Any = None) -> str:
+        if _WIDE_FORMAT.search(s):
+            raise SecurityError("format width too large")
+        return super().format_string(s, args, kwargs, format_func)
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "%":
+            if isinstance(left, str) and _WIDE_FORMAT.search(left):
+                raise SecurityError("format width too large")
+            return operator.mod(left, right)
         if operator_name == "**":
-            if isinstance(left, int | float) and isinstance(right, int | float) and abs(right) > 64:
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                if right > 0 and right * abs(left).bit_length() > 4096:
+                    raise SecurityError("power too large")
+            elif isinstance(right, int | float) and abs(right) > 4096:
                 raise SecurityError("exponent too large")
             return operator.pow(left, right)
         # Repeating a string or list builds a value as large as the factor asks.
@@ -150,12 +204,36 @@ def _environment(autoescape: bool) -> _Sandbox:
     env = _Sandbox(undefined=StrictUndefined, autoescape=autoescape, keep_trailing_newline=True)
     env.globals.clear()  # no cycler, joiner, lipsum, namespace, dict: only what is declared
     env.globals["range"] = _range
+    env.globals[_LOOP_GLOBAL] = _counted
+    for name, fn in list(env.filters.items()):
+        env.filters[name] = _bounded_filter(fn)
     return env
+
+
+def _bounded_filter(fn: Any) -> Any:
+    """Filters are called directly, not through the sandbox's ``call``: the same bounds."""
+
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _spend(1)
+        if any(_too_big(a) for a in (*args, *kwargs.values())):
+            raise SecurityError("argument too large")
+        if fn.__name__ in ("do_format", "sync_do_format") or fn.__name__.endswith("format"):
+            if any(isinstance(a, str) and _WIDE_FORMAT.search(a) for a in args):
+                raise SecurityError("format width too large")
+        result = fn(*args, **kwargs)
+        if isinstance(result, str) and len(result) > MAX_OUTPUT_BYTES:
+            raise SecurityError("filter result too large")
+        return result
+
+    for attr in ("jinja_pass_arg",):  # pass_context / pass_environment markers
+        if hasattr(fn, attr):
+            setattr(bounded, attr, getattr(fn, attr))
+    return bounded
 
 
 _HTML = _environment(True)
 _PLAIN = _environment(False)
-_ALLOWED_GLOBALS = frozenset({"range", "loop"})
+_ALLOWED_GLOBALS = frozenset({"range", "loop", _LOOP_GLOBAL})
 
 
 def _env_for(variant: Variant, field: str) -> _Sandbox:
@@ -186,6 +264,8 @@ def check(
                 ErrorCode.INVALID_PARAMS, f"two variants for {variant.channel}/{variant.locale}", f"{where}.{i}"
             )
         seen.add((variant.channel, variant.locale))
+        if variant.channel == "email" and not variant.subject:
+            raise TemplateProblem(ErrorCode.INVALID_PARAMS, "an email variant needs a subject", f"{where}.{i}.subject")
         for name, source in variant_fields(variant):
             field = f"{where}.{i}.{name}"
             if len(source.encode()) > max_bytes:
@@ -282,7 +362,13 @@ class Renderer:
             ) from None
         except SecurityError as exc:
             raise TemplateProblem(ErrorCode.TEMPLATE_RENDER_FAILED, f"refused: {exc}", "template_vars") from None
-        except (TemplateError, TypeError, ValueError, ArithmeticError) as exc:
+        except (RecursionError, MemoryError):
+            raise TemplateProblem(
+                ErrorCode.TEMPLATE_RENDER_FAILED,
+                "refused: the template recurses or grows without bound",
+                "template_vars",
+            ) from None
+        except (TemplateError, TypeError, ValueError, ArithmeticError, AttributeError) as exc:
             raise TemplateProblem(
                 ErrorCode.TEMPLATE_RENDER_FAILED, f"rendering failed: {exc}"[:300], "template_vars"
             ) from None

@@ -131,11 +131,13 @@ class TemplateDistributor:
         self.dirty.set()
         while True:
             await self.dirty.wait()
+            # Cleared before reading: a change that fails to publish meanwhile sets it again.
+            self.dirty.clear()
             try:
                 count = await self.republish_all()
-                self.dirty.clear()
                 log.info("templates published to the config topic: %d", count)
             except Exception as exc:  # broker or database away: try again shortly
+                self.dirty.set()
                 log.warning("template republish failed (%s)", exc.__class__.__name__)
             await asyncio.sleep(_RESYNC_DIRTY_EVERY_S)
 

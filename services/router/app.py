@@ -72,10 +72,11 @@ def create_app(settings: Settings) -> faust.App:
     loading = asyncio.Lock()
 
     async def templates_loaded() -> None:
-        """Read the config topic whole (once) before the first request is routed."""
-        if follower.consumer is None:
+        """Read the config topic whole (once) before the first request is routed; retried
+        (the exception propagates) while the broker cannot be reached."""
+        if not follower.loaded.is_set():
             async with loading:
-                if follower.consumer is None:
+                if not follower.loaded.is_set():
                     await follower.start()
 
     @app.task(on_leader=False)
@@ -83,7 +84,7 @@ def create_app(settings: Settings) -> faust.App:
         await templates_loaded()
 
     async def ready() -> None:
-        if follower.consumer is None:
+        if not follower.loaded.is_set():
             raise RuntimeError("templates not loaded yet")
         if not state["assigned"]:
             raise RuntimeError("no partitions assigned yet")
@@ -123,10 +124,12 @@ def create_app(settings: Settings) -> faust.App:
             synced = await follower.sync(timeout=10)
             decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
             if isinstance(decision, Unknown):
-                if not synced or not templates.heads:
-                    # The config topic is not readable or empty (a broker that lost it; ingest
-                    # publishes every template again): not the request's fault. Dead-lettered
-                    # for replay, and left unrouted, so the sweeper publishes it again.
+                if not synced or not templates.missing_for_good(decision.tenant_id, decision.template_id,
+                                                                decision.version):  # fmt: skip
+                    # The config topic is not readable, or does not have this template yet (a
+                    # broker that lost it while ingest publishes everything again): not the
+                    # request's fault. Dead-lettered for replay, and left unrouted, so the
+                    # sweeper publishes it again.
                     errors = [{"field": "template", "message": "template store not available"}]
                     await _dead_letter(record, trace, "template_unavailable", errors, decision.message_id)
                     return

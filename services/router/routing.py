@@ -35,6 +35,8 @@ SERVICE = "router"
 
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RENDERER = Renderer()
+# What a rendered message may weigh in all (the broker's default request limit is 1 MiB).
+MAX_RENDERED_BYTES = 768 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class Unknown:
     """The request's template version is not in the router's store (yet)."""
 
     message_id: str
+    tenant_id: str
     template_id: int
     version: int
 
@@ -240,13 +243,17 @@ def plan(
         ref = request.template
         version = templates.version(tenant_id, ref.template_id, ref.version) if templates is not None else None
         if version is None:
-            return Unknown(message_id, ref.template_id, ref.version)
+            return Unknown(message_id, tenant_id, ref.template_id, ref.version)
         try:
             rendered = (renderer or _RENDERER).render(version, request.channel.value, ref.locale, ref.vars)
         except TemplateProblem as exc:
             errors = [{"field": exc.field, "message": exc.message}]
             return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, int(exc.code))
-        request = _with_rendered(request, rendered)
+        try:
+            request = _with_rendered(request, rendered)
+        except ValidationError as exc:  # e.g. a subject over 998 characters
+            errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+            return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, 2004)
         errors = _channel_errors(request)
         if errors:  # e.g. a template without a subject for email
             return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
@@ -278,10 +285,24 @@ def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
         "content": rendered.content,
         "content_type": ContentType.HTML if rendered.format == "html" else ContentType.TEXT,
     }
+    size = sum(len(v.encode()) for v in (rendered.subject, rendered.content, rendered.text_content) if v)
+    if size > MAX_RENDERED_BYTES:
+        raise ValidationError.from_exception_data(
+            "RequestV1",
+            [
+                {
+                    "type": "too_long",
+                    "loc": ("content",),
+                    "input": "",
+                    "ctx": {"field_type": "Value", "max_length": MAX_RENDERED_BYTES, "actual_length": size},
+                }
+            ],
+        )
     if request.channel is Channel.EMAIL and rendered.text_content:
         email = request.email or EmailOptions()
-        update["email"] = email.model_copy(update={"text": rendered.text_content})
-    return request.model_copy(update=update)
+        update["email"] = {**email.model_dump(), "text": rendered.text_content}
+    # Validated like any request (subject length, no line breaks, ...): model_copy would not.
+    return RequestV1.model_validate({**request.model_dump(by_alias=True), **update})
 
 
 def _route(request: RequestV1, now: datetime) -> Routed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from shared.errors import ErrorCode
@@ -134,3 +136,29 @@ def test_the_same_version_renders_the_same_and_is_compiled_once() -> None:
     assert renderer.render(tpl, "email", None, {"name": "x\r\nBcc: evil@example.com"}).subject == (
         "Hi x Bcc: evil@example.com"
     )
+
+
+WORK_BOMBS = [
+    "{% set r = range(1000) %}{% for a in r %}{% for b in r %}{% for c in r %}{% endfor %}{% endfor %}{% endfor %}",
+    "{% for a in items %}{% for b in items %}{% for c in items %}{% endfor %}{% endfor %}{% endfor %}",
+    "{% set l = [1] %}{% for x in l %}{% if l.append(x) %}{% endif %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "{{ ((((9 ** 64) ** 64) ** 64) ** 64) ** 64 }}",
+    "{{ '%0100000000d' % 1 }}",
+    "{{ '%0100000000d'|format(1) }}",
+    "{{ 'x'|center(100000000) }}",
+    "{{ 'x'.ljust(100000000) }}",
+    "{{ '{:>100000000}'.format(1) }}",
+    "{% set s = 'x' * 1000 %}{{ s|replace('x', s)|replace('x', s) }}",
+    "{{ range(9000)|join('x' * 100000) }}",
+]
+
+
+@pytest.mark.parametrize("source", WORK_BOMBS)
+def test_templates_that_would_burn_cpu_or_memory_are_refused_quickly(source: str) -> None:
+    tpl = version(email(source, subject=None), variables=["items"], number=abs(hash(source)) % 10**6 + 100)
+    started = time.monotonic()
+    found = problem(Renderer().render, tpl, "email", None, {"items": list(range(1000))})
+    assert found.code is ErrorCode.TEMPLATE_RENDER_FAILED
+    assert time.monotonic() - started < 5, "refused, but only after burning the time it should have saved"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
@@ -178,7 +179,11 @@ async def send_email(request: Request):
     )
     fp, skipped = None, False
     if key is None and body.dedup:
-        content = req.content if template is None else template.model_dump_json()
+        content = (
+            req.content
+            if template is None
+            else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
+        )
         fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, content)
         window = (await services.tenants.get(tenant_id)).dedup_window_s
         earlier, skipped = await guard.claim(fp, req.message_id or "", window)

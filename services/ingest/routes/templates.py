@@ -175,7 +175,7 @@ async def _new_version(
     await conn.execute(
         """UPDATE message_templates SET subject = $2, content = $3, variables = $4::jsonb, variants = $5::jsonb,
                version = $6, is_active = $7, description = $8, updated_by = $9, updated_at = now()
-           WHERE id = $1""",
+           WHERE id = $1 AND tenant_id = $10""",
         row["id"],
         main.subject,
         main.content,
@@ -185,6 +185,7 @@ async def _new_version(
         is_active,
         description,
         author,
+        row["tenant_id"],
     )
     await _history(conn, row["id"], row["tenant_id"], version, row["template_name"], row["template_type"],
                    variables, variants, change, author)  # fmt: skip
@@ -406,9 +407,11 @@ async def delete_template(template_id: int, request: Request):
     async with services_of(request).pool.acquire() as conn, conn.transaction():
         await _row(conn, tenant_id, template_id, lock=True)
         await conn.execute(
-            "UPDATE message_templates SET deleted_at = now(), updated_at = now() WHERE id = $1", template_id
+            "UPDATE message_templates SET deleted_at = now(), updated_at = now() WHERE id = $1 AND tenant_id = $2",
+            template_id,
+            tenant_id,
         )
-        row = await conn.fetchrow(f"{_SELECT} WHERE id = $1", template_id)
+        row = await conn.fetchrow(f"{_SELECT} WHERE id = $1 AND tenant_id = $2", template_id, tenant_id)
     await _distribute(request, row)
     return envelope({"id": template_id, "deleted": True})
 
