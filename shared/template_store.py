@@ -54,6 +54,8 @@ class TemplateStore:
     def put_head(self, head: TemplateHead) -> None:
         key = (head.tenant_id, head.template_id)
         old = self.heads.get(key)
+        if old is not None and head.revision < old.revision:
+            return  # published late: a newer change is already known
         if old is not None and self._names.get((old.tenant_id, old.template_name)) == old.template_id:
             del self._names[(old.tenant_id, old.template_name)]
         self.heads[key] = head

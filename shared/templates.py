@@ -91,6 +91,8 @@ class TemplateHead(BaseModel):
     version: int = Field(ge=1)
     is_active: bool = True
     deleted: bool = False
+    # Grows with every change of the template: a reader keeps the head with the highest.
+    revision: int = 0
 
 
 def version_key(tenant_id: str, template_id: int, version: int) -> bytes:

@@ -32,7 +32,7 @@ FROM message_template_history h
 WHERE h.tenant_id = $1 AND h.template_id = $2 AND ($3::int IS NULL OR h.version = $3)
 """
 _HEAD = """
-SELECT id, tenant_id, template_name, version, is_active, deleted_at IS NOT NULL AS deleted
+SELECT id, tenant_id, template_name, version, is_active, deleted_at IS NOT NULL AS deleted, revision
 FROM message_templates WHERE tenant_id = $1 AND (id = $2 OR ($2::bigint IS NULL AND template_name = $3))
 ORDER BY deleted_at IS NULL DESC, id DESC LIMIT 1
 """
@@ -62,6 +62,7 @@ def head_of(row: asyncpg.Record | dict[str, Any]) -> TemplateHead:
         version=row["version"],
         is_active=row["is_active"],
         deleted=row["deleted"],
+        revision=row["revision"],
     )
 
 
@@ -108,8 +109,8 @@ class TemplateDistributor:
         """Every template's versions and head, from the database (answers how many templates)."""
         async with self.pool.acquire() as conn:
             heads = await conn.fetch(
-                "SELECT id, tenant_id, template_name, version, is_active, deleted_at IS NOT NULL AS deleted "
-                "FROM message_templates"
+                "SELECT id, tenant_id, template_name, version, is_active, deleted_at IS NOT NULL AS deleted, "
+                "revision FROM message_templates"
             )
             rows = await conn.fetch(
                 "SELECT template_id, tenant_id, version, template_name, template_type, variables, variants "

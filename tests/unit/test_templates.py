@@ -7,8 +7,10 @@ import time
 import pytest
 
 from shared.errors import ErrorCode
+from shared.template_store import TemplateStore
 from shared.templates import (
     Renderer,
+    TemplateHead,
     TemplateProblem,
     TemplateVersion,
     Variant,
@@ -162,3 +164,15 @@ def test_templates_that_would_burn_cpu_or_memory_are_refused_quickly(source: str
     found = problem(Renderer().render, tpl, "email", None, {"items": list(range(1000))})
     assert found.code is ErrorCode.TEMPLATE_RENDER_FAILED
     assert time.monotonic() - started < 5, "refused, but only after burning the time it should have saved"
+
+
+def test_a_head_published_late_does_not_undo_a_newer_change() -> None:
+    store = TemplateStore()
+    store.put_version(version(email("<p>v1</p>", subject="s")))
+    deleted = TemplateHead(template_id=7, tenant_id="default", template_name="t", version=2, deleted=True, revision=9)
+    stale = TemplateHead(template_id=7, tenant_id="default", template_name="t", version=2, revision=8)
+    store.apply(deleted.model_dump_json(by_alias=True).encode())
+    store.apply(stale.model_dump_json(by_alias=True).encode())  # the PUT before the delete, published after it
+    assert store.heads[("default", 7)].deleted and store.head("default", None, "t") is None
+    assert problem(store.for_send, "default", 7, None, None).code is ErrorCode.TEMPLATE_NOT_FOUND
+    assert store.missing_for_good("default", 7, 1) and not store.missing_for_good("default", 8, 1)

@@ -145,7 +145,7 @@ def _out(row: asyncpg.Record, *, full: bool = True) -> dict[str, Any]:
 
 _SELECT = """SELECT id, tenant_id, template_name, template_type, subject, content, variables::text AS variables,
     variants::text AS variants, version, is_active, description, created_by, updated_by, created_at, updated_at,
-    deleted_at IS NOT NULL AS deleted FROM message_templates"""
+    deleted_at IS NOT NULL AS deleted, revision FROM message_templates"""
 
 
 async def _row(conn: asyncpg.Connection, tenant_id: str, template_id: int, *, lock: bool = False) -> asyncpg.Record:
@@ -174,7 +174,8 @@ async def _new_version(
     version = row["version"] + 1
     await conn.execute(
         """UPDATE message_templates SET subject = $2, content = $3, variables = $4::jsonb, variants = $5::jsonb,
-               version = $6, is_active = $7, description = $8, updated_by = $9, updated_at = now()
+               version = $6, is_active = $7, description = $8, updated_by = $9, updated_at = now(),
+               revision = nextval('template_revision_seq')
            WHERE id = $1 AND tenant_id = $10""",
         row["id"],
         main.subject,
@@ -407,7 +408,8 @@ async def delete_template(template_id: int, request: Request):
     async with services_of(request).pool.acquire() as conn, conn.transaction():
         await _row(conn, tenant_id, template_id, lock=True)
         await conn.execute(
-            "UPDATE message_templates SET deleted_at = now(), updated_at = now() WHERE id = $1 AND tenant_id = $2",
+            "UPDATE message_templates SET deleted_at = now(), updated_at = now(), "
+            "revision = nextval('template_revision_seq') WHERE id = $1 AND tenant_id = $2",
             template_id,
             tenant_id,
         )
