@@ -21,9 +21,9 @@ Rendering also bounds the work: every loop step, call and filter counts towards
 :data:`MAX_ITERATIONS` per render (loops are rewritten at parse time to iterate through a
 counter), ``*``/``**``/``%``, widths and format strings cannot build huge values, lists and dicts
 cannot be changed (the immutable sandbox), and each field's output is at most
-:data:`MAX_OUTPUT_BYTES`. Not bounded yet: memory built by repeated ``~`` concatenation inside
-``{% set %}`` (tens of MB at most within the step budget) — rendering in a worker process with
-resource limits is the complete answer.
+:data:`MAX_OUTPUT_BYTES`. ``~`` and ``+`` results are
+bounded too. A worker process with resource limits would be the complete answer (see the note
+in docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import Any, Literal
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.visitor import NodeTransformer
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ErrorCode
@@ -134,6 +135,14 @@ def _range(*args: int) -> range:
     return r
 
 
+def _sized(value: Any) -> Any:
+    """The result of a ``~``: refused when too large. (Checked after the join: one join of two
+    values under the limit is at most twice the limit.)"""
+    if isinstance(value, str) and len(value) > MAX_OUTPUT_BYTES:
+        raise SecurityError("value too large")
+    return value
+
+
 def _counted(iterable: Any) -> Any:
     """Every loop iterates through this (see :meth:`_Sandbox._parse`): each step is charged."""
     for item in iterable:
@@ -142,6 +151,23 @@ def _counted(iterable: Any) -> Any:
 
 
 _LOOP_GLOBAL = "herald_loop"
+_CONCAT_GLOBAL = "herald_concat"
+
+
+class _Bounds(NodeTransformer):
+    """Rewrites a parsed template so that every loop iterates through :func:`_counted` and every
+    ``~`` goes through a size check (the sandbox has no hook for either)."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)
+        node.iter = nodes.Call(nodes.Name(_LOOP_GLOBAL, "load"), [node.iter], [], None, None, lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)
+        return nodes.Call(nodes.Name(_CONCAT_GLOBAL, "load"), [node], [], None, None, lineno=node.lineno)
+
+
 # A width or precision in a format string ("%0100000000d", "{:>100000000}") builds that much.
 _WIDE_FORMAT = re.compile(r"\d{6,}")
 
@@ -154,13 +180,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """The sandbox with work bounds: loops and calls charge the render's budget, repetition,
     powers, widths and format strings are bounded, lists and dicts cannot be changed."""
 
-    intercepted_binops = frozenset({"*", "**", "%"})
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Call(nodes.Name(_LOOP_GLOBAL, "load"), [loop.iter], [], None, None, lineno=loop.lineno)
-        return tree
+        return _Bounds().visit(super()._parse(source, name, filename))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _spend(1)
@@ -179,6 +202,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().format_string(s, args, kwargs, format_func)
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+        if operator_name == "+":
+            if isinstance(left, str | list | tuple) and isinstance(right, str | list | tuple):
+                if len(left) + len(right) > MAX_OUTPUT_BYTES:
+                    raise SecurityError("value too large")
+            return operator.add(left, right)
         if operator_name == "%":
             if isinstance(left, str) and _WIDE_FORMAT.search(left):
                 raise SecurityError("format width too large")
@@ -207,6 +235,7 @@ def _environment(autoescape: bool) -> _Sandbox:
     env.globals.clear()  # no cycler, joiner, lipsum, namespace, dict: only what is declared
     env.globals["range"] = _range
     env.globals[_LOOP_GLOBAL] = _counted
+    env.globals[_CONCAT_GLOBAL] = _sized
     for name, fn in list(env.filters.items()):
         env.filters[name] = _bounded_filter(fn)
     return env
@@ -235,7 +264,7 @@ def _bounded_filter(fn: Any) -> Any:
 
 _HTML = _environment(True)
 _PLAIN = _environment(False)
-_ALLOWED_GLOBALS = frozenset({"range", "loop", _LOOP_GLOBAL})
+_ALLOWED_GLOBALS = frozenset({"range", "loop", _LOOP_GLOBAL, _CONCAT_GLOBAL})
 
 
 def _env_for(variant: Variant, field: str) -> _Sandbox:

@@ -74,6 +74,12 @@ def test_syntax_errors_size_and_duplicate_variants() -> None:
     assert twice.code is ErrorCode.INVALID_PARAMS and twice.field == "variants.1"
 
 
+def test_concatenation_still_escapes_in_html() -> None:
+    out = Renderer().render(version(email("<p>{{ a ~ ' & ' ~ b }}</p>", subject="{{ a ~ b }}"), number=77), "email",
+                            None, {"a": "<x>", "b": "y"})  # fmt: skip
+    assert out.content == "<p>&lt;x&gt; &amp; y</p>" and out.subject == "<x>y"
+
+
 def test_render_escapes_html_bodies_only_and_runs_if_and_for() -> None:
     tpl = version(
         email(
@@ -154,6 +160,12 @@ WORK_BOMBS = [
     "{{ '{:>100000000}'.format(1) }}",
     "{% set s = 'x' * 1000 %}{{ s|replace('x', s)|replace('x', s) }}",
     "{{ range(9000)|join('x' * 100000) }}",
+    "{% set s = 'x' * 100000 %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}{% set s = s ~ s %}"
+    "{% set s = s ~ s %}{% set s = s ~ s %}{{ s|length }}",
+    "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}"
+    "{{ f('xx', 35) }}",
+    "{% set s = 'x' * 100000 %}{% set s = s + s %}{% set s = s + s %}{% set s = s + s %}{% set s = s + s %}"
+    "{% set s = s + s %}{% set s = s + s %}{{ s|length }}",
 ]
 
 
