@@ -387,11 +387,13 @@ async def rollback_template(template_id: int, request: Request):
             raise HeraldError(
                 ErrorCode.NOT_FOUND, f"template {template_id} has no version {body.version}", field="version"
             )
-        variants = [Variant.model_validate(v) for v in orjson.loads(old["variants"])]
+        restored = [Variant.model_validate(v) for v in orjson.loads(old["variants"])]
+        # Checked again: the rules may have grown stricter since that version was saved.
+        variables, variants = _checked(request, orjson.loads(old["variables"] or "[]"), restored[0], restored[1:])
         row = await _new_version(
             conn,
             row,
-            orjson.loads(old["variables"] or "[]"),
+            variables,
             variants,
             description=row["description"],
             is_active=row["is_active"],
