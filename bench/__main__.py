@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def wrk(url: str, concurrency: int, duration: int) -> dict:
             "-s",
             str(ROOT / "bench" / "post.lua"),
             url,
+            "--",
+            uuid.uuid4().hex[:12],  # this run's nonce: bodies never repeat an earlier run's
         ],
         capture_output=True,
         text=True,

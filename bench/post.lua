@@ -1,7 +1,9 @@
 -- wrk script: POST a distinct email-send body per request and print a JSON summary.
--- Each body differs (subject and recipient carry a counter) so no deduplication applies.
+-- Each body differs (subject and recipient carry the run's nonce, the thread and a counter), so no
+-- deduplication applies, also across the several wrk runs made against one ingest.
 local counter = 0
 local thread_id = 0
+local run = "0"
 local threads = {}
 
 function setup(thread)
@@ -11,6 +13,7 @@ end
 
 function init(args)
   thread_id = id
+  run = args[1] or "0"
 end
 
 wrk.method = "POST"
@@ -19,8 +22,8 @@ wrk.headers["Content-Type"] = "application/json"
 function request()
   counter = counter + 1
   local body = string.format(
-    '{"to": "bench-%d-%d@example.com", "subject": "bench %d-%d", "content": "<p>load test message %d</p>", "content_type": "html"}',
-    thread_id, counter, thread_id, counter, counter)
+    '{"to": "bench-%s-%d-%d@example.com", "subject": "bench %s-%d-%d", "content": "<p>load test message %d</p>", "content_type": "html"}',
+    run, thread_id, counter, run, thread_id, counter, counter)
   return wrk.format(nil, nil, nil, body)
 end
 
