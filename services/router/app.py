@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import faust
 
 from services.router.retry import serve_relay
-from services.router.routing import Origin, Rejected, Routed, Unknown, plan, unknown_template
+from services.router.routing import Origin, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from shared.events import DeadLetterV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
@@ -124,16 +124,10 @@ def create_app(settings: Settings) -> faust.App:
             synced = await follower.sync(timeout=10)
             decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
             if isinstance(decision, Unknown):
-                if not synced or not templates.missing_for_good(decision.tenant_id, decision.template_id,
-                                                                decision.version):  # fmt: skip
-                    # The config topic is not readable, or does not have this template yet (a
-                    # broker that lost it while ingest publishes everything again): not the
-                    # request's fault. Dead-lettered for replay, and left unrouted, so the
-                    # sweeper publishes it again.
-                    errors = [{"field": "template", "message": "template store not available"}]
-                    await _dead_letter(record, trace, "template_unavailable", errors, decision.message_id)
-                    return
-                decision = unknown_template(decision, record.value)
+                decision = settle_unknown(decision, record.value, synced=synced, templates=templates)
+        if isinstance(decision, Unavailable):
+            await _dead_letter(record, trace, "template_unavailable", decision.errors, decision.message_id)
+            return
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             for event in decision.events:

@@ -260,13 +260,32 @@ def plan(
     return _route(request, now)
 
 
-def unknown_template(unknown: Unknown, raw: bytes | None, now: datetime | None = None) -> Rejected:
-    """The rejection of a request whose template version does not exist (2003)."""
+@dataclass(slots=True)
+class Unavailable:
+    """A template version that may still come (the config topic unreadable, or being written
+    again after a broker lost it): not the request's fault. Dead-lettered for replay and left
+    unrouted, so the sweeper publishes it again; no event."""
+
+    message_id: str
+    errors: list[dict[str, Any]]
+
+
+class KnownTemplates(Templates, Protocol):
+    def missing_for_good(self, tenant_id: str, template_id: int, version: int) -> bool: ...
+
+
+def settle_unknown(
+    unknown: Unknown, raw: bytes | None, *, synced: bool, templates: KnownTemplates, now: datetime | None = None
+) -> Rejected | Unavailable:
+    """What to do with a request whose template version is still unknown after the store read
+    the config topic (``synced``: to its end): rejected 2003 only when it can never come (its
+    template is deleted, or the version is newer than the current one)."""
+    if not synced or not templates.missing_for_good(unknown.tenant_id, unknown.template_id, unknown.version):
+        return Unavailable(unknown.message_id, [{"field": "template", "message": "template not available yet"}])
     now = now or utcnow()
     data = orjson.loads(raw or b"{}")
-    tenant_id = data.get("tenant_id") if isinstance(data.get("tenant_id"), str) else "default"
     errors = [{"field": "template", "message": f"template {unknown.template_id} version {unknown.version} not found"}]
-    return _reject(unknown.message_id, "template_not_found", errors, data, tenant_id, now, 2003)
+    return _reject(unknown.message_id, "template_not_found", errors, data, unknown.tenant_id, now, 2003)
 
 
 def _routed_detail(request: RequestV1) -> dict[str, Any]:

@@ -7,8 +7,10 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
-from services.router.routing import Origin, Rejected, Routed, plan
+from services.router.routing import Origin, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from shared.events import State
+from shared.template_store import TemplateStore
+from shared.templates import TemplateHead, TemplateVersion, Variant
 
 NOW = datetime(2026, 11, 23, 8, 0, tzinfo=UTC)
 GOOD = {"channel": "email", "to": ["a@example.com"], "subject": "s", "content": "<p>c</p>"}
@@ -101,3 +103,51 @@ def test_ids_the_router_assigns_follow_the_record_so_a_replay_gets_the_same_one(
     assert isinstance(other, Routed) and other.dispatch.message_id != first.dispatch.message_id
     rejected = plan(b"not json", now=NOW, origin=origin)
     assert isinstance(rejected, Rejected) and rejected.message_id == first.dispatch.message_id
+
+
+def _templated(version: int = 1, **vars_: object) -> bytes:
+    return orjson.dumps({"channel": "email", "to": ["t@example.com"], "tenant_id": "default",
+                         "template": {"template_id": 5, "version": version, "vars": vars_}})  # fmt: skip
+
+
+def _store_with(*, deleted: bool = False) -> TemplateStore:
+    store = TemplateStore()
+    store.put_version(TemplateVersion(template_id=5, tenant_id="default", template_name="t", template_type="email",
+                                      version=1, variables=["code"],
+                                      variants=[Variant(channel="email", subject="Code {{ code }}",
+                                                        content="<p>{{ code }}</p>")]))  # fmt: skip
+    store.put_head(TemplateHead(template_id=5, tenant_id="default", template_name="t", version=1, deleted=deleted))
+    return store
+
+
+def test_a_templated_request_is_rendered_from_the_store() -> None:
+    routed = plan(_templated(code="<42>"), templates=_store_with())
+    assert isinstance(routed, Routed)
+    assert (routed.dispatch.subject, routed.dispatch.content) == ("Code <42>", "<p>&lt;42&gt;</p>")
+    routed_event = routed.events[-1]
+    assert routed_event.detail["template"] == {"template_id": 5, "version": 1, "locale": None}
+    assert routed_event.message.content == "<p>&lt;42&gt;</p>"  # the tracker stores what was rendered
+
+
+def test_a_render_failure_is_rejected_with_2004() -> None:
+    rejected = plan(_templated(), templates=_store_with())  # no 'code'
+    assert isinstance(rejected, Rejected) and rejected.reason == "template_render_failed"
+    assert rejected.events[0].error_code == 2004
+
+
+def test_an_unknown_version_is_rejected_only_when_it_can_never_come() -> None:
+    store = _store_with()
+    unknown = plan(_templated(version=2, code="1"), templates=store)
+    assert isinstance(unknown, Unknown)
+    # Newer than the current version: it will never exist.
+    final = settle_unknown(unknown, _templated(version=2, code="1"), synced=True, templates=store)
+    assert isinstance(final, Rejected) and final.events[0].error_code == 2003
+    # The topic could not be read to its end: maybe it is on its way.
+    assert isinstance(settle_unknown(unknown, None, synced=False, templates=store), Unavailable)
+    # A template this store has never heard of (a broker that lost the topic): not final either.
+    other = Unknown(unknown.message_id, "default", 99, 1)
+    assert isinstance(settle_unknown(other, None, synced=True, templates=store), Unavailable)
+    # Deleted: final.
+    gone = settle_unknown(Unknown(unknown.message_id, "default", 5, 3), None, synced=True,
+                          templates=_store_with(deleted=True))  # fmt: skip
+    assert isinstance(gone, Rejected)
