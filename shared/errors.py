@@ -1,4 +1,5 @@
-"""Seed 004's error-code table (§3.6), defined once, with each code's HTTP status.
+"""Seed 004's error-code table (§3.6), defined once, with each code's HTTP status. Herald adds
+1007 (rate limited) and 1008 (monthly quota exhausted), both 429: the seed has no code for them.
 
 Exception tree::
 
@@ -20,6 +21,8 @@ class ErrorCode(IntEnum):
     NOT_FOUND = 1004
     METHOD_NOT_ALLOWED = 1005
     DUPLICATE_REQUEST = 1006
+    RATE_LIMITED = 1007
+    QUOTA_EXCEEDED = 1008
     EMAIL_SEND_FAILED = 2001
     EMAIL_POOL_EXHAUSTED = 2002
     TEMPLATE_NOT_FOUND = 2003
@@ -52,6 +55,8 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.DUPLICATE_REQUEST: 409,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.EMAIL_SEND_FAILED: 500,
     ErrorCode.EMAIL_POOL_EXHAUSTED: 503,
     ErrorCode.TEMPLATE_NOT_FOUND: 404,
@@ -76,6 +81,8 @@ _MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.NOT_FOUND: "resource not found",
     ErrorCode.METHOD_NOT_ALLOWED: "method not allowed",
     ErrorCode.DUPLICATE_REQUEST: "duplicate request (idempotency key reused)",
+    ErrorCode.RATE_LIMITED: "too many requests",
+    ErrorCode.QUOTA_EXCEEDED: "monthly quota exhausted",
     ErrorCode.EMAIL_SEND_FAILED: "email sending failed",
     ErrorCode.EMAIL_POOL_EXHAUSTED: "no mailbox available in the pool",
     ErrorCode.TEMPLATE_NOT_FOUND: "template not found or deleted",

@@ -11,6 +11,11 @@ HTTP_DURATION = Histogram(
     ["path", "method"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+LIMITED = Counter("herald_rate_limited_total", "Requests refused with 429, by limit", ["kind"])
+LIMIT_BYPASSED = Counter(
+    "herald_rate_limit_bypassed_total", "Requests let through unchecked because Redis could not be asked", ["kind"]
+)
+AUTH_FAILURES = Counter("herald_auth_failures_total", "Requests refused with 401, by reason", ["reason"])
 MESSAGES_ACCEPTED = Counter("herald_messages_accepted_total", "Messages accepted by ingest", ["type"])
 MESSAGES_ROUTED = Counter("herald_messages_routed_total", "Requests routed to a channel", ["type"])
 MESSAGES_REJECTED = Counter(

@@ -76,6 +76,39 @@ class Settings(BaseSettings):
     # Each field of a template (subject, content, text) at most this many bytes.
     template_max_bytes: int = Field(default=65536, ge=1024, le=1_048_576)
 
+    # --- access: API keys, tokens, limits (issue 7) ---------------------------------------
+    # HS256 signing key for access tokens, at least 32 bytes. Unset: derived from
+    # HERALD_ENCRYPTION_KEY with HKDF-SHA256 (one secret less to manage; rotating the
+    # encryption key then also signs everyone out).
+    jwt_secret: SecretStr | None = None
+    jwt_ttl_s: int = Field(default=3600, ge=60, le=86400)
+    # A token may be exchanged for a new one (and revoked) in its last this-many seconds.
+    jwt_refresh_window_s: int = Field(default=300, ge=10)
+    # bcrypt work factor of API secrets (12: ~0.25 s per check on one core).
+    api_secret_bcrypt_rounds: int = Field(default=12, ge=4, le=16)
+    # A key's state (enabled, scopes, tier) is re-read at least this often; changes made
+    # through the API reach every replica at once through PostgreSQL NOTIFY.
+    auth_cache_ttl_s: float = Field(default=60.0, gt=0)
+    # Requests not carrying a valid token (including POST /auth/token), per client IP.
+    rate_limit_ip: str = "100/minute"
+    # Per API key, by the key's tier ("" = no limit). Format: limits' "N/second|minute|hour|day".
+    rate_limit_tiers: dict[str, str] = Field(
+        default_factory=lambda: {
+            "basic": "600/minute",
+            "standard": "6000/minute",
+            "premium": "60000/minute",
+            "unlimited": "",
+        }
+    )
+    default_key_tier: str = "standard"
+    # Redis down: True lets requests through unlimited (logged); False answers 503.
+    rate_limit_fail_open: bool = True
+    # Client IPs are taken from X-Forwarded-For only when the peer is one of these proxies
+    # (uvicorn's forwarded_allow_ips; comma-separated, "*" = any). Empty: the peer address.
+    forwarded_allow_ips: str = ""
+    # /docs, /redoc and /openapi.json without a token (development); otherwise they need one.
+    public_docs: bool = False
+
     # --- workers' health/metrics ports ---------------------------------------------------
     router_http_port: int = 8101
     sender_http_port: int = 8102

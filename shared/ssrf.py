@@ -79,7 +79,13 @@ async def check_url(url: str, allow: AllowList | None = None) -> list[IPAddress]
     host = (parts.hostname or "").rstrip(".").lower()
     if not host:
         raise UnsafeURL("the URL has no host")
-    port = port or _SCHEMES[parts.scheme]
+    return await check_host(host, port or _SCHEMES[parts.scheme], allow)
+
+
+async def check_host(host: str, port: int, allow: AllowList | None = None) -> list[IPAddress]:
+    """The addresses ``host`` resolves to, all of them public or allowed (else :class:`UnsafeURL`)."""
+    allow = allow or AllowList()
+    host = host.strip("[]").rstrip(".").lower()
     try:
         addresses = [ipaddress.ip_address(host)]
     except ValueError:

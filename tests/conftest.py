@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from devstack import servers, sinks
+from devstack import access, servers, sinks
 from devstack.pipeline import Service, start_services, stop_services
 
-# A throw-away AES-256 key for the suite (32 bytes, base64).
+# A throw-away AES-256 key for the suite (32 bytes, base64), and the tokens' signing key.
 TEST_ENCRYPTION_KEY = "aGVyYWxkLXRlc3Qta2V5LTMyLWJ5dGVzLWxvbmctISE="
+TEST_JWT_SECRET = "herald-test-jwt-secret-of-at-least-32-bytes"
 
 
 @dataclass
@@ -84,6 +85,10 @@ def backing() -> Iterator[Backing]:
         "HERALD_MAX_BODY_BYTES": "65536",
         "HERALD_TEMPLATE_MAX_BYTES": "16384",
         "HERALD_LOG_JSON": "true",
+        # bcrypt's cost 12 is for production; the suite makes and checks many keys.
+        "HERALD_API_SECRET_BCRYPT_ROUNDS": "4",
+        "HERALD_RATE_LIMIT_TIERS": '{"tiny": "5/minute", "standard": "6000/minute", "unlimited": ""}',
+        "HERALD_JWT_SECRET": TEST_JWT_SECRET,
     }
     try:
         yield b
@@ -99,6 +104,7 @@ class Pipeline:
     backing: Backing
     services: dict[str, Service]
     ingest_url: str
+    headers: dict[str, str] = field(default_factory=dict)  # an all-scopes key of the default tenant
 
     def logs(self) -> str:
         return "\n".join(f"===== {s.name} =====\n{s.logs()[-6000:]}" for s in self.services.values())
@@ -109,9 +115,19 @@ def pipeline(backing: Backing) -> Iterator[Pipeline]:
     """The four services, started as ``make run`` starts them."""
     services = start_services(backing.env, backing.tmp)
     try:
-        yield Pipeline(backing, services, services["ingest"].url)
+        # The default tenant's seed quota (10,000 emails a month) is not what this suite tests;
+        # tests/e2e/test_access.py tests quotas on a tenant of its own.
+        access.admin(backing.env, "set-quota", "default", "email", "unlimited")
+        headers = access.admin_headers(backing.env, services["ingest"].url, name="suite")
+        yield Pipeline(backing, services, services["ingest"].url, headers)
     finally:
         stop_services(services)
+    # Every secret and token the run handed out, searched for in every service's log of the run
+    # (a failure here fails the session).
+    logs = "".join(path.read_text(errors="replace") for path in backing.tmp.rglob("*.log"))
+    leaked = [secret[:6] + "…" for secret in access.ISSUED if secret in logs]
+    assert not leaked, f"secrets found in the services' logs: {leaked}"
+    sys.stderr.write(f"\nsecret scan: {len(access.ISSUED)} secrets and tokens, {len(logs)} bytes of logs, none found\n")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def main() -> None:
     setup_logging("ingest", settings.log_level, settings.log_json)
     try:
         app = create_app(settings)
-    except EncryptionKeyError as exc:
+    except (EncryptionKeyError, ValueError) as exc:
         sys.exit(f"herald ingest: {exc}")
     uvicorn.run(
         app,
@@ -27,6 +27,9 @@ def main() -> None:
         log_config=None,
         server_header=False,
         timeout_graceful_shutdown=10,
+        # X-Forwarded-For is believed only from the proxies named (client IPs feed rate limits).
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
     )
 
 

@@ -8,15 +8,29 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 
+from services.ingest.access import AccessMiddleware
 from services.ingest.attachments import run_sweeper as run_attachment_sweeper
+from services.ingest.auth import Authenticator, Scope, Tokens, signing_key
 from services.ingest.dedup import Guard
-from services.ingest.deps import Services
+from services.ingest.deps import Services, caller
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
+from services.ingest.limits import Quotas, RateLimiter
 from services.ingest.publish import Publisher, RecordBatcher
-from services.ingest.routes import accounts, attachments, dead_letters, health, messages, templates, tenants
+from services.ingest.routes import (
+    accounts,
+    api_keys,
+    attachments,
+    audit_log,
+    auth,
+    dead_letters,
+    health,
+    messages,
+    templates,
+    tenants,
+)
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
@@ -34,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the ingest app; resources open in the lifespan, so building it is cheap.
     A missing or malformed encryption key stops it here, before anything starts."""
     secret_box = SecretBox.from_setting(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
+    tokens = Tokens(signing_key(settings), settings.jwt_ttl_s)
+    limiter = RateLimiter(settings)  # no connection until the first request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,6 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
         distributor = TemplateDistributor(pool, producer, store, settings.publish_timeout_s)
         follower = ConfigFollower(settings, store)  # other replicas' changes
         await follower.start()
+        authenticator = Authenticator(pool, tokens, settings)
+        await authenticator.load_revoked(pool)
         background = [
             asyncio.create_task(
                 run_attachment_sweeper(pool, Path(settings.data_dir), settings.attachment_sweep_interval_s),
@@ -65,6 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
             asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
             asyncio.create_task(keep_topics(settings, lambda _: distributor.dirty.set()), name="keep-topics"),
             asyncio.create_task(distributor.run(), name="template-distributor"),
+            asyncio.create_task(authenticator.listen(), name="auth-listener"),
+            asyncio.create_task(authenticator.flush_usage(), name="key-usage"),
         ]
         app.state.services = Services(
             settings=settings,
@@ -75,6 +95,10 @@ def create_app(settings: Settings) -> FastAPI:
             guard=Guard(redis, settings.idempotency_ttl_s, settings.dedup_fail_open),
             tenants=TenantSettingsCache(pool, settings.dedup_window_s, settings.record_timeout_s),
             templates=distributor,
+            tokens=tokens,
+            auth=authenticator,
+            limiter=limiter,
+            quotas=Quotas(redis, pool, settings.rate_limit_fail_open),
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
@@ -84,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await authenticator.write_usage()
             await batcher.stop()
             await follower.stop()
             await stop_quietly(producer)
@@ -100,6 +125,8 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.secret_box = secret_box
     install_error_handlers(app)
+    # Starlette runs the last added outermost: request id and body limit, then access.
+    app.add_middleware(AccessMiddleware, public_docs=settings.public_docs)
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, exempt_paths=(attachments.UPLOAD_PATH,)
     )
@@ -110,12 +137,16 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(attachments.router)
     app.include_router(tenants.router)
     app.include_router(templates.router)
+    app.include_router(auth.router)
+    app.include_router(api_keys.router)
+    app.include_router(audit_log.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
-    async def event_schema(name: str) -> JSONResponse:
+    async def event_schema(name: str, request: Request) -> JSONResponse:
         """The schema of ``notify.request.v1`` and the other events, for direct publishers."""
         from shared.errors import ErrorCode, HeraldError
 
+        caller(request, Scope.READ)
         key = name.removesuffix(".json")
         if key not in EVENT_MODELS:
             raise HeraldError(ErrorCode.NOT_FOUND, f"no schema named {name}", field="name")

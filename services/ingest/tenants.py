@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -23,6 +23,7 @@ _TTL_S = 5.0
 @dataclass(frozen=True, slots=True)
 class TenantSettings:
     dedup_window_s: int
+    quotas: dict[str, int] = field(default_factory=dict)  # channel -> monthly limit; absent = unlimited
 
 
 class TenantSettingsCache:
@@ -38,14 +39,18 @@ class TenantSettingsCache:
         if hit is not None and hit[0] > now:
             return hit[1]
         try:
-            window = await asyncio.wait_for(
-                self.pool.fetchval("SELECT dedup_window_s FROM tenants WHERE tenant_key = $1", tenant_id),
+            row = await asyncio.wait_for(
+                self.pool.fetchrow("SELECT dedup_window_s, quotas FROM tenants WHERE tenant_key = $1", tenant_id),
                 self.timeout_s,
             )
         except (TimeoutError, *DB_UNAVAILABLE):
             log.warning("tenant settings unavailable; service defaults apply")
             return hit[1] if hit is not None else self.defaults
-        found = TenantSettings(self.defaults.dedup_window_s if window is None else window)
+        if row is None:
+            found = self.defaults
+        else:
+            window = row["dedup_window_s"]
+            found = TenantSettings(self.defaults.dedup_window_s if window is None else window, dict(row["quotas"]))
         self._cache[tenant_id] = (now + _TTL_S, found)
         return found
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack import servers, sinks
+from devstack import access, servers, sinks
 from devstack.pipeline import (
     Service,
     kill_service,
@@ -23,7 +23,7 @@ from devstack.pipeline import (
     stop_services,
     terminate_service,
 )
-from tests.conftest import TEST_ENCRYPTION_KEY
+from tests.conftest import TEST_ENCRYPTION_KEY, TEST_JWT_SECRET
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Stack:
     smtp_controller: object
     env: dict[str, str] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)  # an all-scopes key of the default tenant
 
     @property
     def bootstrap(self) -> str:
@@ -97,6 +98,8 @@ def crash_env(tmp: Path, bootstrap: str, dsn: str, redis_port: int, smtp_port: i
         # A member killed with -9 leaves the group only when its session times out; 6 s
         # rather than 10 keeps each restart here a few seconds shorter.
         "HERALD_KAFKA_SESSION_TIMEOUT_S": "6",
+        "HERALD_API_SECRET_BCRYPT_ROUNDS": "4",
+        "HERALD_JWT_SECRET": TEST_JWT_SECRET,
     }
 
 
@@ -113,6 +116,8 @@ def stack() -> Iterator[Stack]:
     s.env = crash_env(tmp, s.bootstrap, s.dsn, redis.port, smtp_port)
     try:
         s.services = start_services(s.env, tmp)
+        access.admin(s.env, "set-quota", "default", "email", "unlimited")
+        s.headers = access.admin_headers(s.env, s.ingest_url, name="crash")
         yield s
     finally:
         stop_services(s.services)

@@ -163,6 +163,7 @@ async def send_http(
     concurrency: int = 16,
     retry_for: float = 60.0,
     stop: asyncio.Event | None = None,
+    headers: dict[str, str] | None = None,
 ) -> HttpLoad:
     """POST one email per index with bounded concurrency. Each carries its token as its
     idempotency key, so a request whose answer was lost (ingest stopped mid-request) can be
@@ -178,7 +179,7 @@ async def send_http(
                 return
             await _post(client, tag, queue.get_nowait(), load, retry_for)
 
-    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=15, headers=headers) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return load
 
@@ -213,14 +214,21 @@ async def _post(client: httpx.AsyncClient, tag: str, i: int, load: HttpLoad, ret
 
 
 async def paced_http(
-    url: str, tag: str, load: HttpLoad, stop: asyncio.Event, *, rate: float = 50, in_flight: int = 16
+    url: str,
+    tag: str,
+    load: HttpLoad,
+    stop: asyncio.Event,
+    *,
+    rate: float = 50,
+    in_flight: int = 16,
+    headers: dict[str, str] | None = None,
 ) -> HttpLoad:
     """Send emails at about ``rate`` a second until ``stop`` is set (then wait for the ones in
     flight, retrying those that met a stopped ingest)."""
     slots = asyncio.Semaphore(in_flight)
     tasks: set[asyncio.Task] = set()
 
-    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=15, headers=headers) as client:
 
         async def one(i: int) -> None:
             try:

@@ -62,7 +62,7 @@ async def test_postgres_down_while_events_flow(stack: Stack) -> None:
     # More requests while the database is away, straight to Kafka (ingest needs the database).
     accepted |= await produce(stack.bootstrap, tag, 400, start=600)
     probes = []
-    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30, headers=stack.headers) as client:
         for i in range(5):
             probes.append(await _probe(client, tag, 10_000 + i))
             await asyncio.sleep(1)
@@ -100,7 +100,7 @@ async def test_broker_restart_mid_flow_loses_nothing(stack: Stack) -> None:
     tag = new_tag("broker-restart")
     load, stop = HttpLoad(), asyncio.Event()
     t0 = time.monotonic()
-    sending = asyncio.create_task(paced_http(stack.ingest_url, tag, load, stop, rate=60))
+    sending = asyncio.create_task(paced_http(stack.ingest_url, tag, load, stop, rate=60, headers=stack.headers))
     await asyncio.sleep(3)
     before = sum(sink_counts(stack.smtp, tag).values())
     port = stack.tansu.port
@@ -126,7 +126,7 @@ async def test_broker_down_ingest_answers_and_every_service_stops_in_time(stack:
     await wait_count(stack.smtp, tag, 50, timeout=60)
     stack.tansu.stop()
     probes = []
-    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30, headers=stack.headers) as client:
         probes = list(await asyncio.gather(*(_probe(client, tag, 10_000 + i) for i in range(5))))
         probes.append(await _probe(client, tag, 10_005))
     exits = dict(

@@ -75,7 +75,7 @@ async def test_sigterm_each_service_under_load(stack: Stack) -> None:
     tag = new_tag("sigterm")
     t0 = time.monotonic()
     load, stop = HttpLoad(), asyncio.Event()
-    sending = asyncio.create_task(paced_http(stack.ingest_url, tag, load, stop, rate=50))
+    sending = asyncio.create_task(paced_http(stack.ingest_url, tag, load, stop, rate=50, headers=stack.headers))
     exits: dict[str, float] = {}
     restarts: dict[str, float] = {}
     try:
@@ -113,7 +113,7 @@ async def test_a_restarted_router_renders_templates_from_the_config_topic(stack:
     """The router keeps templates only in memory, read from notify.config: killed and started
     again, it rebuilds them from the topic (it has no database access to fall back on)."""
     tag = new_tag("template-restart")
-    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30, headers=stack.headers) as client:
         created = await client.post("/api/v1/templates", json={
             "template_name": tag, "subject": "code {{ code }}", "content": "<p>{{ code }}</p>",
             "variables": ["code"]})  # fmt: skip

@@ -15,7 +15,7 @@ from tests.conftest import Pipeline
 
 @pytest.fixture(scope="session")
 async def client(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=pipeline.headers) as c:
         yield c
 
 

@@ -226,6 +226,7 @@ async def test_oversized_files_get_413_while_streaming(
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(
         f"POST {UPLOAD} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 25000000\r\n"
+        f"Authorization: {client.headers['authorization']}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode()
     )
     await writer.drain()

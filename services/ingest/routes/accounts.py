@@ -9,6 +9,8 @@ import asyncpg
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from services.ingest import audit
+from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, json_body_schema, parse_body
 from services.senders.email.pool import PASSWORD_PURPOSE
@@ -80,7 +82,7 @@ def _box(request: Request):
 
 
 async def _fetch(request: Request, account_id: int) -> dict[str, Any]:
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     row = await services.pool.fetchrow(
         f"SELECT {_columns('$3')} FROM email_accounts WHERE tenant_id = $1 AND id = $2",
         tenant_id,
@@ -94,8 +96,8 @@ async def _fetch(request: Request, account_id: int) -> dict[str, Any]:
 
 @router.post("", status_code=201, summary="Add a mailbox to the pool", openapi_extra=json_body_schema(AccountIn))
 async def create_account(request: Request):
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, AccountIn)
-    services, tenant_id = services_of(request), tenant_of(request)
     secret = _box(request).encrypt(body.smtp_password, PASSWORD_PURPOSE) if body.smtp_password else ""
     try:
         account_id = await services.pool.fetchval(
@@ -111,6 +113,9 @@ async def create_account(request: Request):
         raise HeraldError(
             ErrorCode.DUPLICATE_REQUEST, f"a mailbox {body.email} already exists", field="email"
         ) from None
+    details = body.model_dump(exclude={"smtp_password"}, mode="json")
+    await audit.record(services.pool, request, "email_account.create", "email_account", account_id,
+                       {**details, "smtp_password": bool(body.smtp_password)})  # fmt: skip
     return envelope(await _fetch(request, account_id), status_code=201)
 
 
@@ -121,7 +126,7 @@ async def list_accounts(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     where, args = "tenant_id = $1", [tenant_id]
     if is_active is not None:
         args.append(is_active)
@@ -145,8 +150,8 @@ async def get_account(account_id: int, request: Request):
 
 @router.patch("/{account_id}", summary="Change a mailbox", openapi_extra=json_body_schema(AccountPatch))
 async def update_account(account_id: int, request: Request):
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, AccountPatch)
-    services, tenant_id = services_of(request), tenant_of(request)
     changes = body.model_dump(exclude_unset=True)
     if not changes:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "nothing to change", field="body")
@@ -172,11 +177,13 @@ async def update_account(account_id: int, request: Request):
         raise HeraldError(ErrorCode.DUPLICATE_REQUEST, "another mailbox has this address", field="email") from None
     if updated is None:
         raise HeraldError(ErrorCode.NOT_FOUND, f"email account {account_id} not found", field="account_id")
+    await audit.record(services.pool, request, "email_account.update", "email_account", account_id,
+                       {k: v for k, v in changes.items()})  # fmt: skip
     return envelope(await _fetch(request, account_id))
 
 
 async def _set_active(request: Request, account_id: int, active: bool) -> dict[str, Any]:
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     # Re-enabling clears the failure streak: the operator says the account is fixed.
     updated = await services.pool.fetchval(
         """UPDATE email_accounts SET is_active = $3,
@@ -190,6 +197,8 @@ async def _set_active(request: Request, account_id: int, active: bool) -> dict[s
     )
     if updated is None:
         raise HeraldError(ErrorCode.NOT_FOUND, f"email account {account_id} not found", field="account_id")
+    action = "email_account.enable" if active else "email_account.disable"
+    await audit.record(services.pool, request, action, "email_account", account_id)
     return await _fetch(request, account_id)
 
 
@@ -205,10 +214,11 @@ async def disable_account(account_id: int, request: Request):
 
 @router.delete("/{account_id}", summary="Remove a mailbox from the pool")
 async def delete_account(account_id: int, request: Request):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     deleted = await services.pool.fetchval(
         "DELETE FROM email_accounts WHERE tenant_id = $1 AND id = $2 RETURNING id", tenant_id, account_id
     )
     if deleted is None:
         raise HeraldError(ErrorCode.NOT_FOUND, f"email account {account_id} not found", field="account_id")
+    await audit.record(services.pool, request, "email_account.delete", "email_account", account_id)
     return envelope({"id": account_id, "deleted": True})

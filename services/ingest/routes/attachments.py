@@ -13,6 +13,7 @@ from services.ingest.attachments import (
     read_upload,
     record_upload,
 )
+from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope
 from shared.errors import ErrorCode, HeraldError
@@ -61,7 +62,7 @@ async def upload(request: Request):
     is decided by its content: PDF, JPEG, PNG, GIF, Office documents, ZIP/GZIP/7z/RAR archives,
     UTF-8 .txt/.csv (400, code 1001, otherwise, or when the content contradicts the name).
     Files expire after ``HERALD_ATTACHMENT_EXPIRE_DAYS``. Answers the stored files, in order."""
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     settings = services.settings
     limit = max_upload_bytes(settings.attachment_max_bytes)
     declared = request.headers.get("content-length", "")

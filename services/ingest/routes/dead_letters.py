@@ -19,6 +19,8 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.ingest import audit
+from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, json_body_schema, parse_body
 from shared.errors import ErrorCode, HeraldError
@@ -59,7 +61,7 @@ async def list_dead_letters(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     where, args = ["tenant_id = $1"], [tenant_id]
     for column, value in (("reason", reason), ("service", service), ("message_id", message_id)):
         if value is not None:
@@ -80,7 +82,7 @@ async def list_dead_letters(
 
 @router.get("/{letter_id}", summary="One dead letter")
 async def get_dead_letter(letter_id: int, request: Request):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     row = await services.pool.fetchrow(
         f"SELECT {_COLUMNS} FROM dead_letters WHERE tenant_id = $1 AND id = $2", tenant_id, letter_id
     )
@@ -91,7 +93,7 @@ async def get_dead_letter(letter_id: int, request: Request):
 
 async def _replay(request: Request, conn: asyncpg.Connection, letter: asyncpg.Record) -> dict[str, Any]:
     """Publish one letter again and mark it replayed."""
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     producer = services.producer
     topic, value, key = letter["source_topic"], letter["payload"].encode(), None
     record = None
@@ -113,12 +115,14 @@ async def _replay(request: Request, conn: asyncpg.Connection, letter: asyncpg.Re
     await conn.execute(
         "UPDATE dead_letters SET replayed_at = now(), replay_count = replay_count + 1 WHERE id = $1", letter["id"]
     )
+    await audit.record(conn, request, "dead_letter.replay", "dead_letter", letter["id"],
+                       {"topic": topic, "message_id": letter["message_id"]})  # fmt: skip
     return {"id": letter["id"], "topic": topic, "message_id": letter["message_id"]}
 
 
 @router.post("/{letter_id}/replay", summary="Send one dead letter again")
 async def replay_dead_letter(letter_id: int, request: Request):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     async with services.pool.acquire() as conn:
         letter = await conn.fetchrow(
             "SELECT id, source_topic, message_id, payload FROM dead_letters WHERE tenant_id = $1 AND id = $2",
@@ -132,8 +136,8 @@ async def replay_dead_letter(letter_id: int, request: Request):
 
 @router.post("/replay", summary="Send dead letters again in bulk", openapi_extra=json_body_schema(BulkReplay))
 async def replay_many(request: Request):
+    services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, BulkReplay)
-    services, tenant_id = services_of(request), tenant_of(request)
     where, args = ["tenant_id = $1"], [tenant_id]
     if body.ids is not None:
         args.append(body.ids)

@@ -10,9 +10,11 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from services.ingest.attachments import resolve_attachments
+from services.ingest.auth import Scope
 from services.ingest.dedup import fingerprint, request_hash
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
+from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
 from services.ingest.routes.templates import resolve as resolve_template
 from shared.errors import ErrorCode, HeraldError
@@ -124,8 +126,8 @@ def _record(row: Any) -> dict[str, Any]:
 async def send_email(request: Request):
     """Accept an email for delivery; answers 202 with its ``message_id`` once it is recorded
     and queued. Query its progress with ``GET /api/v1/messages/{message_id}``."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     body = await parse_body(request, EmailSendRequest)
-    services, tenant_id = services_of(request), tenant_of(request)
     settings = services.settings
     if (error := body.mode_error()) is not None:
         raise error
@@ -194,14 +196,28 @@ async def send_email(request: Request):
                 f'{window} s (send with "dedup": false to force)',
                 field="content",
             )
+    quota = (await services.tenants.get(tenant_id)).quotas.get("email")
+    try:
+        await services.quotas.take(tenant_id, "email", quota)
+    except QuotaExceeded as exc:
+        if fp is not None:
+            await guard.release(fp, req.message_id or "")
+        raise HeraldError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"the monthly email quota of {exc.limit} messages is used up ({exc.used} this month); "
+            f"it renews at {exc.resets_at.isoformat().replace('+00:00', 'Z')}",
+        ) from None
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
     record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped)
     try:
         outcome = await services.publisher.accept(record, trace)
     except HeraldError:
+        await services.quotas.give_back(tenant_id, "email", 1 if quota is not None else 0)
         if fp is not None:
             await guard.release(fp, req.message_id or "")
         raise
+    if not outcome.created and quota is not None:
+        await services.quotas.give_back(tenant_id, "email")
     state = State(outcome.state)
     response = {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value}
     if not outcome.created:
@@ -256,7 +272,7 @@ async def get_message(
     message_id: str,
     request: Request,
 ):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     row = await services.pool.fetchrow(
         f"SELECT {_DETAIL_COLUMNS} FROM message_records WHERE tenant_id=$1 AND message_id=$2",
         tenant_id,
@@ -272,7 +288,7 @@ async def get_timeline(
     message_id: str,
     request: Request,
 ):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     async with services.pool.acquire() as conn:
         exists = await conn.fetchval(
             "SELECT 1 FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
@@ -325,7 +341,7 @@ async def list_messages(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     where = ["tenant_id = $1"]
     args: list[Any] = [tenant_id]
 
@@ -376,14 +392,14 @@ async def list_messages(
     return envelope({"total": total, "page": page, "page_size": page_size, "records": [_record(r) for r in rows]})
 
 
-@router.post("/batch/query", summary="Status of up to 100 messages at once")
-async def batch_query(
-    body: BatchQuery,
-    request: Request,
-):
+@router.post(
+    "/batch/query", summary="Status of up to 100 messages at once", openapi_extra=json_body_schema(BatchQuery)
+)
+async def batch_query(request: Request):
     """Answers the messages found, in the order asked; ids not found are listed in
     ``X-Not-Found`` count and simply absent from ``data`` (seed 004 §3.4.7)."""
-    services, tenant_id = services_of(request), tenant_of(request)
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
+    body = await parse_body(request, BatchQuery)
     ids = list(dict.fromkeys(body.message_ids))
     rows = await services.pool.fetch(
         """SELECT message_id, message_type, recipient, subject, status, state, retry_count,

@@ -10,6 +10,8 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.ingest import audit
+from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, json_body_schema, parse_body
 from services.ingest.templates import head_of, version_of
@@ -235,10 +237,15 @@ def _version_from_current(row: asyncpg.Record) -> TemplateVersion:
     return version_of({**dict(row), "template_id": row["id"]})
 
 
+async def _audit(conn: asyncpg.Connection, request: Request, action: str, row: asyncpg.Record, **extra: Any) -> None:
+    details = {"template_name": row["template_name"], "version": row["version"], **extra}
+    await audit.record(conn, request, action, "template", row["id"], details)
+
+
 @router.post("", status_code=201, summary="Create a template", openapi_extra=json_body_schema(TemplateIn))
 async def create_template(request: Request):
+    tenant_id = tenant_of(request, Scope.TEMPLATES)
     body = await parse_body(request, TemplateIn)
-    tenant_id = tenant_of(request)
     main = _main_variant(body.template_type, body.subject, body.content, body.text_content, body.format)
     variables, variants = _checked(request, body.variables, main, body.variants)
     pool = services_of(request).pool
@@ -266,6 +273,7 @@ async def create_template(request: Request):
         await _history(conn, template_id, tenant_id, 1, body.template_name, body.template_type, variables,
                        variants, "created", body.created_by)  # fmt: skip
         row = await _row(conn, tenant_id, template_id)
+        await _audit(conn, request, "template.create", row)
     await _distribute(request, row)
     return envelope(_out(row), status_code=201)
 
@@ -279,7 +287,7 @@ async def list_templates(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
-    where, args = ["tenant_id = $1", "deleted_at IS NULL"], [tenant_of(request)]
+    where, args = ["tenant_id = $1", "deleted_at IS NULL"], [tenant_of(request, Scope.READ)]
     if template_type is not None:
         args.append(template_type)
         where.append(f"template_type = ${len(args)}")
@@ -302,12 +310,12 @@ async def list_templates(
 @router.get("/{template_id}", summary="One template, current version")
 async def get_template(template_id: int, request: Request):
     async with services_of(request).pool.acquire() as conn:
-        return envelope(_out(await _row(conn, tenant_of(request), template_id)))
+        return envelope(_out(await _row(conn, tenant_of(request, Scope.READ), template_id)))
 
 
 @router.get("/{template_id}/history", summary="Every version of a template, newest first")
 async def template_history(template_id: int, request: Request):
-    tenant_id = tenant_of(request)
+    tenant_id = tenant_of(request, Scope.READ)
     async with services_of(request).pool.acquire() as conn:
         await _row(conn, tenant_id, template_id)
         rows = await conn.fetch(
@@ -338,8 +346,8 @@ async def template_history(template_id: int, request: Request):
     "/{template_id}", summary="Change a template (a new version)", openapi_extra=json_body_schema(TemplateUpdate)
 )
 async def update_template(template_id: int, request: Request):
+    tenant_id = tenant_of(request, Scope.TEMPLATES)
     body = await parse_body(request, TemplateUpdate)
-    tenant_id = tenant_of(request)
     given = body.model_fields_set
     async with services_of(request).pool.acquire() as conn, conn.transaction():
         row = await _row(conn, tenant_id, template_id, lock=True)
@@ -365,6 +373,7 @@ async def update_template(template_id: int, request: Request):
             change=body.change_description,
             author=body.updated_by,
         )
+        await _audit(conn, request, "template.update", row)
     await _distribute(request, row)
     return envelope(_out(row))
 
@@ -372,8 +381,8 @@ async def update_template(template_id: int, request: Request):
 @router.post("/{template_id}/rollback", summary="A new version equal to an earlier one",
              openapi_extra=json_body_schema(Rollback))  # fmt: skip
 async def rollback_template(template_id: int, request: Request):
+    tenant_id = tenant_of(request, Scope.TEMPLATES)
     body = await parse_body(request, Rollback)
-    tenant_id = tenant_of(request)
     async with services_of(request).pool.acquire() as conn, conn.transaction():
         row = await _row(conn, tenant_id, template_id, lock=True)
         old = await conn.fetchrow(
@@ -400,13 +409,14 @@ async def rollback_template(template_id: int, request: Request):
             change=body.change_description or f"rollback to version {body.version}",
             author=body.updated_by,
         )
+        await _audit(conn, request, "template.rollback", row, rolled_back_to=body.version)
     await _distribute(request, row)
     return envelope(_out(row))
 
 
 @router.delete("/{template_id}", summary="Delete a template (soft: its history stays)")
 async def delete_template(template_id: int, request: Request):
-    tenant_id = tenant_of(request)
+    tenant_id = tenant_of(request, Scope.TEMPLATES)
     async with services_of(request).pool.acquire() as conn, conn.transaction():
         await _row(conn, tenant_id, template_id, lock=True)
         await conn.execute(
@@ -416,16 +426,18 @@ async def delete_template(template_id: int, request: Request):
             tenant_id,
         )
         row = await conn.fetchrow(f"{_SELECT} WHERE id = $1 AND tenant_id = $2", template_id, tenant_id)
+        await _audit(conn, request, "template.delete", row)
     await _distribute(request, row)
     return envelope({"id": template_id, "deleted": True})
 
 
 @router.post("/preview", summary="Render a template with test data", openapi_extra=json_body_schema(Preview))
 async def preview_template(request: Request):
+    tenant_id = tenant_of(request, Scope.TEMPLATES)
     body = await parse_body(request, Preview)
     if body.template_id is None and body.template_name is None:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "template_id or template_name is required", field="template_id")
-    version = await resolve(request, tenant_of(request), body.template_id, body.template_name, body.template_version)
+    version = await resolve(request, tenant_id, body.template_id, body.template_name, body.template_version)
     channel = body.channel or version.template_type
     try:
         out = _renderer.render(version, channel, body.locale, body.template_vars)

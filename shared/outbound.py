@@ -1,0 +1,64 @@
+"""HTTP clients for user-given URLs (webhook channels, status callbacks): every connection is
+checked against SSRF *when it is made*, after DNS resolution, and goes to the address that was
+checked.
+
+The check sits in httpcore's network backend, below redirects, retries and connection reuse:
+a redirect to ``http://169.254.169.254/`` or a name whose DNS answer changes between two
+requests (rebinding) meets the same check as the first URL. TLS still verifies the certificate
+against the URL's host name (httpcore starts TLS with the origin's host, not the address).
+Proxies from the environment are ignored: a proxy would resolve names itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import httpcore
+import httpx
+
+from shared.ssrf import AllowList, UnsafeURL, check_host
+
+__all__ = ["UnsafeURL", "guarded_client"]
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, allow: AllowList) -> None:
+        self.inner = inner
+        self.allow = allow
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await check_host(host, port, self.allow)
+        last: Exception | None = None
+        for address in addresses:  # each one checked; the first that answers
+            try:
+                return await self.inner.connect_tcp(
+                    str(address), port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        raise last or httpcore.ConnectError(f"no address of {host} answered")
+
+    async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        raise UnsafeURL("unix sockets are not reachable from user-given URLs")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def guarded_client(allow: AllowList | str = "", **kwargs: Any) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` that refuses private, loopback, link-local and metadata
+    addresses except those in ``allow`` (``HERALD_OUTBOUND_ALLOW``). A refusal raises
+    :class:`UnsafeURL` from the request."""
+    allow_list = AllowList.parse(allow) if isinstance(allow, str) else allow
+    transport = httpx.AsyncHTTPTransport(retries=kwargs.pop("retries", 0))
+    pool = transport._pool  # httpx does not take a network backend; the pool does
+    pool._network_backend = _GuardedBackend(pool._network_backend, allow_list)
+    return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
