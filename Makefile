@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps run test lint schemas bench clean
+.PHONY: install system-deps run test lint schemas bench clean admin-key
 
 install: system-deps $(VENV)/.installed
 
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	@mkdir -p .data
 	@$(BIN)/honcho -f Procfile -e dev.env start
+
+# The first admin key of the default tenant, for the stack `make run` started (prints the secret once).
+admin-key: install
+	@set -a && . ./dev.env && set +a && $(BIN)/python -m services.admin create-key --tenant default --name admin
 
 test: install
 	@$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -111,12 +111,21 @@ def _banner() -> None:
  Herald is running.
    API docs:   {base}/docs
    Health:     {base}/health/ready
-   Send a first email (it lands in the SMTP sink, printed here and saved in .data/mail):
+   Every API call needs a token. Create the first admin key (its secret is shown once):
 
-   curl -s -X POST {base}/api/v1/messages/email/send -H 'Content-Type: application/json' \\
+   make admin-key        # = .venv/bin/python -m services.admin create-key --tenant default
+
+   Exchange it for a token (valid 1 h) and send a first email (it lands in the SMTP sink,
+   printed here and saved in .data/mail):
+
+   TOKEN=$(curl -s -X POST {base}/api/v1/auth/token -H 'Content-Type: application/json' \\
+        -d '{{"api_key": "noti_...", "api_secret": "..."}}' \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["access_token"])')
+   curl -s -X POST {base}/api/v1/messages/email/send -H "Authorization: Bearer $TOKEN" \\
+        -H 'Content-Type: application/json' \\
         -d '{{"to": "alice@example.com", "subject": "Hello from Herald", "content": "<h1>It works</h1>"}}'
 
-   Then: curl -s {base}/api/v1/messages/<message_id>
+   Then: curl -s -H "Authorization: Bearer $TOKEN" {base}/api/v1/messages/<message_id>
  Ctrl-C stops everything.
 ==========================================================================
 """,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import string
@@ -111,16 +112,19 @@ def hash_secret(secret: str, rounds: int) -> str:
     return bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds)).decode()
 
 
-# A well-formed hash to check against when the key does not exist, so that an unknown key costs
-# as long as a wrong secret (no timing oracle on which keys exist).
-_DUMMY_HASH = bcrypt.hashpw(b"no such key", bcrypt.gensalt(4)).decode()
+@functools.cache
+def _stand_in(rounds: int) -> bytes:
+    """A hash to check against when the key does not exist, made with the same work factor, so
+    an unknown key costs as long as a wrong secret (no timing oracle on which keys exist)."""
+    return bcrypt.hashpw(b"no such key", bcrypt.gensalt(rounds))
 
 
-def check_secret(secret: str, hashed: str | None) -> bool:
+def check_secret(secret: str, hashed: str | None, rounds: int = 12) -> bool:
     try:
-        return bcrypt.checkpw(secret.encode(), (hashed or _DUMMY_HASH).encode()) and hashed is not None
-    except ValueError:
+        matched = bcrypt.checkpw(secret.encode(), hashed.encode() if hashed else _stand_in(rounds))
+    except ValueError:  # not a bcrypt hash
         return False
+    return matched and hashed is not None
 
 
 def signing_key(settings: Settings) -> bytes:

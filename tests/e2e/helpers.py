@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from devstack import access
 from devstack.sinks import Received
 from tests.conftest import Pipeline
 
@@ -69,3 +71,28 @@ def dispatch_command(message_id: str, to: str, subject: str, content: str) -> di
         "subject": subject,
         "content": content,
     }
+
+
+KEYS = "/api/v1/api-keys"
+TOKEN = "/api/v1/auth/token"
+
+
+def uniq(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+async def make_key(client: httpx.AsyncClient, scopes: list[str], tier: str = "unlimited", **extra) -> dict:
+    """A key of the caller's tenant made through the API, and a token for it."""
+    r = await client.post(KEYS, json={"key_name": uniq("k-"), "scopes": scopes, "tier": tier, **extra})
+    assert r.status_code == 201, r.text
+    key = r.json()["data"]
+    access.ISSUED.append(key["api_secret"])
+    r = await client.post(TOKEN, json={"api_key": key["api_key"], "api_secret": key["api_secret"]})
+    assert r.status_code == 200, r.text
+    key["token"] = r.json()["data"]["access_token"]
+    access.ISSUED.append(key["token"])
+    return key
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

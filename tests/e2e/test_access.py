@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -14,37 +13,15 @@ import httpx
 import jwt
 import orjson
 import pytest
+from redis.asyncio import Redis
 
 from devstack import access
 from devstack.pipeline import start_services, stop_services
 from tests.conftest import TEST_JWT_SECRET, Pipeline
-from tests.e2e.helpers import SEND
+from tests.e2e.helpers import KEYS, SEND, TOKEN, auth, make_key, uniq
 
-KEYS = "/api/v1/api-keys"
-TOKEN = "/api/v1/auth/token"
 AUDIT = "/api/v1/audit-logs"
 pytestmark = pytest.mark.usefixtures("dump_logs_on_failure")
-
-
-def uniq(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
-
-
-async def make_key(client: httpx.AsyncClient, scopes: list[str], tier: str = "unlimited", **extra) -> dict:
-    """A key of the caller's tenant made through the API, and a token for it."""
-    r = await client.post(KEYS, json={"key_name": uniq("k-"), "scopes": scopes, "tier": tier, **extra})
-    assert r.status_code == 201, r.text
-    key = r.json()["data"]
-    access.ISSUED.append(key["api_secret"])
-    r = await client.post(TOKEN, json={"api_key": key["api_key"], "api_secret": key["api_secret"]})
-    assert r.status_code == 200, r.text
-    key["token"] = r.json()["data"]["access_token"]
-    access.ISSUED.append(key["token"])
-    return key
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def forge(claims: dict, *, key: str = TEST_JWT_SECRET, alg: str = "HS256") -> str:
@@ -451,6 +428,12 @@ async def test_monthly_email_quota_is_enforced_per_tenant(pipeline: Pipeline, db
         assert await db.fetchval("SELECT count(*) FROM message_records WHERE tenant_id = $1", tenant) == 3
         data = (await c.get(f"/api/v1/tenants/{tenant}")).json()["data"]
         assert data["quotas"]["email"] == 3 and data["email_quota"] == 3 and data["usage"]["used"]["email"] == 3
+        # Redis losing the counter does not hand out a fresh month: it is counted again from the records.
+        redis = Redis.from_url(pipeline.backing.redis_url)
+        assert await redis.delete(f"herald:quota:{tenant}:email:{data['usage']['month']}") == 1
+        await redis.aclose()
+        r = await c.post(SEND, json={**first, "subject": "four again"})
+        assert r.status_code == 429 and r.json()["code"] == 1008
 
     # Raising the quota takes effect within the settings cache's 5 s.
     await asyncio.to_thread(access.admin, env, "set-quota", tenant, "email", "unlimited")

@@ -22,7 +22,7 @@ from shared.events import RequestV1, utcnow
 from shared.ids import new_message_id
 from shared.kafka import Trace
 from tests.conftest import Pipeline
-from tests.e2e.helpers import SEND, wait_for_state
+from tests.e2e.helpers import SEND, auth, make_key, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -93,6 +93,7 @@ async def test_redis_down_keys_still_hold_and_dedup_fails_open(
 ) -> None:
     run = uuid.uuid4().hex[:8]
     keys = [f"down-{run}-{i}" for i in range(100)]
+    limited = await make_key(client, ["read"], tier="standard")
     pipeline.backing.redis.stop()
     try:
         semaphore = asyncio.Semaphore(50)
@@ -115,8 +116,15 @@ async def test_redis_down_keys_still_hold_and_dedup_fails_open(
         assert r.status_code == 202
         mid = r.json()["data"]["message_id"]
         assert await db.fetchval("SELECT dedup_skipped FROM message_records WHERE message_id=$1", mid) is True
+        # Rate limits cannot be counted either: requests pass unlimited (and are counted so).
+        r = await client.get("/api/v1/messages", headers=auth(limited["token"]))
+        assert r.status_code == 200 and "ratelimit-limit" not in r.headers
+        r = await client.get("/api/v1/messages", headers={"Authorization": "Bearer nonsense"})
+        assert r.status_code == 401 and "ratelimit-limit" not in r.headers
         metrics = (await client.get("/metrics")).text
         assert "herald_dedup_skipped_total" in metrics
+        assert 'herald_rate_limit_bypassed_total{kind="key"}' in metrics
+        assert 'herald_rate_limit_bypassed_total{kind="ip"}' in metrics
     finally:
         pipeline.backing.restart_redis()
 

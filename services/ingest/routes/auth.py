@@ -44,7 +44,8 @@ async def issue_token(request: Request):
         body.api_key,
     )
     # bcrypt takes a quarter of a second by design: off the event loop.
-    valid = await asyncio.to_thread(check_secret, body.api_secret, row["api_secret_hash"] if row else None)
+    stored = row["api_secret_hash"] if row else None
+    valid = await asyncio.to_thread(check_secret, body.api_secret, stored, services.settings.api_secret_bcrypt_rounds)
     if not valid:
         AUTH_FAILURES.labels("bad key or secret").inc()
         raise HeraldError(ErrorCode.UNAUTHENTICATED, "authentication failed: unknown API key or wrong secret")

@@ -392,9 +392,7 @@ async def list_messages(
     return envelope({"total": total, "page": page, "page_size": page_size, "records": [_record(r) for r in rows]})
 
 
-@router.post(
-    "/batch/query", summary="Status of up to 100 messages at once", openapi_extra=json_body_schema(BatchQuery)
-)
+@router.post("/batch/query", summary="Status of up to 100 messages at once", openapi_extra=json_body_schema(BatchQuery))
 async def batch_query(request: Request):
     """Answers the messages found, in the order asked; ids not found are listed in
     ``X-Not-Found`` count and simply absent from ``data`` (seed 004 §3.4.7)."""
