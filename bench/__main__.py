@@ -4,13 +4,19 @@ process tree, written to ``bench/results/`` as JSON plus a short table.
 Phases (each on servers this run starts; nothing is shared with a running ``make run``):
 1. ingest: wrk at fixed concurrency against Herald's ingest (only ingest running) and against
    the floor (``bench/floor.py``: validate + acks=all send, nothing else); ratio Herald/floor.
+   Herald is measured with a token of an unlimited-tier key (token check only), with a token of
+   a rate-limited key (token check + the Redis rate-limit count), and, when ``BENCH_BASE_REF``
+   names a commit (default: the last one before access control), that commit's ingest, which
+   had no authentication: the authenticated figures next to the unauthenticated one. The
+   server-side cost of a token check and of a rate-limit count is also timed in-process.
 2. end to end: N messages posted as fast as ingest takes them, delivered by the whole pipeline
    to an SMTP sink in its own process; rate from first POST to last 'sent' record, latency
    sent_at - accepted_at, lost and duplicated deliveries counted at the sink; peak RSS and CPU
    seconds of every process.
 3. baseline peer: the same N messages sent directly with Apprise (``json://`` to the webhook sink).
 
-Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200").
+Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200"),
+BENCH_BASE_REF (f705016; "" skips it).
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ import asyncpg
 import httpx
 import psutil
 
-from devstack import servers
+from devstack import access, servers
 from devstack.pipeline import ROOT, start_services, stop_services, wait_ready
 
 RESULTS = ROOT / "bench" / "results"
 N = int(os.environ.get("BENCH_N", "20000"))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 LEVELS = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "50,200").split(",")]
+BASE_REF = os.environ.get("BENCH_BASE_REF", "f705016")
 
 
 def log(text: str) -> None:
@@ -50,7 +57,7 @@ def log(text: str) -> None:
 # --- phase 1: ingest vs floor ----------------------------------------------------------------
 
 
-def wrk(url: str, concurrency: int, duration: int) -> dict:
+def wrk(url: str, concurrency: int, duration: int, token: str = "") -> dict:
     threads = min(2, concurrency)
     out = subprocess.run(
         [
@@ -66,6 +73,7 @@ def wrk(url: str, concurrency: int, duration: int) -> dict:
             url,
             "--",
             uuid.uuid4().hex[:12],  # this run's nonce: bodies never repeat an earlier run's
+            token,
         ],
         capture_output=True,
         text=True,
@@ -80,9 +88,83 @@ def wrk(url: str, concurrency: int, duration: int) -> dict:
     return data
 
 
+def start_base_ingest(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, Path] | None:
+    """The ingest of ``BASE_REF`` (a git worktree), on the same servers, migrations left alone."""
+    if not BASE_REF:
+        return None
+    tree = tmp / "base-tree"
+    done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), BASE_REF],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        log(f"ingest: no base run ({BASE_REF} not checked out: {done.stderr.strip()[:200]})")
+        return None
+    port = servers.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.ingest"],
+        cwd=tree,  # its own code first on sys.path
+        env={**os.environ, **env, "HERALD_INGEST_PORT": str(port), "HERALD_RUN_MIGRATIONS": "false",
+             "PYTHONPATH": str(tree)},
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "base-ingest.log", "wb"),  # noqa: SIM115
+    )  # fmt: skip
+    wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, 120)
+    return proc, f"http://127.0.0.1:{port}", tree
+
+
+async def auth_cost(env: dict[str, str], api_key: str, limited_key: str) -> dict:
+    """Server time of the access checks, in-process: a cached token check, and one rate-limit
+    count (two Redis round trips)."""
+    from services.ingest.auth import Authenticator, Tokens, signing_key
+    from services.ingest.limits import RateLimiter
+    from shared.settings import Settings
+
+    saved = dict(os.environ)
+    os.environ.update(env)  # the settings exactly as the services read them
+    try:
+        settings = Settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    pool = await asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=2)
+    try:
+        tokens = Tokens(signing_key(settings), settings.jwt_ttl_s)
+        auth = Authenticator(pool, tokens, settings)
+        token, _ = tokens.issue(api_key, "default")
+        await auth.authenticate(token)  # the first check reads the key; the rest are cached
+        n = 100_000
+        start = time.perf_counter()
+        for _ in range(n):
+            await auth.authenticate(token)
+        check_us = (time.perf_counter() - start) / n * 1e6
+        fresh = [tokens.issue(api_key, "default")[0] for _ in range(2000)]
+        start = time.perf_counter()
+        for t in fresh:
+            await auth.authenticate(t)
+        first_us = (time.perf_counter() - start) / len(fresh) * 1e6
+        limiter = RateLimiter(settings)
+        item = limiter.tier_item("limited")
+        await limiter.take(item, "key", limited_key)
+        start = time.perf_counter()
+        for _ in range(2000):
+            await limiter.take(item, "key", limited_key)
+        limit_us = (time.perf_counter() - start) / 2000 * 1e6
+    finally:
+        await pool.close()
+    return {
+        "cached_token_check_us": round(check_us, 2),
+        "first_check_of_a_token_us": round(first_us, 1),
+        "rate_limit_count_us": round(limit_us, 1),
+    }
+
+
 def phase_ingest(tmp: Path, env: dict[str, str]) -> dict:
     path = "/api/v1/messages/email/send"
     services = start_services(env, tmp, ["ingest"])
+    url = services["ingest"].url
+    access.admin(env, "set-quota", "default", "email", "unlimited")
+    unlimited_key = access.new_key(env, tier="unlimited", name="bench")
+    limited_key = access.new_key(env, tier="limited", name="bench-limited")
+    tokens = {"herald": access.token_for(url, *unlimited_key), "herald-limited": access.token_for(url, *limited_key)}
     floor_port = servers.free_port()
     floor = subprocess.Popen(
         [sys.executable, "-m", "bench.floor", "--port", str(floor_port)],
@@ -91,22 +173,35 @@ def phase_ingest(tmp: Path, env: dict[str, str]) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "floor.log", "wb"),
     )
+    base = None
     try:
         wait_ready(f"http://127.0.0.1:{floor_port}/health/ready", floor, 60)
-        targets = {"herald": services["ingest"].url + path, "floor": f"http://127.0.0.1:{floor_port}{path}"}
-        for url in targets.values():  # warm-up: connection pools, caches
-            wrk(url, 20, 2)
-        results: dict = {}
+        targets = {
+            "floor": f"http://127.0.0.1:{floor_port}{path}",
+            "herald": url + path,
+            "herald-limited": url + path,
+        }
+        base = start_base_ingest(tmp, env)
+        if base is not None:
+            targets["base-unauthenticated"] = base[1] + path
+        for name, target in targets.items():  # warm-up: connection pools, caches
+            wrk(target, 20, 2, tokens.get(name, ""))
+        results: dict = {"base_ref": BASE_REF if base else None}
         for c in LEVELS:
-            for name in ("floor", "herald"):
+            for name, target in targets.items():
                 log(f"ingest: {name} at {c} concurrent for {DURATION}s")
-                results.setdefault(str(c), {})[name] = wrk(targets[name], c, DURATION)
+                results.setdefault(str(c), {})[name] = wrk(target, c, DURATION, tokens.get(name, ""))
             r = results[str(c)]
             r["ratio"] = round(r["herald"]["rps"] / r["floor"]["rps"], 3) if r["floor"]["rps"] else None
+        results["keys"] = [unlimited_key[0], limited_key[0]]
         return results
     finally:
         floor.terminate()
         floor.wait(10)
+        if base is not None:
+            base[0].terminate()
+            base[0].wait(15)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base[2])], check=False)
         stop_services(services)
 
 
@@ -170,7 +265,7 @@ class Sampler:
         }
 
 
-async def post_all(url: str, n: int, concurrency: int = 64) -> tuple[float, list[str], int]:
+async def post_all(url: str, n: int, token: str, concurrency: int = 64) -> tuple[float, list[str], int]:
     """POST n distinct messages; returns (time of first POST, accepted ids, failures)."""
     ids: list[str] = []
     failures = 0
@@ -178,7 +273,8 @@ async def post_all(url: str, n: int, concurrency: int = 64) -> tuple[float, list
     for i in range(n):
         queue.put_nowait(i)
     first = time.time()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency), headers=headers) as session:
 
         async def worker() -> None:
             nonlocal failures
@@ -213,7 +309,8 @@ async def phase_e2e(tmp: Path, env: dict[str, str], backing: dict, sink_url: str
     pool = await asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=2)
     try:
         log(f"e2e: posting {N} messages")
-        first, ids, failures = await post_all(services["ingest"].url + "/api/v1/messages/email/send", N)
+        token = access.token_for(services["ingest"].url, *access.new_key(env, tier="unlimited", name="bench-e2e"))
+        first, ids, failures = await post_all(services["ingest"].url + "/api/v1/messages/email/send", N, token)
         posted = time.time()
         log(f"e2e: {len(ids)} accepted in {posted - first:.1f}s ({failures} failed); waiting for delivery")
         last_count, last_change = -1, time.time()
@@ -378,6 +475,8 @@ async def phase_sender(tmp: Path, env: dict[str, str], sink_url: str, smtp_port:
 def summary(result: dict) -> str:
     lines = ["| measure | Herald | baseline | ratio |", "|---|---|---|---|"]
     for c, r in result["ingest"].items():
+        if not c.isdigit():  # base_ref, access_cost
+            continue
         h, f = r["herald"], r["floor"]
         lines.append(f"| ingest req/s at {c} concurrent | {h['rps']} | floor {f['rps']} | {r['ratio']} |")
         lines.append(
@@ -385,6 +484,19 @@ def summary(result: dict) -> str:
             f"| floor {f['p50_ms']:.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} | |"
         )
         lines.append(f"| ingest errors at {c} | {h['error_count']} | floor {f['error_count']} | |")
+        if "herald-limited" in r:
+            lim = r["herald-limited"]
+            lines.append(f"| ingest req/s at {c}, rate-limited key | {lim['rps']} | floor {f['rps']} "
+                         f"| {round(lim['rps'] / f['rps'], 3) if f['rps'] else None} |")  # fmt: skip
+        if "base-unauthenticated" in r:
+            b = r["base-unauthenticated"]
+            lines.append(f"| ingest req/s at {c}, {result['ingest']['base_ref']} (no auth) | {b['rps']} "
+                         f"| floor {f['rps']} | {round(b['rps'] / f['rps'], 3) if f['rps'] else None} |")  # fmt: skip
+    cost = result["ingest"].get("access_cost")
+    if cost:
+        lines.append(f"| server time of a cached token check / first check of a token / rate-limit count (µs) "
+                     f"| {cost['cached_token_check_us']} / {cost['first_check_of_a_token_us']} / "
+                     f"{cost['rate_limit_count_us']} | | |")  # fmt: skip
     e, a = result["e2e"], result["apprise"]
     ratio = round(e["rate_per_s"] / a["rate_per_s"], 2) if e.get("rate_per_s") and a["rate_per_s"] else None
     lines.append(
@@ -439,6 +551,7 @@ async def run() -> dict:
         "HERALD_ENCRYPTION_KEY": "YmVuY2gta2V5LWZvci1oZXJhbGQtMzItYnl0ZXMhISE=",
         "HERALD_DATA_DIR": str(tmp / "data"),
         "HERALD_LOG_LEVEL": "WARNING",
+        "HERALD_RATE_LIMIT_TIERS": '{"unlimited": "", "limited": "100000000/minute"}',
     }
     result: dict = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -447,6 +560,8 @@ async def run() -> dict:
     }
     try:
         result["ingest"] = phase_ingest(tmp, env)
+        log("access: server time of token checks and rate-limit counts")
+        result["ingest"]["access_cost"] = await auth_cost(env, *result["ingest"].pop("keys"))
         # A fresh broker and empty tables: the ingest phase's backlog is not the e2e run's.
         backing["tansu"].stop()
         backing["tansu"] = servers.start_tansu(kafka_port, tmp / "tansu.log")

@@ -14,6 +14,10 @@ end
 function init(args)
   thread_id = id
   run = args[1] or "0"
+  -- An access token, when the target wants one.
+  if args[2] and args[2] ~= "" then
+    wrk.headers["Authorization"] = "Bearer " .. args[2]
+  end
 end
 
 wrk.method = "POST"
