@@ -89,12 +89,12 @@ class KeyState:
     tenant: str
     scopes: frozenset[str]
     tier: str
-    usable: bool  # enabled, not deleted, tenant active
+    usable: bool  # enabled, not deleted, and its tenant active
     expire_at: float | None  # epoch seconds
 
     def refusal(self, now: float) -> str | None:
         if not self.usable:
-            return "API key disabled"
+            return "API key disabled (or its tenant suspended)"
         if self.expire_at is not None and now >= self.expire_at:
             return "API key expired"
         return None
@@ -174,8 +174,8 @@ class Tokens:
             raise AuthError("token invalid") from None
 
 
-_KEY_STATE_SQL = """
-SELECT k.api_key, k.tenant_id, k.scopes, k.tier,
+KEY_STATE_SQL = """
+SELECT k.api_key, k.tenant_id, k.scopes, k.tier, k.api_secret_hash,
        (k.is_active AND k.deleted_at IS NULL AND t.status = 'active') AS usable,
        extract(epoch FROM k.expire_at) AS expire_at
 FROM api_keys k JOIN tenants t ON t.tenant_key = k.tenant_id
@@ -196,7 +196,7 @@ def key_state(row: asyncpg.Record | None) -> KeyState | None:
 
 
 async def fetch_key_state(conn: asyncpg.Pool | asyncpg.Connection, api_key: str) -> KeyState | None:
-    return key_state(await conn.fetchrow(_KEY_STATE_SQL, api_key))
+    return key_state(await conn.fetchrow(KEY_STATE_SQL, api_key))
 
 
 async def notify(conn: asyncpg.Connection, *payloads: str) -> None:

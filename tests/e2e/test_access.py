@@ -208,6 +208,23 @@ async def test_disabling_or_deleting_a_key_stops_its_tokens_on_every_replica_at_
         assert_401(r, "token revoked")
 
 
+async def test_a_suspended_tenants_keys_stop_at_once(pipeline: Pipeline) -> None:
+    env = pipeline.backing.env
+    tenant = uniq("s-")
+    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Suspended {tenant}")
+    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
+    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=10, headers=headers) as c:
+        assert (await c.get("/api/v1/messages")).status_code == 200
+        await asyncio.to_thread(access.admin, env, "set-status", tenant, "suspended")
+        started = time.monotonic()  # the NOTIFY travels on its own connection: a few ms at most
+        while (r := await c.get("/api/v1/messages")).status_code == 200:
+            assert time.monotonic() - started < 2
+            await asyncio.sleep(0.02)
+        assert_401(r, "tenant suspended")
+        await asyncio.to_thread(access.admin, env, "set-status", tenant, "active")
+        assert (await c.get("/api/v1/messages")).status_code == 200
+
+
 async def test_key_expiry_and_bad_key_requests(client: httpx.AsyncClient) -> None:
     key = await make_key(client, ["read"])
     r = await client.patch(f"{KEYS}/{key['id']}", json={"expire_at": "2020-01-01T00:00:00Z"})

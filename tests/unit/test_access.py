@@ -98,7 +98,7 @@ def test_key_states_refuse_disabled_and_expired_keys() -> None:
     now = time.time()
     live = KeyState("noti_a", "t", frozenset({"read"}), "standard", True, None)
     assert live.refusal(now) is None
-    assert KeyState("noti_a", "t", frozenset(), "standard", False, None).refusal(now) == "API key disabled"
+    assert KeyState("noti_a", "t", frozenset(), "standard", False, None).refusal(now).startswith("API key disabled")
     assert KeyState("noti_a", "t", frozenset(), "standard", True, now - 1).refusal(now) == "API key expired"
     assert KeyState("noti_a", "t", frozenset(), "standard", True, now + 60).refusal(now) is None
 

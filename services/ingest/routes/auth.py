@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.ingest.auth import check_secret, key_state, notify
+from services.ingest.auth import KEY_STATE_SQL, check_secret, key_state, notify
 from services.ingest.deps import caller, services_of
 from services.ingest.http import envelope, json_body_schema, parse_body
+from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
 from shared.metrics import AUTH_FAILURES
 
@@ -36,13 +37,10 @@ def _token_data(token: str, ttl_s: int) -> dict:
 async def issue_token(request: Request):
     body = await parse_body(request, TokenRequest)
     services = services_of(request)
-    row = await services.pool.fetchrow(
-        """SELECT k.api_key, k.tenant_id, k.scopes, k.tier, k.api_secret_hash,
-                  (k.is_active AND k.deleted_at IS NULL AND t.status = 'active') AS usable,
-                  extract(epoch FROM k.expire_at) AS expire_at
-           FROM api_keys k JOIN tenants t ON t.tenant_key = k.tenant_id WHERE k.api_key = $1""",
-        body.api_key,
-    )
+    try:
+        row = await services.pool.fetchrow(KEY_STATE_SQL, body.api_key)
+    except (TimeoutError, *DB_UNAVAILABLE):
+        raise HeraldError(ErrorCode.SERVICE_UNAVAILABLE, "key store unavailable, retry shortly") from None
     # bcrypt takes a quarter of a second by design: off the event loop.
     stored = row["api_secret_hash"] if row else None
     valid = await asyncio.to_thread(check_secret, body.api_secret, stored, services.settings.api_secret_bcrypt_rounds)
