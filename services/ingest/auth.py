@@ -11,7 +11,8 @@ microseconds.
   and the set of revoked token ids. Every change to a key or revocation is committed together
   with a PostgreSQL ``NOTIFY herald_auth``; each replica listens and drops what changed, so a
   revoked token or a disabled key stops working at once everywhere. A replica that loses its
-  listening connection forgets all key states and reloads the revoked ids when it is back.
+  listening connection keeps answering from what it knows and, once listening again, forgets all
+  key states and reloads the revoked ids.
 """
 
 from __future__ import annotations
@@ -158,14 +159,14 @@ class Tokens:
         }
         return jwt.encode(claims, self._key, algorithm="HS256"), claims
 
-    def decode(self, token: str, *, verify_exp: bool = True) -> dict[str, Any]:
+    def decode(self, token: str) -> dict[str, Any]:
         try:
             return jwt.decode(
                 token,
                 self._key,
                 algorithms=["HS256"],
                 issuer=ISSUER,
-                options={"require": ["exp", "iat", "sub", "jti", "iss"], "verify_exp": verify_exp},
+                options={"require": ["exp", "iat", "sub", "jti", "iss"]},
                 leeway=0,
             )
         except jwt.ExpiredSignatureError:
@@ -219,7 +220,6 @@ class Authenticator:
         self._keys: dict[str, tuple[float, KeyState | None]] = {}
         self._revoked: set[str] = set()
         self._usage: dict[str, int] = {}
-        self.listening = asyncio.Event()
 
     # --- the hot path -------------------------------------------------------------------------
 
@@ -295,7 +295,6 @@ class Authenticator:
                 self._keys.clear()
                 await self.load_revoked(conn)
                 await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
-                self.listening.set()
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 5)
@@ -306,8 +305,8 @@ class Authenticator:
             except Exception as exc:  # noqa: BLE001 - any failure: reconnect
                 log.warning("auth change listener lost (%s); reconnecting", type(exc).__name__)
             finally:
-                self.listening.clear()
-                self._keys.clear()
+                # Key states are kept (PostgreSQL may be the thing that went away, and they are
+                # what answers then); they are cleared when listening again.
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)

@@ -29,10 +29,14 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.db import DB_UNAVAILABLE
 from shared.metrics import LIMIT_BYPASSED, LIMITED
 from shared.settings import Settings
 
 log = logging.getLogger("herald.ingest.limits")
+
+# Redis could not be asked (down, refusing, slow).
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,7 @@ class RateLimiter:
         try:
             allowed = await self.strategy.hit(item, kind, identity)
             stats = await self.strategy.get_window_stats(item, kind, identity)
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_DOWN:
             if not self.fail_open:
                 raise
             LIMIT_BYPASSED.labels(kind).inc()
@@ -106,9 +110,9 @@ def _per_second(item: RateLimitItem) -> float:
 _TAKE = """
 local used = redis.call('GET', KEYS[1])
 if not used then return -1 end
-if tonumber(used) + tonumber(ARGV[2]) > tonumber(ARGV[1]) then return -2 - tonumber(used) end
-local now = redis.call('INCRBY', KEYS[1], ARGV[2])
-redis.call('EXPIREAT', KEYS[1], ARGV[3])
+if tonumber(used) + 1 > tonumber(ARGV[1]) then return -2 - tonumber(used) end
+local now = redis.call('INCR', KEYS[1])
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
 return now
 """
 
@@ -125,6 +129,11 @@ def month_bounds(now: datetime) -> tuple[datetime, datetime]:
     return start, end
 
 
+def _expiry(month_end: datetime) -> int:
+    """A month's counter stays readable for a week after the month."""
+    return int(month_end.timestamp()) + 7 * 86400
+
+
 class Quotas:
     def __init__(self, redis: Redis, pool: asyncpg.Pool, fail_open: bool = True) -> None:
         self.redis = redis
@@ -136,29 +145,28 @@ class Quotas:
     def key(tenant: str, channel: str, start: datetime) -> str:
         return f"herald:quota:{tenant}:{channel}:{start:%Y-%m}"
 
-    async def take(self, tenant: str, channel: str, limit: int | None, n: int = 1) -> None:
-        """Count ``n`` messages against the month's quota, or raise :class:`QuotaExceeded`
-        (and count nothing)."""
+    async def take(self, tenant: str, channel: str, limit: int | None) -> bool:
+        """Count one message against the month's quota, or raise :class:`QuotaExceeded` (and
+        count nothing). Answers whether it counted: not for an unlimited channel, nor when Redis
+        (or PostgreSQL, to seed the counter) could not be asked and quotas fail open."""
         if limit is None:
-            return
-        now = datetime.now(UTC)
-        start, end = month_bounds(now)
+            return False
+        start, end = month_bounds(datetime.now(UTC))
         key = self.key(tenant, channel, start)
-        expire_at = int(end.timestamp()) + 7 * 86400  # readable for a week after the month
         try:
             for _ in range(2):
-                result = int(await self._take(keys=[key], args=[limit, n, expire_at]))
+                result = int(await self._take(keys=[key], args=[limit, _expiry(end)]))
                 if result >= 0:
-                    return
-                if result == -1:
-                    await self._seed(tenant, channel, start, end)
-                    continue
-                raise QuotaExceeded(channel, limit, -2 - result, end)
-        except (RedisError, OSError, TimeoutError):
+                    return True
+                if result != -1:
+                    raise QuotaExceeded(channel, limit, -2 - result, end)
+                await self._seed(tenant, channel, start, end)
+        except (*REDIS_DOWN, *DB_UNAVAILABLE):
             if not self.fail_open:
                 raise
             LIMIT_BYPASSED.labels("quota").inc()
-            log.warning("quota of %s not checked: Redis unavailable", channel)
+            log.warning("quota of %s not checked: Redis or PostgreSQL unavailable", channel)
+        return False
 
     async def _seed(self, tenant: str, channel: str, start: datetime, end: datetime) -> int:
         """The month's count from the records, for a counter Redis does not have."""
@@ -170,18 +178,15 @@ class Quotas:
             start,
             end,
         )
-        expire_at = int(end.timestamp()) + 7 * 86400
-        await self.redis.set(self.key(tenant, channel, start), used, nx=True, exat=expire_at)
+        await self.redis.set(self.key(tenant, channel, start), used, nx=True, exat=_expiry(end))
         return int(used)
 
-    async def give_back(self, tenant: str, channel: str, n: int = 1) -> None:
-        """A message counted but not accepted after all (the broker refused it)."""
-        if n <= 0:
-            return
+    async def give_back(self, tenant: str, channel: str) -> None:
+        """A message counted but not accepted after all (the broker refused it, or it was a replay)."""
         start, _ = month_bounds(datetime.now(UTC))
         try:
-            await self.redis.decrby(self.key(tenant, channel, start), n)
-        except (RedisError, OSError, TimeoutError):
+            await self.redis.decr(self.key(tenant, channel, start))
+        except REDIS_DOWN:
             log.warning("quota of %s not given back: Redis unavailable", channel)
 
     async def used(self, tenant: str, channel: str) -> int | None:
@@ -190,5 +195,5 @@ class Quotas:
         try:
             value = await self.redis.get(self.key(tenant, channel, start))
             return int(value) if value is not None else await self._seed(tenant, channel, start, end)
-        except (RedisError, OSError, TimeoutError):
+        except (*REDIS_DOWN, *DB_UNAVAILABLE):
             return None

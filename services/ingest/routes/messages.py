@@ -180,6 +180,7 @@ async def send_email(request: Request):
         recorded=True,
     )
     fp, skipped = None, False
+    tenant = await services.tenants.get(tenant_id)
     if key is None and body.dedup:
         content = (
             req.content
@@ -187,7 +188,7 @@ async def send_email(request: Request):
             else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
         )
         fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, content)
-        window = (await services.tenants.get(tenant_id)).dedup_window_s
+        window = tenant.dedup_window_s
         earlier, skipped = await guard.claim(fp, req.message_id or "", window)
         if earlier is not None:
             raise HeraldError(
@@ -196,9 +197,8 @@ async def send_email(request: Request):
                 f'{window} s (send with "dedup": false to force)',
                 field="content",
             )
-    quota = (await services.tenants.get(tenant_id)).quotas.get("email")
     try:
-        await services.quotas.take(tenant_id, "email", quota)
+        counted = await services.quotas.take(tenant_id, "email", tenant.quotas.get("email"))
     except QuotaExceeded as exc:
         if fp is not None:
             await guard.release(fp, req.message_id or "")
@@ -212,11 +212,12 @@ async def send_email(request: Request):
     try:
         outcome = await services.publisher.accept(record, trace)
     except HeraldError:
-        await services.quotas.give_back(tenant_id, "email", 1 if quota is not None else 0)
+        if counted:
+            await services.quotas.give_back(tenant_id, "email")
         if fp is not None:
             await guard.release(fp, req.message_id or "")
         raise
-    if not outcome.created and quota is not None:
+    if counted and not outcome.created:
         await services.quotas.give_back(tenant_id, "email")
     state = State(outcome.state)
     response = {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value}
