@@ -1,5 +1,6 @@
 """Seed 004's error-code table (§3.6), defined once, with each code's HTTP status. Herald adds
-1007 (rate limited) and 1008 (monthly quota exhausted), both 429: the seed has no code for them.
+1007 (rate limited) and 1008 (monthly quota exhausted), both 429, and 1009 (the message's state
+does not allow it, e.g. cancelling one already dispatched), 409: the seed has no code for them.
 
 Exception tree::
 
@@ -23,6 +24,7 @@ class ErrorCode(IntEnum):
     DUPLICATE_REQUEST = 1006
     RATE_LIMITED = 1007
     QUOTA_EXCEEDED = 1008
+    STATE_CONFLICT = 1009
     EMAIL_SEND_FAILED = 2001
     EMAIL_POOL_EXHAUSTED = 2002
     TEMPLATE_NOT_FOUND = 2003
@@ -57,6 +59,7 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.DUPLICATE_REQUEST: 409,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.STATE_CONFLICT: 409,
     ErrorCode.EMAIL_SEND_FAILED: 500,
     ErrorCode.EMAIL_POOL_EXHAUSTED: 503,
     ErrorCode.TEMPLATE_NOT_FOUND: 404,
@@ -83,6 +86,7 @@ _MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.DUPLICATE_REQUEST: "duplicate request (idempotency key reused)",
     ErrorCode.RATE_LIMITED: "too many requests",
     ErrorCode.QUOTA_EXCEEDED: "monthly quota exhausted",
+    ErrorCode.STATE_CONFLICT: "not possible in the message's current state",
     ErrorCode.EMAIL_SEND_FAILED: "email sending failed",
     ErrorCode.EMAIL_POOL_EXHAUSTED: "no mailbox available in the pool",
     ErrorCode.TEMPLATE_NOT_FOUND: "template not found or deleted",

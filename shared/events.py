@@ -47,6 +47,10 @@ class State(StrEnum):
     DEAD = "dead"
     REJECTED = "rejected"
     CANCELLED = "cancelled"
+    # Not sent on purpose: a frequency cap dropped it (issue 8).
+    SUPPRESSED = "suppressed"
+    # Handed to a digest: delivered as one line of the digest message named in its event.
+    DIGESTED = "digested"
 
 
 class Status(StrEnum):
@@ -70,6 +74,8 @@ SEED_STATUS: dict[State, Status] = {
     State.DEAD: Status.FAILED,
     State.REJECTED: Status.FAILED,
     State.CANCELLED: Status.FAILED,
+    State.SUPPRESSED: Status.FAILED,
+    State.DIGESTED: Status.SUCCESS,
 }
 
 # Within one attempt, a state only moves to a higher rank; a later attempt starts over.
@@ -86,8 +92,15 @@ STATE_RANK: dict[State, int] = {
     State.DEAD: 8,
     State.REJECTED: 8,
     State.CANCELLED: 8,
+    State.SUPPRESSED: 8,
+    State.DIGESTED: 8,
 }
-TERMINAL_STATES = frozenset({State.SENT, State.DELIVERED, State.DEAD, State.REJECTED, State.CANCELLED})
+TERMINAL_STATES = frozenset(
+    {State.SENT, State.DELIVERED, State.DEAD, State.REJECTED, State.CANCELLED, State.SUPPRESSED, State.DIGESTED}
+)
+
+# A category names a kind of message for frequency caps and digests ("marketing", "otp").
+Category = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
 
 
 def utcnow() -> datetime:
@@ -187,6 +200,17 @@ class RequestV1(_Event):
     # Set by the sweeper when it publishes a stalled message again: the delivery attempt to
     # dispatch (the same one when its outcome may exist, so the sender replays it, not resends).
     attempt: int | None = Field(default=None, ge=1)
+    # Not before this moment: the router parks a request whose time has not come (it is
+    # recorded as 'scheduled' and released by the scheduler). Absent once released.
+    scheduled_at: datetime | None = None
+    # For frequency caps and digests (issue 8).
+    category: Category | None = None
+    # The batch this message is one item of (POST /api/v1/messages/batch).
+    batch_id: str | None = Field(default=None, max_length=64)
+    # How many times the router has parked this message since it was accepted (a frequency
+    # cap deferring it, a digest holding it): each parking is a new 'scheduled' event, told
+    # apart by this number, so a redelivered one is recognised and not parked twice.
+    deferrals: int = Field(default=0, ge=0, le=10_000)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 

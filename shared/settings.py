@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     # /docs, /redoc and /openapi.json without a token (development); otherwise they need one.
     public_docs: bool = False
 
+    # --- scheduling, batches, frequency control (issue 8) --------------------------------
+    # A send may be scheduled at most this far ahead (30 days).
+    schedule_horizon_s: int = Field(default=30 * 86400, ge=60)
+    # Naive times (seed 004's "2025-10-25 10:00:00") are read in the request's `timezone`, or this.
+    default_timezone: str = "Asia/Shanghai"
+    # The scheduler sleeps until the earliest task is due, woken early by PostgreSQL NOTIFY when
+    # one is added or moved; this bounds each sleep (a missed notification costs at most this).
+    scheduler_max_sleep_s: float = Field(default=5.0, gt=0, le=300)
+    scheduler_batch: int = Field(default=500, ge=1, le=10_000)
+    # Items of one POST /api/v1/messages/batch.
+    batch_max_items: int = Field(default=1000, ge=1, le=10_000)
+
     # --- workers' health/metrics ports ---------------------------------------------------
     router_http_port: int = 8101
     sender_http_port: int = 8102
@@ -161,7 +173,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}")
         return level
 
-    @field_validator("pool_timezone")
+    @field_validator("pool_timezone", "default_timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
         from zoneinfo import ZoneInfo
