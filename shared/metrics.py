@@ -54,3 +54,15 @@ DEDUP_SKIPPED = Counter(
     "herald_dedup_skipped_total", "Requests accepted without the duplicate check (Redis unavailable)"
 )
 MESSAGES_REPUBLISHED = Counter("herald_messages_republished_total", "Stalled messages the sweeper published again")
+MESSAGES_PARKED = Counter(
+    "herald_messages_parked_total",
+    "Requests parked until a later time, by reason (scheduled, deferred, digest)",
+    ["reason"],
+)
+SCHEDULED_RELEASED = Counter("herald_scheduled_released_total", "Scheduled messages released by the scheduler")
+SCHEDULE_LATENESS = Histogram(
+    "herald_scheduled_release_lateness_seconds",
+    "How long after its time a scheduled message was released",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+SCHEDULED_PENDING = Gauge("herald_scheduled_pending", "Scheduled tasks waiting for their time (seen by the scheduler)")

@@ -68,7 +68,9 @@ def zone(name: str | None, default: str) -> ZoneInfo:
     try:
         return ZoneInfo(name or default)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ScheduleError("timezone", f"unknown time zone {name!r}; expected an IANA name such as Asia/Shanghai")
+        raise ScheduleError(
+            "timezone", f"unknown time zone {name!r}; expected an IANA name such as Asia/Shanghai"
+        ) from None
 
 
 def parse_time(value: str, tz: ZoneInfo) -> datetime:

@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 import faust
 
 from services.router.retry import serve_relay
-from services.router.routing import Origin, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
+from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from shared.events import DeadLetterV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, keep_topics, message_key
 from shared.logging import log_event, request_id_var, traceparent_var
-from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_REJECTED, MESSAGES_ROUTED
+from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_PARKED, MESSAGES_REJECTED, MESSAGES_ROUTED
 from shared.settings import Settings
 from shared.template_store import ConfigFollower, TemplateStore
 from shared.templates import Renderer
@@ -118,20 +118,26 @@ def create_app(settings: Settings) -> faust.App:
         stamped = datetime.fromtimestamp(msg.timestamp, UTC) if msg.timestamp else utcnow()
         origin = Origin(msg.topic, msg.partition, msg.offset, stamped)
         await templates_loaded()
-        decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
+        horizon = settings.schedule_horizon_s
+        decision = plan(record.value, origin=origin, templates=templates, renderer=renderer, horizon_s=horizon)
         if isinstance(decision, Unknown):
             # Published a moment ago? Read the config topic to its end, then decide again.
             synced = await follower.sync(timeout=10)
-            decision = plan(record.value, origin=origin, templates=templates, renderer=renderer)
+            decision = plan(record.value, origin=origin, templates=templates, renderer=renderer, horizon_s=horizon)
             if isinstance(decision, Unknown):
                 decision = settle_unknown(decision, record.value, synced=synced, templates=templates)
         if isinstance(decision, Unavailable):
             await _dead_letter(record, trace, "template_unavailable", decision.errors, decision.message_id)
             return
+        if isinstance(decision, Parked):
+            await _emit(decision.events, trace)
+            MESSAGES_PARKED.labels(decision.reason).inc()
+            log_event(log, logging.INFO, "message parked until its time", message_id=decision.request.message_id,
+                      until=decision.until.isoformat(), reason=decision.reason)  # fmt: skip
+            return
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
-            for event in decision.events:
-                await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
+            await _emit(decision.events, trace)
             dispatch = decision.dispatch
             await dispatch_topics[dispatch.channel.value].send(
                 key=message_key(dispatch.tenant_id, dispatch.to[0]),
@@ -149,10 +155,13 @@ def create_app(settings: Settings) -> faust.App:
             )
             return
         assert isinstance(decision, Rejected)
-        for event in decision.events:
-            await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
+        await _emit(decision.events, trace)
         tenant_id = decision.events[0].tenant_id if decision.events else None
         await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id, tenant_id)
+
+    async def _emit(events: list, trace: Trace) -> None:
+        for event in events:
+            await events_topic.send(key=event.message_id.encode(), value=event.to_bytes(), headers=trace.headers())
 
     async def _dead_letter(
         record, trace: Trace, reason: str, errors: list, message_id: str | None, tenant_id: str | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
@@ -37,6 +37,8 @@ _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RENDERER = Renderer()
 # What a rendered message may weigh in all (the broker's default request limit is 1 MiB).
 MAX_RENDERED_BYTES = 768 * 1024
+# A request due within this is routed now rather than parked for a moment.
+DUE_ALLOWANCE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,18 @@ class Rejected:
     reason: str
     errors: list[dict[str, Any]]
     events: list[EventV1] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Parked:
+    """The request waits until ``until``: recorded as 'scheduled' (the tracker stores the request
+    and a scheduled task) and published again by the scheduler when due. ``reason`` is
+    ``scheduled`` (its sender asked for a time), ``deferred`` (a frequency cap) or ``digest``."""
+
+    request: RequestV1
+    until: datetime
+    reason: str
+    events: list[EventV1]
 
 
 @dataclass(slots=True)
@@ -183,11 +197,13 @@ def plan(
     origin: Origin | None = None,
     templates: Templates | None = None,
     renderer: Renderer | None = None,
-) -> Routed | Rejected | Unknown:
+    horizon_s: float | None = None,
+) -> Routed | Rejected | Unknown | Parked:
     """Decide what to do with one record of ``notify.requests``; ``origin`` (the record's
     place in the log) makes the ids the router assigns the same each time it is routed.
     A request in template mode is rendered from ``templates`` (never a database query);
-    :class:`Unknown` when its version is not there."""
+    :class:`Unknown` when its version is not there. A request whose ``scheduled_at`` is
+    still ahead is :class:`Parked` (at most ``horizon_s`` ahead)."""
     now = now or utcnow()
     assigned = origin.message_id() if origin is not None else new_message_id(now)  # when none is given
     try:
@@ -239,6 +255,14 @@ def plan(
     errors = _mode_errors(request) or (_channel_errors(request) if request.template is None else [])
     if errors:
         return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+    if request.scheduled_at is not None:
+        # Direct publishers may ask for a time; what came through ingest was parked there and
+        # comes back from the scheduler without one.
+        if horizon_s is not None and request.scheduled_at > now + timedelta(seconds=horizon_s):
+            errors = [{"field": "scheduled_at", "message": f"more than {int(horizon_s)} s ahead (the horizon)"}]
+            return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+        if request.scheduled_at > now + DUE_ALLOWANCE:
+            return park(request, request.scheduled_at, "scheduled", now)
     if request.template is not None:
         ref = request.template
         version = templates.version(tenant_id, ref.template_id, ref.version) if templates is not None else None
@@ -324,15 +348,13 @@ def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
     return RequestV1.model_validate({**request.model_dump(by_alias=True), **update})
 
 
-def _route(request: RequestV1, now: datetime) -> Routed:
-    message_id = request.message_id or new_message_id(now)
-    accepted_at = request.accepted_at or now
+def _snapshot_of(request: RequestV1, accepted_at: datetime) -> MessageSnapshot:
     email = request.email
     recipients: dict[str, list[str]] = {"to": list(request.to)}
     if email:
         recipients["cc"] = list(email.cc)
         recipients["bcc"] = list(email.bcc)
-    snapshot = MessageSnapshot(
+    return MessageSnapshot(
         channel=request.channel.value,
         recipient=request.to[0],
         recipients=recipients,
@@ -343,25 +365,78 @@ def _route(request: RequestV1, now: datetime) -> Routed:
         request_id=request.request_id,
         accepted_at=accepted_at,
     )
-    common = {
+
+
+def _common(request: RequestV1, message_id: str) -> dict[str, Any]:
+    return {
         "message_id": message_id,
         "tenant_id": request.tenant_id,
         "service": SERVICE,
         "channel": request.channel.value,
         "request_id": request.request_id,
     }
-    events: list[EventV1] = []
-    if not request.recorded:
-        # Published straight to Kafka: nobody has recorded the acceptance yet.
-        events.append(
-            EventV1(
-                event_id=event_id(message_id, 0, State.ACCEPTED),
-                state=State.ACCEPTED,
-                occurred_at=accepted_at,
-                message=snapshot,
-                **common,
-            )
+
+
+def _accepted(request: RequestV1, message_id: str, snapshot: MessageSnapshot) -> list[EventV1]:
+    """The 'accepted' event of a request published straight to Kafka (nobody has recorded its
+    acceptance yet); none for one ingest recorded."""
+    if request.recorded:
+        return []
+    return [
+        EventV1(
+            event_id=event_id(message_id, 0, State.ACCEPTED),
+            state=State.ACCEPTED,
+            occurred_at=snapshot.accepted_at or utcnow(),
+            message=snapshot,
+            **_common(request, message_id),
         )
+    ]
+
+
+def scheduled_event_id(message_id: str, seq: int) -> str:
+    """The first parking keeps the usual id; each later one (a deferral) gets its own."""
+    base = event_id(message_id, 0, State.SCHEDULED)
+    return base if seq == 0 else f"{base}.{seq}"
+
+
+def park(request: RequestV1, until: datetime, reason: str, now: datetime) -> Parked:
+    """Park ``request`` until ``until``: its 'scheduled' event carries the request as it must be
+    published again (with ``scheduled_at`` and the parking's number). The first parking of a
+    request that asked for a time is number 0; each deferral after it counts one more."""
+    message_id = request.message_id or new_message_id(now)
+    seq = request.deferrals + (0 if reason == "scheduled" else 1)
+    accepted_at = request.accepted_at or now
+    stored = request.model_copy(
+        update={"message_id": message_id, "scheduled_at": until, "deferrals": seq, "recorded": True,
+                "accepted_at": accepted_at, "attempt": None}
+    )  # fmt: skip
+    snapshot = _snapshot_of(request, accepted_at)
+    events = _accepted(request, message_id, snapshot)
+    events.append(
+        EventV1(
+            event_id=scheduled_event_id(message_id, seq),
+            state=State.SCHEDULED,
+            occurred_at=max(now, accepted_at),
+            message=snapshot,
+            detail={
+                "scheduled_at": until.astimezone(UTC).isoformat(),
+                "reason": reason,
+                "seq": seq,
+                "request": orjson.loads(stored.to_bytes()),
+            },
+            **_common(request, message_id),
+        )
+    )
+    return Parked(stored, until, reason, events)
+
+
+def _route(request: RequestV1, now: datetime) -> Routed:
+    message_id = request.message_id or new_message_id(now)
+    accepted_at = request.accepted_at or now
+    email = request.email
+    snapshot = _snapshot_of(request, accepted_at)
+    common = _common(request, message_id)
+    events = _accepted(request, message_id, snapshot)
     events.append(
         EventV1(
             event_id=event_id(message_id, 0, State.ROUTED),
