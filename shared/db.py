@@ -51,15 +51,16 @@ class _Connection(asyncpg.Connection):
         return ""
 
 
-async def create_pool(settings: Settings, *, attempts: int = 30) -> asyncpg.Pool:
-    """A pool with JSON codecs; retried while the server is still starting."""
+async def create_pool(settings: Settings, *, attempts: int = 30, max_size: int | None = None) -> asyncpg.Pool:
+    """A pool with JSON codecs; retried while the server is still starting. ``max_size``
+    overrides the setting for a service that needs only a few connections."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             return await asyncpg.create_pool(
                 settings.database_url.get_secret_value(),
-                min_size=settings.db_pool_min,
-                max_size=settings.db_pool_max,
+                min_size=min(settings.db_pool_min, max_size or settings.db_pool_max),
+                max_size=max_size or settings.db_pool_max,
                 init=_init_connection,
                 connection_class=_Connection,
                 command_timeout=30,

@@ -17,6 +17,7 @@ import faust
 
 from services.router.retry import serve_relay
 from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
+from services.router.schedule import serve_scheduler
 from shared.events import DeadLetterV1, utcnow
 from shared.health import HealthServer
 from shared.ids import new_request_id
@@ -205,6 +206,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.task(on_leader=False)
     async def _retry_relay() -> None:
         await serve_relay(settings)
+
+    @app.task(on_leader=False)
+    async def _scheduler() -> None:
+        await serve_scheduler(settings)
 
     @app.task(on_leader=False)
     async def _keep_topics() -> None:

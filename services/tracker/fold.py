@@ -9,6 +9,7 @@ nothing (event ids are unique; a state only moves forward in (attempt, rank) ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -24,6 +25,8 @@ class FoldPlan:
     moves: list[EventV1] = field(default_factory=list)
     # 'routed' events of templated messages: the subject and content the router rendered.
     rendered: list[EventV1] = field(default_factory=list)
+    # 'scheduled' events: the message waits for a time (one per message, its latest parking).
+    parked: list[EventV1] = field(default_factory=list)
 
 
 def _order(event: EventV1) -> tuple[int, int]:
@@ -36,6 +39,7 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
     seen_ids: set[str] = set()
     snapshots: dict[str, EventV1] = {}
     furthest: dict[str, EventV1] = {}
+    parked: dict[str, EventV1] = {}
     for event in events:
         if event.event_id in seen_ids:
             continue
@@ -45,12 +49,36 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
             snapshots[event.message_id] = event
         if event.state is State.ROUTED and event.message is not None and (event.detail or {}).get("template"):
             plan.rendered.append(event)
+        if event.state is State.SCHEDULED:
+            # Not a move like the others: the record becomes 'scheduled' only if its task is
+            # stored or moved on (a parking redelivered after its release changes nothing).
+            if _parking(event) is not None:
+                latest = parked.get(event.message_id)
+                if latest is None or _parking(event)[1] > _parking(latest)[1]:  # type: ignore[index]
+                    parked[event.message_id] = event
+            continue
         best = furthest.get(event.message_id)
         if best is None or _order(event) > _order(best):
             furthest[event.message_id] = event
     plan.new_records = list(snapshots.values())
     plan.moves = list(furthest.values())
+    plan.parked = list(parked.values())
     return plan
+
+
+def _parking(event: EventV1) -> tuple[datetime, int, str, dict[str, Any]] | None:
+    """(time, sequence number, reason, request) of a 'scheduled' event, or None if it lacks them."""
+    detail = event.detail or {}
+    try:
+        until = datetime.fromisoformat(str(detail["scheduled_at"]))
+        request = detail["request"]
+        seq = int(detail.get("seq", 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(request, dict) or until.tzinfo is None:
+        return None
+    reason = str(detail.get("reason") or "scheduled")
+    return until, seq, reason if reason in ("scheduled", "deferred", "digest") else "scheduled", request
 
 
 _CREATE = """
@@ -107,6 +135,30 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[]
           sender_info)
 WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
   AND (m.attempt, m.state_rank) < (u.attempt, u.rank)
+"""
+
+
+# A parked message: its task is stored (or, after a release, moved on to its next parking; a
+# parking seen again after its release has an old number and changes nothing), then its record
+# becomes 'scheduled' with the request to publish again. The scheduler is woken by NOTIFY.
+_PARK = """
+WITH u AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[], $6::text[], $7::text[])
+        AS u(message_id, tenant_id, scheduled_time, seq, reason, request, category)
+), task AS (
+    INSERT INTO scheduled_tasks AS t (task_id, message_id, tenant_id, scheduled_time, reason, seq)
+    SELECT message_id, message_id, tenant_id, scheduled_time, reason, seq FROM u
+    ON CONFLICT (message_id) DO UPDATE SET scheduled_time = EXCLUDED.scheduled_time,
+        reason = EXCLUDED.reason, seq = EXCLUDED.seq, status = 'pending', executed_at = NULL,
+        updated_at = now()
+    WHERE t.status = 'executed' AND t.seq < EXCLUDED.seq
+    RETURNING t.message_id
+)
+UPDATE message_records m SET state = 'scheduled', status = 'pending', state_rank = 1,
+    scheduled_at = u.scheduled_time, request = u.request::jsonb,
+    category = COALESCE(m.category, u.category), updated_at = now()
+FROM u JOIN task ON task.message_id = u.message_id
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.state_rank < 8
 """
 
 
@@ -200,6 +252,13 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
                 if e.message is not None
             ]
             await conn.execute(_RENDERED, *_columns(rendered, 5))
+        if plan.parked:
+            rows = []
+            for e in plan.parked:
+                until, seq, reason, request = _parking(e)  # type: ignore[misc]
+                rows.append((e.message_id, e.tenant_id, until, seq, reason, _json(request), request.get("category")))
+            await conn.execute(_PARK, *_columns(rows, 7))
+            await conn.execute("SELECT pg_notify('herald_schedule', '')")
         troubled = {e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES}
         if created:
             catch_up = await _catch_up(conn, created, [e.event_id for e in plan.timeline])

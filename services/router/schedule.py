@@ -1,0 +1,199 @@
+"""The scheduler: publishes each parked message again when its time comes.
+
+A message waits as a row of ``scheduled_tasks`` (status ``pending``) beside its record (state
+``scheduled``, the request to publish in ``request``): ingest writes both for a send that named a
+time; the tracker writes them from the router's 'scheduled' event for anything parked on the
+way (a direct publisher's ``scheduled_at``, a frequency cap's deferral, a digest). PostgreSQL is
+the only place a waiting message lives, so restarts of any service or of the broker lose none.
+
+One loop per router, not a timer per message: it sleeps until the earliest pending task is due
+(one indexed query), and is woken early by ``NOTIFY herald_schedule`` when a task is added or
+moved; a sleep never exceeds ``HERALD_SCHEDULER_MAX_SLEEP_S`` (a missed notification costs no
+more). When woken it claims every due task in one transaction (``FOR UPDATE SKIP LOCKED``: several
+routers share the work), moves the records back to ``accepted``, publishes their requests to
+``notify.requests`` and commits once the broker has them all. If the broker does not take them,
+the transaction rolls back and they are claimed again; if the commit is lost after the broker
+took them, they are published twice and the router and sender recognise the same message id
+(the dispatch id is the message id and attempt). A cancel takes the task's row lock too, so a
+message is either cancelled or released, never both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from shared.db import DB_UNAVAILABLE, create_pool
+from shared.kafka import Topics, make_producer, message_key, stop_quietly
+from shared.logging import log_event
+from shared.metrics import SCHEDULE_LATENESS, SCHEDULED_PENDING, SCHEDULED_RELEASED
+from shared.settings import Settings
+
+log = logging.getLogger("herald.router.schedule")
+
+NOTIFY_CHANNEL = "herald_schedule"
+
+_CLAIM = """
+WITH due AS (
+    SELECT id FROM scheduled_tasks
+    WHERE status = 'pending' AND scheduled_time <= clock_timestamp()
+    ORDER BY scheduled_time
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), done AS (
+    UPDATE scheduled_tasks t SET status = 'executed', executed_at = clock_timestamp(), updated_at = now()
+    FROM due WHERE t.id = due.id
+    RETURNING t.message_id, t.scheduled_time, t.executed_at
+)
+UPDATE message_records m SET state = 'accepted', status = 'pending', state_rank = 0, updated_at = now()
+FROM done
+WHERE m.message_id = done.message_id AND m.state = 'scheduled' AND m.request IS NOT NULL
+RETURNING m.message_id, m.tenant_id, m.recipient, m.request, m.request_id,
+    EXTRACT(EPOCH FROM done.executed_at - done.scheduled_time)::float8 AS late_s
+"""
+
+# Seconds until the earliest pending task is due (negative: overdue), and how many wait.
+_NEXT = """
+SELECT EXTRACT(EPOCH FROM min(scheduled_time) - clock_timestamp())::float8 AS wait_s, count(*) AS pending
+FROM scheduled_tasks WHERE status = 'pending'
+"""
+
+# After a release that found nothing (another router holds the due rows), wait this long.
+_IDLE_RETRY_S = 0.05
+_ERROR_RETRY_MAX_S = 5.0
+
+
+def released_request(stored: dict) -> bytes:
+    """The request to publish for a released message: as stored, without its time (so the
+    router routes it now) and marked as recorded (its record exists)."""
+    request = {k: v for k, v in stored.items() if k not in ("scheduled_at", "attempt")}
+    request["recorded"] = True
+    return orjson.dumps(request)
+
+
+class Scheduler:
+    """Releases due tasks; see the module docstring."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.producer = producer
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def wake(self, *_: object) -> None:
+        """The NOTIFY callback: a task was added or moved; look again."""
+        self._wake.set()
+
+    async def release_due(self) -> int:
+        """Release every task due now (in batches); answers how many messages were published."""
+        total = 0
+        while not self._stopping.is_set():
+            released = await self._release_batch()
+            total += released
+            if released < self.settings.scheduler_batch:
+                return total
+        return total
+
+    async def _release_batch(self) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, self.settings.scheduler_batch)
+            if not rows:
+                return 0
+            futures = []
+            for row in rows:
+                headers = [("request_id", row["request_id"].encode())] if row["request_id"] else []
+                futures.append(
+                    await self.producer.send(
+                        Topics.REQUESTS,
+                        released_request(row["request"]),
+                        key=message_key(row["tenant_id"], row["recipient"]),
+                        headers=headers,
+                    )
+                )
+            # Bounded (aiokafka #1101): without the broker's acknowledgement nothing is committed.
+            await asyncio.wait_for(asyncio.gather(*futures), self.settings.publish_timeout_s)
+        SCHEDULED_RELEASED.inc(len(rows))
+        for row in rows:
+            SCHEDULE_LATENESS.observe(max(row["late_s"] or 0.0, 0.0))
+            log_event(log, logging.INFO, "scheduled message released", message_id=row["message_id"],
+                      late_s=round(row["late_s"] or 0.0, 3))  # fmt: skip
+        return len(rows)
+
+    async def next_wait(self) -> float:
+        """Seconds to sleep before the next release (bounded by the setting)."""
+        row = await self.pool.fetchrow(_NEXT)
+        SCHEDULED_PENDING.set(row["pending"])
+        if row["wait_s"] is None:
+            return self.settings.scheduler_max_sleep_s
+        return min(max(row["wait_s"], 0.0), self.settings.scheduler_max_sleep_s)
+
+    async def run(self) -> None:
+        """Release, sleep until the next task is due or a NOTIFY, repeat; errors are waited out."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                released = await self.release_due()
+                wait = await self.next_wait()
+                if wait <= 0 and released == 0:
+                    wait = _IDLE_RETRY_S  # due rows locked by another router: let it finish
+                delay = 0.2
+            except (TimeoutError, KafkaError, *DB_UNAVAILABLE) as exc:
+                log.warning("scheduler round failed (%s); trying again in %.1f s", type(exc).__name__, delay)
+                wait, delay = delay, min(delay * 2, _ERROR_RETRY_MAX_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+
+async def listen(settings: Settings, scheduler: Scheduler) -> None:
+    """Keep a connection listening on ``herald_schedule`` (reconnecting when it is lost)."""
+    while True:
+        conn = None
+        try:
+            conn = await asyncpg.connect(settings.database_url.get_secret_value())
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(NOTIFY_CHANNEL, scheduler.wake)
+            scheduler.wake()  # anything added while not listening
+            await lost.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reconnect whatever went wrong
+            log.warning("schedule listener lost (%s); reconnecting", type(exc).__name__)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+        await asyncio.sleep(1.0)
+
+
+async def serve_scheduler(settings: Settings) -> None:
+    """Run the scheduler until cancelled (the router's faust app runs it as a task)."""
+    started = time.monotonic()
+    pool = await create_pool(settings, max_size=3)
+    producer = make_producer(settings)
+    scheduler = Scheduler(settings, pool, producer)
+    listener = None
+    try:
+        await producer.start()
+        listener = asyncio.create_task(listen(settings, scheduler), name="schedule-listener")
+        log.info("scheduler started in %.1f s", time.monotonic() - started)
+        await scheduler.run()
+    finally:
+        scheduler.stop()
+        if listener is not None:
+            listener.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(stop_quietly(producer, 3), asyncio.wait_for(pool.close(), 3))
