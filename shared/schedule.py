@@ -103,14 +103,13 @@ def due_at(
     ``scheduled_time`` and ``delay``; ``required`` when the endpoint is the scheduled one."""
     if scheduled_time is not None and delay is not None:
         raise ScheduleError("delay", "give scheduled_time or delay, not both")
+    tz = zone(timezone, default_timezone)  # a bad zone is an error even where it is not needed
     if scheduled_time is None and delay is None:
         if required:
             raise ScheduleError("scheduled_time", "field required")
-        if timezone is not None:
-            zone(timezone, default_timezone)
         return None
     if scheduled_time is not None:
-        moment = parse_time(scheduled_time, zone(timezone, default_timezone)).astimezone(UTC)
+        moment = parse_time(scheduled_time, tz).astimezone(UTC)
         field = "scheduled_time"
         if moment < now - SKEW_ALLOWANCE:
             raise ScheduleError(field, f"{moment.isoformat()} is in the past")

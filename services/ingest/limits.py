@@ -172,7 +172,7 @@ class Quotas:
         """The month's count from the records, for a counter Redis does not have."""
         used = await self.pool.fetchval(
             """SELECT count(*) FROM message_records WHERE tenant_id = $1 AND message_type = $2
-               AND created_at >= $3 AND created_at < $4 AND state <> 'rejected'""",
+               AND created_at >= $3 AND created_at < $4 AND state NOT IN ('rejected', 'cancelled')""",
             tenant,
             channel,
             start,

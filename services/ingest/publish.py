@@ -58,31 +58,44 @@ WITH rows AS (
     SELECT * FROM unnest(
         $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[],
-        $12::text[], $13::text[], $14::bool[], $15::bigint[], $16::int[], $17::text[], $18::text[]
+        $12::text[], $13::text[], $14::bool[], $15::bigint[], $16::int[], $17::text[], $18::text[],
+        $19::timestamptz[], $20::text[], $21::text[]
     ) AS r(message_id, tenant_id, message_type, recipient, recipients, subject,
            content, content_type, idempotency_key, request_id, created_at,
-           request_hash, request, dedup_skipped, template_id, template_version, template_vars, locale)
+           request_hash, request, dedup_skipped, template_id, template_version, template_vars, locale,
+           scheduled_at, category, batch_id)
 ), inserted AS (
     INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients,
         subject, content, content_type, idempotency_key, request_id, created_at, updated_at,
         status, state, state_rank, request_hash, request, dedup_skipped,
-        template_id, template_version, template_vars, locale)
+        template_id, template_version, template_vars, locale, scheduled_at, category, batch_id)
     SELECT message_id, tenant_id, message_type, recipient, recipients::jsonb, subject, NULLIF(content, ''),
         content_type, idempotency_key, request_id, created_at, created_at,
-        'pending', 'accepted', 0, request_hash, request::jsonb, dedup_skipped,
-        template_id, template_version, template_vars::jsonb, locale
+        'pending', CASE WHEN scheduled_at IS NULL THEN 'accepted' ELSE 'scheduled' END,
+        CASE WHEN scheduled_at IS NULL THEN 0 ELSE 1 END, request_hash, request::jsonb, dedup_skipped,
+        template_id, template_version, template_vars::jsonb, locale, scheduled_at, category, batch_id
     FROM rows
     ON CONFLICT DO NOTHING
-    RETURNING message_id, tenant_id, created_at
+    RETURNING message_id, tenant_id, message_type, created_at, scheduled_at
 ), timeline AS (
     INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service,
-        channel, occurred_at)
+        channel, occurred_at, detail)
     SELECT i.message_id || ':0:accepted', i.message_id, i.tenant_id, 'accepted', 0, 'ingest',
-        'email', i.created_at
+        i.message_type, i.created_at, NULL
     FROM inserted i
+    UNION ALL
+    SELECT i.message_id || ':0:scheduled', i.message_id, i.tenant_id, 'scheduled', 0, 'ingest',
+        i.message_type, i.created_at,
+        jsonb_build_object('scheduled_at', i.scheduled_at, 'reason', 'scheduled', 'seq', 0)
+    FROM inserted i WHERE i.scheduled_at IS NOT NULL
     ON CONFLICT (event_id) DO NOTHING
+), tasks AS (
+    INSERT INTO scheduled_tasks (task_id, message_id, tenant_id, scheduled_time, reason, seq)
+    SELECT i.message_id, i.message_id, i.tenant_id, i.scheduled_at, 'scheduled', 0
+    FROM inserted i WHERE i.scheduled_at IS NOT NULL
+    ON CONFLICT (message_id) DO NOTHING
 )
-SELECT message_id FROM inserted
+SELECT message_id, scheduled_at IS NOT NULL AS scheduled FROM inserted
 """
 
 _EXISTING = """
@@ -167,7 +180,7 @@ class RecordBatcher:
                 fut.set_result(outcome)
 
     async def _write(self, records: list[NewRecord]) -> list[Outcome]:
-        cols: list[list] = [[] for _ in range(18)]
+        cols: list[list] = [[] for _ in range(21)]
         for r in records:
             q = r.request
             t = q.template
@@ -191,6 +204,9 @@ class RecordBatcher:
                     t.version if t else None,
                     orjson.dumps(t.vars).decode() if t else None,
                     t.locale if t else None,
+                    q.scheduled_at,
+                    q.category,
+                    q.batch_id,
                 )
             ):
                 cols[i].append(value)
@@ -205,6 +221,8 @@ class RecordBatcher:
                 )
             rows = await conn.fetch(_INSERT, *cols)
             created = {row["message_id"] for row in rows}
+            if any(row["scheduled"] for row in rows):
+                await conn.execute("SELECT pg_notify('herald_schedule', '')")  # wake the scheduler
             lost = [r for r in records if r.request.message_id not in created]
             existing: dict[tuple[str, str], tuple[str, str, str | None]] = {}
             if lost:
@@ -222,7 +240,8 @@ class RecordBatcher:
         for r in records:
             q = r.request
             if q.message_id in created:
-                outcomes.append(Outcome(q.message_id, True))
+                state = State.SCHEDULED if q.scheduled_at is not None else State.ACCEPTED
+                outcomes.append(Outcome(q.message_id, True, state.value))
                 continue
             hit = existing.get((q.tenant_id, q.idempotency_key or ""))
             if hit is None:
@@ -285,6 +304,12 @@ class Publisher:
             record = NewRecord(revived, record.recipients, record.accepted_at, record.request_hash)
             outcome = Outcome(outcome.message_id, True)
         request = record.request
+        if outcome.state == State.SCHEDULED.value:
+            # Waits in PostgreSQL; the router's scheduler publishes it when its time comes.
+            MESSAGES_ACCEPTED.labels(request.channel.value).inc()
+            log_event(log, logging.INFO, "message scheduled", message_id=request.message_id,
+                      recipient=record.recipient, scheduled_at=str(request.scheduled_at))  # fmt: skip
+            return outcome
         await self._publish(request, record.recipient, trace)
         MESSAGES_ACCEPTED.labels(request.channel.value).inc()
         log_event(

@@ -9,18 +9,20 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
+from services.ingest import audit
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
 from services.ingest.dedup import fingerprint, request_hash
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
-from services.ingest.limits import QuotaExceeded
+from services.ingest.limits import QuotaExceeded, month_bounds
 from services.ingest.publish import NewRecord
 from services.ingest.routes.templates import resolve as resolve_template
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
     SEED_STATUS,
+    Category,
     Channel,
     ContentType,
     EmailOptions,
@@ -31,6 +33,7 @@ from shared.events import (
 )
 from shared.ids import new_message_id
 from shared.kafka import Trace
+from shared.schedule import ScheduleError, due_at
 
 router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
 
@@ -64,6 +67,20 @@ class EmailSendRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
     dedup: bool = Field(default=True, description="false: skip the content-fingerprint duplicate check")
     async_: bool = Field(default=True, alias="async")
+    scheduled_time: str | None = Field(
+        default=None,
+        description="send at this time: ISO 8601 with a zone, or 'YYYY-MM-DD HH:MM:SS' read in `timezone`",
+        examples=["2026-12-24T09:00:00+08:00"],
+    )
+    delay: str | int | None = Field(
+        default=None, description="send after this long: 30m, 2h, 3d, 1h30m, PT30M or seconds", examples=["30m"]
+    )
+    timezone: str | None = Field(
+        default=None, max_length=64, description="IANA zone of a scheduled_time without one (default: the service's)"
+    )
+    category: Category | None = Field(
+        default=None, description="kind of message, for frequency caps and digests", examples=["marketing"]
+    )
 
     def mode_error(self) -> HeraldError | None:
         """Seed 004: ``content`` and ``template_id`` are exclusive; direct mode needs both
@@ -102,16 +119,19 @@ class BatchQuery(BaseModel):
 _DETAIL_COLUMNS = """message_id, tenant_id, message_type, recipient, recipients, subject,
     content_type, status, state, attempt, retry_count, error_code, error_message,
     idempotency_key, request_id, sender_info, template_id, template_version, template_vars, locale,
-    created_at, updated_at, sent_at"""
+    category, batch_id, scheduled_at, created_at, updated_at, sent_at"""
 
 
 def _ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
 
 
+_TIMES = ("created_at", "updated_at", "sent_at", "scheduled_at")
+
+
 def _record(row: Any) -> dict[str, Any]:
-    out = {k: row[k] for k in row.keys() if k not in ("created_at", "updated_at", "sent_at")}
-    for k in ("created_at", "updated_at", "sent_at"):
+    out = {k: row[k] for k in row.keys() if k not in _TIMES}
+    for k in _TIMES:
         if k in row.keys():
             out[k] = _ts(row[k])
     return out
@@ -125,12 +145,47 @@ def _record(row: Any) -> dict[str, Any]:
 )
 async def send_email(request: Request):
     """Accept an email for delivery; answers 202 with its ``message_id`` once it is recorded
-    and queued. Query its progress with ``GET /api/v1/messages/{message_id}``."""
+    and queued (or scheduled, with ``scheduled_time`` or ``delay``). Query its progress with
+    ``GET /api/v1/messages/{message_id}``."""
+    return await _send_email(request, schedule_required=False)
+
+
+@router.post(
+    "/email/send/scheduled",
+    status_code=202,
+    summary="Schedule an email (seed 004 §4.2.1)",
+    openapi_extra=json_body_schema(EmailSendRequest),
+)
+async def send_email_scheduled(request: Request):
+    """Like ``/email/send``, with ``scheduled_time`` (or ``delay``) required."""
+    return await _send_email(request, schedule_required=True)
+
+
+def due_time(settings: Any, scheduled_time: str | None, delay: str | int | None, timezone: str | None,
+             now: datetime, *, required: bool = False) -> datetime | None:  # fmt: skip
+    """When a send is due (None: now), or 1001 naming the scheduling field at fault."""
+    try:
+        return due_at(
+            scheduled_time=scheduled_time,
+            delay=delay,
+            timezone=timezone,
+            default_timezone=settings.default_timezone,
+            horizon_s=settings.schedule_horizon_s,
+            now=now,
+            required=required,
+        )
+    except ScheduleError as exc:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, exc.message, field=exc.field) from None
+
+
+async def _send_email(request: Request, *, schedule_required: bool):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     body = await parse_body(request, EmailSendRequest)
     settings = services.settings
     if (error := body.mode_error()) is not None:
         raise error
+    scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
+                            required=schedule_required)  # fmt: skip
     to = body.to_list
     if not to:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
@@ -178,6 +233,8 @@ async def send_email(request: Request):
         request_id=trace.request_id,
         accepted_at=now,
         recorded=True,
+        scheduled_at=scheduled_at,
+        category=body.category,
     )
     fp, skipped = None, False
     tenant = await services.tenants.get(tenant_id)
@@ -221,6 +278,8 @@ async def send_email(request: Request):
         await services.quotas.give_back(tenant_id, "email")
     state = State(outcome.state)
     response = {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value}
+    if scheduled_at is not None:
+        response["scheduled_at"] = _ts(scheduled_at)
     if not outcome.created:
         return _replay(outcome.message_id, outcome.request_hash, digest, response)
     if key is not None:
@@ -266,6 +325,142 @@ def _replay(message_id: str, first_hash: str | None, digest: str, response: dict
             field="idempotency_key",
         )
     return envelope(response, status_code=202, headers={"Idempotent-Replayed": "true"})
+
+
+class Reschedule(BaseModel):
+    """Body of ``POST /api/v1/messages/{message_id}/reschedule``: the new time."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    scheduled_time: str | None = Field(default=None, examples=["2026-12-24T09:00:00+08:00"])
+    delay: str | int | None = Field(default=None, examples=["2h"])
+    timezone: str | None = Field(default=None, max_length=64)
+
+
+# Cancelling takes the task's row lock, as the scheduler's release does: a message is either
+# cancelled before its release or released (then 409), never both.
+_CANCEL = """
+WITH t AS (
+    UPDATE scheduled_tasks SET status = 'cancelled', updated_at = now()
+    WHERE tenant_id = $1 AND message_id = $2 AND status = 'pending'
+    RETURNING message_id
+), m AS (
+    UPDATE message_records r SET state = 'cancelled', status = 'failed', state_rank = 8,
+        error_message = 'cancelled before its scheduled time', updated_at = now()
+    FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
+    RETURNING r.message_id, r.message_type, r.created_at
+), e AS (
+    INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
+        occurred_at, detail)
+    SELECT m.message_id || ':0:cancelled', m.message_id, $1, 'cancelled', 0, 'ingest', m.message_type,
+        now(), jsonb_build_object('by', $3::text)
+    FROM m
+    ON CONFLICT (event_id) DO NOTHING
+)
+SELECT message_id, message_type, created_at FROM m
+"""
+
+_RESCHEDULE = """
+WITH t AS (
+    UPDATE scheduled_tasks SET scheduled_time = $3, updated_at = now()
+    WHERE tenant_id = $1 AND message_id = $2 AND status = 'pending'
+    RETURNING message_id
+)
+UPDATE message_records r SET scheduled_at = $3,
+    request = jsonb_set(r.request, '{scheduled_at}', to_jsonb($4::text)), updated_at = now()
+FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
+RETURNING r.message_id, r.state, r.scheduled_at
+"""
+
+
+async def _not_pending(conn: Any, tenant_id: str, message_id: str, action: str) -> HeraldError:
+    """Why a message cannot be cancelled or rescheduled: unknown (2008) or past its release (1009)."""
+    state = await conn.fetchval(
+        "SELECT state FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
+    )
+    if state is None:
+        return HeraldError(ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id")
+    return HeraldError(
+        ErrorCode.STATE_CONFLICT,
+        f"message {message_id} is {state}: only a scheduled message not yet released can be {action}",
+        field="message_id",
+    )
+
+
+@router.get("/scheduled", summary="Messages waiting for their scheduled time")
+async def list_scheduled(
+    request: Request,
+    before: str | None = Query(default=None, description="due before this ISO 8601 time"),
+    after: str | None = Query(default=None, description="due at or after this ISO 8601 time"),
+    reason: Literal["scheduled", "deferred", "digest"] | None = Query(default=None),
+    page: int = Query(default=1, ge=1, le=100_000),
+    page_size: int = Query(default=20, ge=1, le=100),
+):
+    """Pending scheduled messages of the caller's tenant, soonest first (``reason``: asked for a
+    time, deferred by a frequency cap, or a digest waiting for its window)."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
+    start = _parse_bound(after, "after", end=False)
+    end = _parse_bound(before, "before", end=False)
+    where = "t.tenant_id = $1 AND t.status = 'pending' AND ($2::timestamptz IS NULL OR t.scheduled_time >= $2)" \
+        " AND ($3::timestamptz IS NULL OR t.scheduled_time < $3) AND ($4::text IS NULL OR t.reason = $4)"
+    args = [tenant_id, start, end, reason]
+    async with services.pool.acquire() as conn:
+        total = await conn.fetchval(f"SELECT count(*) FROM scheduled_tasks t WHERE {where}", *args)
+        rows = await conn.fetch(
+            f"""SELECT m.message_id, m.message_type, m.recipient, m.subject, m.category, m.batch_id,
+                       t.scheduled_time AS scheduled_at, t.reason, m.created_at
+                FROM scheduled_tasks t JOIN message_records m ON m.message_id = t.message_id
+                WHERE {where}
+                ORDER BY t.scheduled_time, t.id LIMIT $5 OFFSET $6""",
+            *args,
+            page_size,
+            (page - 1) * page_size,
+        )
+    records = []
+    for r in rows:
+        item = _record(r)
+        item["scheduled_at"] = _ts(r["scheduled_at"])
+        records.append(item)
+    return envelope({"total": total, "page": page, "page_size": page_size, "records": records})
+
+
+@router.post("/{message_id}/cancel", summary="Cancel a scheduled message before it is released")
+async def cancel_message(message_id: str, request: Request):
+    """A scheduled message not yet released is cancelled and never sent; one already released
+    (or never scheduled) answers 409 / 1009."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
+    principal = request.scope["state"]["principal"]
+    async with services.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_CANCEL, tenant_id, message_id, principal.actor)
+        if row is None:
+            raise await _not_pending(conn, tenant_id, message_id, "cancelled")
+        await audit.record(conn, request, "message.cancel", "message", message_id)
+    start, _ = month_bounds(datetime.now(UTC))
+    if row["created_at"] >= start:  # counted against this month's quota: never sent, so given back
+        await services.quotas.give_back(tenant_id, row["message_type"])
+    return envelope({"message_id": message_id, "status": Status.FAILED.value, "state": State.CANCELLED.value})
+
+
+@router.post(
+    "/{message_id}/reschedule",
+    summary="Move a scheduled message to another time",
+    openapi_extra=json_body_schema(Reschedule),
+)
+async def reschedule_message(message_id: str, request: Request):
+    """A new ``scheduled_time`` or ``delay`` (from now) for a scheduled message not yet released."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
+    body = await parse_body(request, Reschedule)
+    when = due_time(services.settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
+                    required=True)  # fmt: skip
+    assert when is not None
+    async with services.pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_RESCHEDULE, tenant_id, message_id, when, when.isoformat())
+        if row is None:
+            raise await _not_pending(conn, tenant_id, message_id, "rescheduled")
+        await audit.record(conn, request, "message.reschedule", "message", message_id,
+                           {"scheduled_at": when.isoformat()})  # fmt: skip
+        await conn.execute("SELECT pg_notify('herald_schedule', '')")
+    return envelope({"message_id": message_id, "state": row["state"], "scheduled_at": _ts(row["scheduled_at"])})
 
 
 @router.get("/{message_id}", summary="One message's status")
@@ -339,6 +534,8 @@ async def list_messages(
     start_date: str | None = Query(default=None, description="YYYY-MM-DD or ISO 8601, inclusive"),
     end_date: str | None = Query(default=None, description="YYYY-MM-DD (whole day) or ISO 8601"),
     message_type: Literal["email"] | None = Query(default=None),
+    category: str | None = Query(default=None, max_length=64),
+    batch_id: str | None = Query(default=None, max_length=64),
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
@@ -378,6 +575,10 @@ async def list_messages(
         where.append(f"created_at {op} {arg(end)}")
     if message_type:
         where.append(f"message_type = {arg(message_type)}")
+    if category:
+        where.append(f"category = {arg(category)}")
+    if batch_id:
+        where.append(f"batch_id = {arg(batch_id)}")
     clause = " AND ".join(where)
     offset = (page - 1) * page_size
     async with services.pool.acquire() as conn:
