@@ -200,3 +200,15 @@ async def test_release_lateness_of_many_scheduled_messages(
         f"p99={pct(released, 0.99):.3f}s max={released[-1]:.3f}s; "
         f"at the SMTP sink p50={statistics.median(delivered):.3f}s p99={pct(delivered, 0.99):.3f}s"
     )
+
+
+async def test_attachments_of_a_message_scheduled_past_their_expiry_are_kept_for_it(
+    client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    r = await client.post("/api/v1/attachments/upload", files=[("file", ("notes.txt", b"plain notes\n"))])
+    assert r.status_code == 200, r.text
+    attachment_id = r.json()["data"][0]["attachment_id"]
+    data = await _schedule(client, delay="20d", attachment_ids=[attachment_id])
+    expires = await db.fetchval("SELECT expires_at FROM email_attachments WHERE attachment_id=$1", attachment_id)
+    assert expires >= _at(data["scheduled_at"]) + timedelta(days=1)
+    assert (await client.post(f"/api/v1/messages/{data['message_id']}/cancel")).status_code == 200

@@ -205,6 +205,15 @@ async def _send_email(request: Request, *, schedule_required: bool):
         if body.attachment_ids
         else None
     )
+    if attachments and scheduled_at is not None:
+        # Kept until the message has gone out (and its retries), however far ahead that is.
+        await services.pool.execute(
+            """UPDATE email_attachments SET expires_at = GREATEST(expires_at, $3)
+               WHERE tenant_id = $1 AND attachment_id = ANY($2::text[])""",
+            tenant_id,
+            body.attachment_ids,
+            scheduled_at + timedelta(days=1),
+        )
     key = _idempotency_key(body, request)
     digest = request_hash(body.model_dump(mode="json", by_alias=True))
     guard = services.guard
