@@ -14,9 +14,14 @@ Phases (each on servers this run starts; nothing is shared with a running ``make
    sent_at - accepted_at, lost and duplicated deliveries counted at the sink; peak RSS and CPU
    seconds of every process.
 3. baseline peer: the same N messages sent directly with Apprise (``json://`` to the webhook sink).
+4. one sender process against a bare aiosmtplib loop.
+5. scheduled: BENCH_SCHEDULED_N messages (5000) all scheduled for one instant a few seconds after
+   they are posted: how late the scheduler released them (p50/p99/max of executed_at -
+   scheduled_time), how late they were sent, and the rate of that burst from its time to the last
+   'sent' against the rate of phase 2 (the same pipeline with messages sent at once).
 
 Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200"),
-BENCH_BASE_REF (f705016; "" skips it).
+BENCH_BASE_REF (f705016; "" skips it), BENCH_SCHEDULED_N (5000; 0 skips phase 5).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -47,6 +52,7 @@ N = int(os.environ.get("BENCH_N", "20000"))
 DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 LEVELS = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "50,200").split(",")]
 BASE_REF = os.environ.get("BENCH_BASE_REF", "f705016")
+SCHEDULED_N = int(os.environ.get("BENCH_SCHEDULED_N", "5000"))
 
 
 def log(text: str) -> None:
@@ -265,8 +271,11 @@ class Sampler:
         }
 
 
-async def post_all(url: str, n: int, token: str, concurrency: int = 64) -> tuple[float, list[str], int]:
-    """POST n distinct messages; returns (time of first POST, accepted ids, failures)."""
+async def post_all(
+    url: str, n: int, token: str, concurrency: int = 64, extra: dict | None = None
+) -> tuple[float, list[str], int]:
+    """POST n distinct messages (``extra`` fields in each body); returns (time of first POST,
+    accepted ids, failures)."""
     ids: list[str] = []
     failures = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -283,7 +292,8 @@ async def post_all(url: str, n: int, token: str, concurrency: int = 64) -> tuple
                     i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                body = {"to": f"e2e-{i}@example.com", "subject": f"e2e {i}", "content": f"<p>message {i}</p>"}
+                body = {"to": f"e2e-{i}@example.com", "subject": f"e2e {i}", "content": f"<p>message {i}</p>",
+                        **(extra or {})}  # fmt: skip
                 for _ in range(3):
                     try:
                         async with session.post(url, json=body) as resp:
@@ -351,6 +361,73 @@ async def phase_e2e(tmp: Path, env: dict[str, str], backing: dict, sink_url: str
             "duplicated": stats["duplicates"],
             "unexpected": len(received - accepted),
             "resources": resources,
+        }
+    finally:
+        await pool.close()
+        stop_services(services)
+
+
+# --- phase 5: scheduled burst ---------------------------------------------------------------
+
+
+async def wait_sent(pool: asyncpg.Pool, n: int, where: str = "true", stall_s: float = 60) -> int:
+    """Wait until ``n`` records matching ``where`` are 'sent' (or no progress for ``stall_s``)."""
+    last_count, last_change = -1, time.time()
+    while True:
+        sent = await pool.fetchval(f"SELECT count(*) FROM message_records WHERE state = 'sent' AND {where}")
+        if sent >= n:
+            return sent
+        if sent != last_count:
+            last_count, last_change = sent, time.time()
+        elif time.time() - last_change > stall_s:
+            log(f"stalled at {sent} sent for {stall_s:.0f} s; giving up waiting")
+            return sent
+        await asyncio.sleep(0.5)
+
+
+async def phase_scheduled(tmp: Path, env: dict[str, str]) -> dict:
+    services = start_services(env, tmp)
+    pool = await asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=2)
+    try:
+        token = access.token_for(services["ingest"].url, *access.new_key(env, tier="unlimited", name="bench-sched"))
+        # Posting takes a few seconds; the instant is far enough ahead that all are waiting by then.
+        due = datetime.now(UTC) + timedelta(seconds=max(10.0, SCHEDULED_N / 500))
+        log(f"scheduled: posting {SCHEDULED_N} messages, all due at {due:%H:%M:%S.%f}")
+        stamp = due.isoformat().replace("+00:00", "Z")
+        _, ids, failures = await post_all(services["ingest"].url + "/api/v1/messages/email/send", SCHEDULED_N, token,
+                                          extra={"scheduled_time": stamp, "dedup": False})  # fmt: skip
+        posted_before_due = (due - datetime.now(UTC)).total_seconds()
+        log(f"scheduled: {len(ids)} waiting ({failures} failed), {posted_before_due:.1f} s before their time")
+        await wait_sent(pool, len(ids), "scheduled_at IS NOT NULL")
+        row = await pool.fetchrow(
+            """SELECT count(*) AS n,
+                 percentile_cont(0.5) WITHIN GROUP (ORDER BY r) AS r50,
+                 percentile_cont(0.99) WITHIN GROUP (ORDER BY r) AS r99, max(r) AS rmax, min(r) AS rmin,
+                 percentile_cont(0.5) WITHIN GROUP (ORDER BY s) AS s50,
+                 percentile_cont(0.99) WITHIN GROUP (ORDER BY s) AS s99,
+                 max(sent_at) AS last_sent, min(sent_at) AS first_sent
+               FROM (SELECT extract(epoch FROM t.executed_at - t.scheduled_time)::float8 AS r,
+                            extract(epoch FROM m.sent_at - t.scheduled_time)::float8 AS s, m.sent_at
+                     FROM scheduled_tasks t JOIN message_records m USING (message_id)
+                     WHERE m.state = 'sent') AS late"""
+        )
+        span = row["last_sent"].timestamp() - due.timestamp() if row["last_sent"] else None
+        return {
+            "messages": SCHEDULED_N,
+            "waiting_before_due": len(ids),
+            "posted_s_before_due": round(posted_before_due, 1),
+            "sent": row["n"],
+            "sent_before_due": await pool.fetchval(
+                "SELECT count(*) FROM message_records WHERE scheduled_at IS NOT NULL AND sent_at < scheduled_at"
+            ),
+            "release_late_p50_s": round(row["r50"], 3) if row["r50"] is not None else None,
+            "release_late_p99_s": round(row["r99"], 3) if row["r99"] is not None else None,
+            "release_late_max_s": round(row["rmax"], 3) if row["rmax"] is not None else None,
+            "release_early_min_s": round(row["rmin"], 3) if row["rmin"] is not None else None,
+            "sent_late_p50_s": round(row["s50"], 3) if row["s50"] is not None else None,
+            "sent_late_p99_s": round(row["s99"], 3) if row["s99"] is not None else None,
+            "burst_seconds": round(span, 2) if span else None,
+            "burst_rate_per_s": round(row["n"] / span, 1) if span else None,
         }
     finally:
         await pool.close()
@@ -514,6 +591,19 @@ def summary(result: dict) -> str:
             f"| emails/s of one sender process (N={s['emails']}) | {s['sender_rate_per_s']} "
             f"| aiosmtplib loop {s['smtp_floor_per_s']} | {s['ratio']} |"
         )
+    d = result.get("scheduled")
+    if d:
+        ratio = (
+            round(d["burst_rate_per_s"] / e["rate_per_s"], 2)
+            if d.get("burst_rate_per_s") and e.get("rate_per_s")
+            else None
+        )
+        lines.append(f"| scheduled burst (N={d['messages']} due at one instant) messages/s from the instant "
+                     f"| {d['burst_rate_per_s']} | sent at once (phase 2) {e['rate_per_s']} | {ratio} |")  # fmt: skip
+        lines.append(f"| scheduled: released late p50 / p99 / max s | {d['release_late_p50_s']} / "
+                     f"{d['release_late_p99_s']} / {d['release_late_max_s']} | | |")  # fmt: skip
+        lines.append(f"| scheduled: sent late p50 / p99 s; sent before their time | {d['sent_late_p50_s']} / "
+                     f"{d['sent_late_p99_s']}; {d['sent_before_due']} | | |")  # fmt: skip
     lines.append("")
     lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
     lines.append("|---|---|---|")
@@ -572,6 +662,12 @@ async def run() -> dict:
         result["apprise"] = phase_apprise(sink_url)
         log("sender: one sender process vs a bare aiosmtplib loop")
         result["sender"] = await phase_sender(tmp, env, sink_url, smtp_port)
+        if SCHEDULED_N:
+            backing["tansu"].stop()
+            backing["tansu"] = servers.start_tansu(kafka_port, tmp / "tansu.log")
+            async with asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=1) as pool:
+                await pool.execute("TRUNCATE message_records, message_events, dead_letters, scheduled_tasks")
+            result["scheduled"] = await phase_scheduled(tmp, env)
     finally:
         sink.terminate()
         sink.wait(10)
