@@ -153,6 +153,9 @@ class Scheduler:
             except (TimeoutError, KafkaError, *DB_UNAVAILABLE) as exc:
                 log.warning("scheduler round failed (%s); trying again in %.1f s", type(exc).__name__, delay)
                 wait, delay = delay, min(delay * 2, _ERROR_RETRY_MAX_S)
+            except Exception:  # never let the loop die: scheduled messages would wait forever
+                log.exception("scheduler round failed; trying again in %.1f s", delay)
+                wait, delay = delay, min(delay * 2, _ERROR_RETRY_MAX_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -180,9 +183,16 @@ async def listen(settings: Settings, scheduler: Scheduler) -> None:
 
 
 async def serve_scheduler(settings: Settings) -> None:
-    """Run the scheduler until cancelled (the router's faust app runs it as a task)."""
+    """Run the scheduler until cancelled (the router's faust app runs it as a task); a database
+    that cannot be reached at start-up is waited for, not given up on."""
     started = time.monotonic()
-    pool = await create_pool(settings, max_size=3)
+    while True:
+        try:
+            pool = await create_pool(settings, max_size=3, attempts=5)
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("scheduler: database unavailable (%s); trying again", type(exc).__name__)
+            await asyncio.sleep(2.0)
     producer = make_producer(settings)
     scheduler = Scheduler(settings, pool, producer)
     listener = None
