@@ -177,6 +177,19 @@ class TemplateRef(BaseModel):
     locale: str | None = Field(default=None, max_length=35)
 
 
+class DigestRef(BaseModel):
+    """Marks a digest message (issue 8): the router parks one when the first message of a digest
+    opens its bucket, and when it comes back delivers the bucket's messages as one listing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule_id: int = Field(ge=1)
+    # The message that opened the bucket (the digest's id is derived from it).
+    opened_by: str = Field(min_length=1, max_length=64)
+    # Rendered with this template when given (variables items, count, category), else a listing.
+    template_id: int | None = Field(default=None, ge=1)
+
+
 class RequestV1(_Event):
     """``notify.request.v1``: a message to send, from ingest or from any internal producer."""
 
@@ -211,6 +224,8 @@ class RequestV1(_Event):
     # cap deferring it, a digest holding it): each parking is a new 'scheduled' event, told
     # apart by this number, so a redelivered one is recognised and not parked twice.
     deferrals: int = Field(default=0, ge=0, le=10_000)
+    # Set on a digest message only (the router makes them; see DigestRef).
+    digest: DigestRef | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 
@@ -264,6 +279,7 @@ class MessageSnapshot(BaseModel):
     idempotency_key: str | None = None
     request_id: str | None = None
     accepted_at: datetime | None = None
+    category: str | None = None
 
 
 class EventV1(_Event):

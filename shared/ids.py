@@ -33,6 +33,12 @@ def new_attachment_id(now: datetime | None = None) -> str:
     return f"att_{day}_{_random(16)}"
 
 
+def new_batch_id(now: datetime | None = None) -> str:
+    """``bat_<yyyymmdd>_<random>``: one batch send (issue 8)."""
+    day = (now or datetime.now(UTC)).strftime("%Y%m%d")
+    return f"bat_{day}_{_random(16)}"
+
+
 def is_message_id(value: str) -> bool:
     return bool(_MESSAGE_ID.match(value))
 

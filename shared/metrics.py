@@ -66,3 +66,34 @@ SCHEDULE_LATENESS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
 SCHEDULED_PENDING = Gauge("herald_scheduled_pending", "Scheduled tasks waiting for their time (seen by the scheduler)")
+SCHEDULED_OVERDUE = Gauge(
+    "herald_scheduled_overdue_seconds",
+    "How far past its time the earliest pending task is (0 when none is due; alert when it grows)",
+)
+BATCH_ITEMS = Counter(
+    "herald_batch_items_total",
+    "Items of batch sends by outcome (accepted; rejected: invalid or duplicate; failed: not recorded or published)",
+    ["outcome"],
+)
+# Frequency caps and digests (issue 8).
+FREQUENCY_CAPPED = Counter(
+    "herald_frequency_capped_total", "Messages a frequency cap held back, by action (suppress, defer)", ["action"]
+)
+FREQUENCY_UNCHECKED = Counter(
+    "herald_frequency_unchecked_total",
+    "Messages routed without a frequency check because Redis could not be asked, by check (cap, digest)",
+    ["check"],
+)
+DIGEST_ITEMS = Counter("herald_digest_items_total", "Messages handed to a digest")
+DIGESTS_DELIVERED = Histogram(
+    "herald_digest_size", "Messages listed by each digest routed", buckets=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500)
+)
+DIGEST_RELEASE_FAILED = Counter(
+    "herald_digest_release_failed_total",
+    "Digests not routed when due, by reason (redis: postponed; lost: their messages were gone)",
+    ["reason"],
+)
+FREQUENCY_RULE_REVISION = Gauge(
+    "herald_frequency_rule_revision",
+    "Highest revision of a frequency cap or digest rule applied from notify.config (API answers show each rule's)",
+)

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     scheduler_batch: int = Field(default=500, ge=1, le=10_000)
     # Items of one POST /api/v1/messages/batch.
     batch_max_items: int = Field(default=1000, ge=1, le=10_000)
+    # A digest lists at most this many messages; the next one opens the next digest.
+    digest_max_items: int = Field(default=50, ge=1, le=500)
+    # A digest's messages stay in Redis this long after its window (a digest released later than
+    # that finds them gone), and a delivered digest's list this long (a replay lists the same).
+    digest_keep_s: int = Field(default=7 * 86400, ge=3600)
 
     # --- workers' health/metrics ports ---------------------------------------------------
     router_http_port: int = 8101

@@ -16,6 +16,7 @@ from services.ingest.attachments import run_sweeper as run_attachment_sweeper
 from services.ingest.auth import Authenticator, Scope, Tokens, signing_key
 from services.ingest.dedup import Guard
 from services.ingest.deps import Services, caller
+from services.ingest.frequency import RuleDistributor
 from services.ingest.http import JSONResponse, RequestContextMiddleware, install_error_handlers
 from services.ingest.limits import Quotas, RateLimiter
 from services.ingest.publish import Publisher, RecordBatcher
@@ -25,7 +26,10 @@ from services.ingest.routes import (
     attachments,
     audit_log,
     auth,
+    batches,
     dead_letters,
+    digest_rules,
+    frequency_caps,
     health,
     messages,
     templates,
@@ -71,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
         batcher.start()
         store = TemplateStore()
         distributor = TemplateDistributor(pool, producer, store, settings.publish_timeout_s)
+        rules = RuleDistributor(pool, producer, settings.publish_timeout_s)
         follower = ConfigFollower(settings, store)  # other replicas' changes
         await follower.start()
         authenticator = Authenticator(pool, tokens, settings)
@@ -81,7 +86,10 @@ def create_app(settings: Settings) -> FastAPI:
                 name="attachment-sweep",
             ),
             asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
-            asyncio.create_task(keep_topics(settings, lambda _: distributor.dirty.set()), name="keep-topics"),
+            asyncio.create_task(
+                keep_topics(settings, lambda _: (distributor.dirty.set(), rules.dirty.set())), name="keep-topics"
+            ),
+            asyncio.create_task(rules.run(), name="rule-distributor"),
             asyncio.create_task(distributor.run(), name="template-distributor"),
             asyncio.create_task(authenticator.listen(), name="auth-listener"),
             asyncio.create_task(authenticator.flush_usage(), name="key-usage"),
@@ -99,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             auth=authenticator,
             limiter=limiter,
             quotas=Quotas(redis, pool, settings.rate_limit_fail_open),
+            rules=rules,
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
@@ -132,11 +141,14 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(health.router)
     app.include_router(messages.router)
+    app.include_router(batches.router)
     app.include_router(accounts.router)
     app.include_router(dead_letters.router)
     app.include_router(attachments.router)
     app.include_router(tenants.router)
     app.include_router(templates.router)
+    app.include_router(frequency_caps.router)
+    app.include_router(digest_rules.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(audit_log.router)

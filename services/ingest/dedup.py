@@ -42,6 +42,15 @@ def fingerprint(tenant_id: str, channel: str, recipients: list[str], subject: st
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+# Delete each fingerprint still held by the message that claimed it.
+_RELEASE_MANY = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then redis.call('DEL', key) end
+end
+return 0
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Remembered:
     message_id: str
@@ -56,6 +65,7 @@ class Guard:
         self.redis = redis
         self.ttl = idempotency_ttl_s
         self.fail_open = fail_open
+        self._release_many = redis.register_script(_RELEASE_MANY)
 
     @staticmethod
     def _key(tenant_id: str, key: str) -> str:
@@ -99,6 +109,42 @@ class Guard:
             DEDUP_SKIPPED.inc()
             log.warning("redis unavailable; duplicate check skipped (fail open)")
             return None, True
+
+    async def claim_many(self, claims: list[tuple[str, str]], window_s: int) -> tuple[list[str | None], bool]:
+        """:meth:`claim` for many ``(fingerprint, message_id)`` pairs in two round trips (a batch
+        send's items): answers the earlier message id of each (None: claimed) and ``skipped``."""
+        if window_s <= 0 or not claims:
+            return [None] * len(claims), False
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for fp, message_id in claims:
+                pipe.set(f"herald:fp:{fp}", message_id, nx=True, ex=window_s)
+            taken = await pipe.execute()
+            lost = [i for i, ok in enumerate(taken) if not ok]
+            earlier: list[str | None] = [None] * len(claims)
+            if lost:
+                values = await self.redis.mget([f"herald:fp:{claims[i][0]}" for i in lost])
+                for i, value in zip(lost, values, strict=True):
+                    # Expired between the two calls: still someone else's a moment ago.
+                    earlier[i] = value.decode() if value else "an earlier message"
+            return earlier, False
+        except RedisError as exc:
+            if not self.fail_open:
+                raise HeraldError(
+                    ErrorCode.SERVICE_UNAVAILABLE, "duplicate check unavailable (Redis); try again", http_status=503
+                ) from exc
+            DEDUP_SKIPPED.inc(len(claims))
+            log.warning("redis unavailable; duplicate check of %d messages skipped (fail open)", len(claims))
+            return [None] * len(claims), True
+
+    async def release_many(self, claims: list[tuple[str, str]]) -> None:
+        """:meth:`release` for many ``(fingerprint, message_id)`` pairs, in one round trip."""
+        if not claims:
+            return
+        try:
+            await self._release_many(keys=[f"herald:fp:{fp}" for fp, _ in claims], args=[m for _, m in claims])
+        except RedisError:
+            pass
 
     async def release(self, fp: str, message_id: str) -> None:
         """Give a fingerprint back when its message was not accepted after all."""

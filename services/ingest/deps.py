@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from services.ingest.auth import Authenticator, Principal, Scope, Tokens
 from services.ingest.dedup import Guard
+from services.ingest.frequency import RuleDistributor
 from services.ingest.limits import Quotas, RateLimiter
 from services.ingest.publish import Publisher
 from services.ingest.templates import TemplateDistributor
@@ -35,6 +36,7 @@ class Services:
     auth: Authenticator
     limiter: RateLimiter
     quotas: Quotas
+    rules: RuleDistributor  # frequency caps and digest rules (issue 8)
 
 
 # Routes call these directly rather than through ``Depends``: in the ingest profile FastAPI's

@@ -110,8 +110,9 @@ def _per_second(item: RateLimitItem) -> float:
 _TAKE = """
 local used = redis.call('GET', KEYS[1])
 if not used then return -1 end
-if tonumber(used) + 1 > tonumber(ARGV[1]) then return -2 - tonumber(used) end
-local now = redis.call('INCR', KEYS[1])
+local count = tonumber(ARGV[3] or '1')
+if tonumber(used) + count > tonumber(ARGV[1]) then return -2 - tonumber(used) end
+local now = redis.call('INCRBY', KEYS[1], count)
 redis.call('EXPIREAT', KEYS[1], ARGV[2])
 return now
 """
@@ -145,17 +146,18 @@ class Quotas:
     def key(tenant: str, channel: str, start: datetime) -> str:
         return f"herald:quota:{tenant}:{channel}:{start:%Y-%m}"
 
-    async def take(self, tenant: str, channel: str, limit: int | None) -> bool:
-        """Count one message against the month's quota, or raise :class:`QuotaExceeded` (and
-        count nothing). Answers whether it counted: not for an unlimited channel, nor when Redis
-        (or PostgreSQL, to seed the counter) could not be asked and quotas fail open."""
+    async def take(self, tenant: str, channel: str, limit: int | None, count: int = 1) -> bool:
+        """Count ``count`` messages against the month's quota, all or none: raise
+        :class:`QuotaExceeded` (and count nothing) when they do not all fit. Answers whether it
+        counted: not for an unlimited channel, nor when Redis (or PostgreSQL, to seed the counter)
+        could not be asked and quotas fail open."""
         if limit is None:
             return False
         start, end = month_bounds(datetime.now(UTC))
         key = self.key(tenant, channel, start)
         try:
             for _ in range(2):
-                result = int(await self._take(keys=[key], args=[limit, _expiry(end)]))
+                result = int(await self._take(keys=[key], args=[limit, _expiry(end), count]))
                 if result >= 0:
                     return True
                 if result != -1:
@@ -181,11 +183,11 @@ class Quotas:
         await self.redis.set(self.key(tenant, channel, start), used, nx=True, exat=_expiry(end))
         return int(used)
 
-    async def give_back(self, tenant: str, channel: str) -> None:
-        """A message counted but not accepted after all (the broker refused it, or it was a replay)."""
+    async def give_back(self, tenant: str, channel: str, count: int = 1) -> None:
+        """Messages counted but not accepted after all (the broker refused them, or replays)."""
         start, _ = month_bounds(datetime.now(UTC))
         try:
-            await self.redis.decr(self.key(tenant, channel, start))
+            await self.redis.decrby(self.key(tenant, channel, start), count)
         except REDIS_DOWN:
             log.warning("quota of %s not given back: Redis unavailable", channel)
 

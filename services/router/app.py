@@ -14,11 +14,15 @@ import time
 from datetime import UTC, datetime
 
 import faust
+from redis.asyncio import Redis
 
+from services.router.caps import Held
+from services.router.frequency import Frequency
 from services.router.retry import serve_relay
 from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from services.router.schedule import serve_scheduler
 from shared.events import DeadLetterV1, utcnow
+from shared.frequency import ConfigStores, RuleStore
 from shared.health import HealthServer
 from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, keep_topics, message_key
@@ -62,9 +66,18 @@ def create_app(settings: Settings) -> faust.App:
     state = {"assigned": False}
     # Templates come from notify.config, read whole before the first request is routed.
     templates = TemplateStore()
-    follower = ConfigFollower(settings, templates)
+    rules = RuleStore()  # frequency caps and digest rules, from the same topic
+    follower = ConfigFollower(settings, ConfigStores(templates, rules))  # type: ignore[arg-type]
     renderer = Renderer()
     app.herald_templates = templates  # type: ignore[attr-defined]
+    # Windows of frequency caps and digest buckets (no connection until the first command; short
+    # timeouts: a Redis that hangs must not hold the stream, caps then fail open).
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    frequency = Frequency(redis, rules, templates, renderer, settings)
 
     @app.on_rebalance_complete.connect
     async def _assigned(sender: object, **kwargs: object) -> None:
@@ -127,6 +140,12 @@ def create_app(settings: Settings) -> faust.App:
             decision = plan(record.value, origin=origin, templates=templates, renderer=renderer, horizon_s=horizon)
             if isinstance(decision, Unknown):
                 decision = settle_unknown(decision, record.value, synced=synced, templates=templates)
+        if isinstance(decision, Routed):
+            # Frequency caps and digests, before the dispatch is sent (services/router/frequency.py).
+            decision = await frequency.apply(decision, record.value)
+        if isinstance(decision, Held):  # suppressed or digested: only its events
+            await _emit(decision.events, trace)
+            return
         if isinstance(decision, Unavailable):
             await _dead_letter(record, trace, "template_unavailable", decision.errors, decision.message_id)
             return
@@ -219,5 +238,6 @@ def create_app(settings: Settings) -> faust.App:
     async def _stop_health(sender: object, **kwargs: object) -> None:
         await health.stop()
         await follower.stop()
+        await redis.aclose()
 
     return app

@@ -320,6 +320,12 @@ def _routed_detail(request: RequestV1) -> dict[str, Any]:
     return detail
 
 
+def route_rendered(request: RequestV1, rendered: Rendered, now: datetime) -> Routed:
+    """Route ``request`` with a subject and content the router made itself (a digest's listing);
+    ``ValidationError`` when they do not fit (too long)."""
+    return _route(_with_rendered(request, rendered), now)
+
+
 def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
     """The request as if sent with the rendered subject and content (the template stays, so
     the dispatch and the record can name it)."""
@@ -364,6 +370,7 @@ def _snapshot_of(request: RequestV1, accepted_at: datetime) -> MessageSnapshot:
         idempotency_key=request.idempotency_key,
         request_id=request.request_id,
         accepted_at=accepted_at,
+        category=request.category,
     )
 
 

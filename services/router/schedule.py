@@ -33,7 +33,7 @@ from aiokafka.errors import KafkaError
 from shared.db import DB_UNAVAILABLE, create_pool
 from shared.kafka import Topics, make_producer, message_key, stop_quietly
 from shared.logging import log_event
-from shared.metrics import SCHEDULE_LATENESS, SCHEDULED_PENDING, SCHEDULED_RELEASED
+from shared.metrics import SCHEDULE_LATENESS, SCHEDULED_OVERDUE, SCHEDULED_PENDING, SCHEDULED_RELEASED
 from shared.settings import Settings
 
 log = logging.getLogger("herald.router.schedule")
@@ -135,6 +135,7 @@ class Scheduler:
         """Seconds to sleep before the next release (bounded by the setting)."""
         row = await self.pool.fetchrow(_NEXT)
         SCHEDULED_PENDING.set(row["pending"])
+        SCHEDULED_OVERDUE.set(max(0.0, -(row["wait_s"] or 0.0)))
         if row["wait_s"] is None:
             return self.settings.scheduler_max_sleep_s
         return min(max(row["wait_s"], 0.0), self.settings.scheduler_max_sleep_s)

@@ -84,14 +84,14 @@ def _parking(event: EventV1) -> tuple[datetime, int, str, dict[str, Any]] | None
 _CREATE = """
 INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients, subject,
     content, content_type, idempotency_key, request_id, created_at, updated_at,
-    status, state, state_rank)
+    status, state, state_rank, category)
 SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients::jsonb, u.subject, u.content,
     u.content_type, u.idempotency_key, u.request_id, u.created_at, u.created_at,
-    'pending', 'accepted', 0
+    'pending', 'accepted', 0, u.category
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::timestamptz[])
+            $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
      AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
-          content_type, idempotency_key, request_id, created_at)
+          content_type, idempotency_key, request_id, created_at, category)
 ON CONFLICT DO NOTHING
 RETURNING message_id
 """
@@ -214,6 +214,7 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
                 m.idempotency_key,
                 m.request_id,
                 m.accepted_at or e.occurred_at,
+                m.category,
             )
         )
     timeline = [
@@ -240,7 +241,7 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
     async with conn.transaction():
         created: list[str] = []
         if creates:
-            created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 11))]
+            created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 12))]
         if timeline:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:

@@ -253,11 +253,19 @@ async def test_key_expiry_and_bad_key_requests(client: httpx.AsyncClient) -> Non
 # test_every_route_is_in_the_scope_table, so a new endpoint cannot ship unscoped by accident.
 ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/api/v1/messages/email/send"): "send",
+    ("POST", "/api/v1/messages/email/send/scheduled"): "send",
+    ("GET", "/api/v1/messages/scheduled"): "read",
+    ("POST", "/api/v1/messages/{message_id}/cancel"): "send",
+    ("POST", "/api/v1/messages/{message_id}/reschedule"): "send",
     ("POST", "/api/v1/attachments/upload"): "send",
     ("GET", "/api/v1/messages"): "read",
     ("GET", "/api/v1/messages/{message_id}"): "read",
     ("GET", "/api/v1/messages/{message_id}/timeline"): "read",
     ("POST", "/api/v1/messages/batch/query"): "read",
+    ("POST", "/api/v1/messages/batch"): "send",
+    ("GET", "/api/v1/batches"): "read",
+    ("GET", "/api/v1/batches/{batch_id}"): "read",
+    ("GET", "/api/v1/batches/{batch_id}/messages"): "read",
     ("GET", "/api/v1/dead-letters"): "read",
     ("GET", "/api/v1/dead-letters/{letter_id}"): "read",
     ("POST", "/api/v1/dead-letters/{letter_id}/replay"): "config",
@@ -271,6 +279,16 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("DELETE", "/api/v1/templates/{template_id}"): "templates",
     ("POST", "/api/v1/templates/preview"): "templates",
     ("GET", "/api/v1/tenants/{tenant_key}"): "read",
+    ("POST", "/api/v1/frequency-caps"): "config",
+    ("GET", "/api/v1/frequency-caps"): "config",
+    ("GET", "/api/v1/frequency-caps/{cap_id}"): "config",
+    ("PATCH", "/api/v1/frequency-caps/{cap_id}"): "config",
+    ("DELETE", "/api/v1/frequency-caps/{cap_id}"): "config",
+    ("POST", "/api/v1/digest-rules"): "config",
+    ("GET", "/api/v1/digest-rules"): "config",
+    ("GET", "/api/v1/digest-rules/{rule_id}"): "config",
+    ("PATCH", "/api/v1/digest-rules/{rule_id}"): "config",
+    ("DELETE", "/api/v1/digest-rules/{rule_id}"): "config",
     ("PATCH", "/api/v1/tenants/{tenant_key}"): "config",
     ("GET", "/api/v1/email-accounts"): "config",
     ("POST", "/api/v1/email-accounts"): "config",
@@ -295,7 +313,8 @@ OPEN_ROUTES = {("POST", "/api/v1/auth/token"), ("GET", "/health"), ("GET", "/hea
                ("GET", "/health/ready"), ("GET", "/metrics")}  # fmt: skip
 PATH_VALUES = {"message_id": "msg_nothing", "letter_id": "987654321", "template_id": "987654321",
                "tenant_key": "default", "account_id": "987654321", "name": "notify.request.v1",
-               "key_id": "987654321"}  # fmt: skip
+               "key_id": "987654321", "batch_id": "bat_nothing",
+               "cap_id": "987654321", "rule_id": "987654321"}  # fmt: skip
 
 
 async def test_every_route_is_in_the_scope_table(client: httpx.AsyncClient) -> None:
@@ -341,6 +360,8 @@ async def test_another_tenants_resources_answer_404_and_never_appear_in_lists(
     subject = uniq("isolation ")
     r = await client.post(SEND, json={"to": "a@example.com", "subject": subject, "content": "<p>A</p>"})
     message_id = r.json()["data"]["message_id"]
+    r = await client.post(SEND, json={"to": "a@example.com", "subject": uniq("later "), "content": "x", "delay": "1h"})
+    scheduled_id = r.json()["data"]["message_id"]
     r = await client.post("/api/v1/templates", json={"template_name": uniq("tpl-"), "template_type": "email",
                                                      "subject": "Hi", "content": "<p>{{ name }}</p>"})  # fmt: skip
     assert r.status_code == 201, r.text
@@ -387,6 +408,8 @@ async def test_another_tenants_resources_answer_404_and_never_appear_in_lists(
         ("POST", f"/api/v1/api-keys/{key_id}/disable", None),
         ("DELETE", f"/api/v1/api-keys/{key_id}", None),
         ("PATCH", "/api/v1/tenants/default", {"dedup_window_s": 1}),
+        ("POST", f"/api/v1/messages/{scheduled_id}/cancel", None),
+        ("POST", f"/api/v1/messages/{scheduled_id}/reschedule", {"delay": "1m"}),
         ("POST", SEND, {"to": "b@example.com", "subject": "x", "content": "y", "attachment_ids": [attachment_id]}),
         ("POST", SEND, {"to": "b@example.com", "template_id": template_id, "template_vars": {"name": "x"}}),
     ]
@@ -400,12 +423,16 @@ async def test_another_tenants_resources_answer_404_and_never_appear_in_lists(
 
     r = await mine.post("/api/v1/messages/batch/query", json={"message_ids": [message_id]})
     assert r.status_code == 200 and message_id not in r.text
+    scheduled = (await client.get(f"/api/v1/messages/{scheduled_id}")).json()["data"]
+    assert scheduled["state"] == "scheduled" and scheduled["scheduled_at"] is not None
+    assert (await client.post(f"/api/v1/messages/{scheduled_id}/cancel")).status_code == 200
     for url in ("/api/v1/messages", "/api/v1/templates", "/api/v1/email-accounts", "/api/v1/dead-letters",
-                "/api/v1/api-keys", "/api/v1/audit-logs"):  # fmt: skip
+                "/api/v1/api-keys", "/api/v1/audit-logs", "/api/v1/messages/scheduled"):  # fmt: skip
         r = await mine.get(url)
         assert r.status_code == 200, url
         text = r.text
-        for foreign in (message_id, subject, f'"id":{template_id},', f'"id":{account_id},', f'"id":{letter_id},'):
+        for foreign in (message_id, scheduled_id, subject, f'"id":{template_id},', f'"id":{account_id},',
+                        f'"id":{letter_id},'):  # fmt: skip
             assert foreign not in text, (url, foreign)
     # B's own message is B's alone.
     r = await mine.post(SEND, json={"to": "b@example.com", "subject": uniq(), "content": "<p>B</p>"})

@@ -18,6 +18,7 @@ from services.ingest.http import JSONResponse, envelope, json_body_schema, parse
 from services.ingest.limits import QuotaExceeded, month_bounds
 from services.ingest.publish import NewRecord
 from services.ingest.routes.templates import resolve as resolve_template
+from services.ingest.sends import content_mode_error, idempotency_key
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
@@ -83,28 +84,7 @@ class EmailSendRequest(BaseModel):
     )
 
     def mode_error(self) -> HeraldError | None:
-        """Seed 004: ``content`` and ``template_id`` are exclusive; direct mode needs both
-        ``subject`` and ``content``. Checked here rather than in a model validator so that the
-        error names the field."""
-        templated = self.template_id is not None or self.template_name is not None
-        if self.template_id is not None and self.template_name is not None:
-            return HeraldError(ErrorCode.INVALID_PARAMS, "give template_id or template_name, not both",
-                               field="template_name")  # fmt: skip
-        for name in ("content", "subject", "text_content"):
-            if templated and getattr(self, name) is not None:
-                return HeraldError(
-                    ErrorCode.INVALID_PARAMS,
-                    f"{name} and template_id are mutually exclusive: the template provides it",
-                    field=name,
-                )
-        if not templated:
-            for name in ("content", "subject"):
-                if getattr(self, name) is None:
-                    return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id", field=name)
-            for name in ("template_vars", "template_version", "locale"):
-                if getattr(self, name) is not None:
-                    return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
-        return None
+        return content_mode_error(self)
 
     @property
     def to_list(self) -> list[str]:
@@ -214,7 +194,7 @@ async def _send_email(request: Request, *, schedule_required: bool):
             body.attachment_ids,
             scheduled_at + timedelta(days=1),
         )
-    key = _idempotency_key(body, request)
+    key = idempotency_key(body.idempotency_key, request)
     digest = request_hash(body.model_dump(mode="json", by_alias=True))
     guard = services.guard
     if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
@@ -313,16 +293,6 @@ async def _template_ref(request: Request, tenant_id: str, body: EmailSendRequest
         raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no email variant",
                           field="template_id")  # fmt: skip
     return TemplateRef(template_id=version.template_id, version=version.version, vars=variables, locale=body.locale)
-
-
-def _idempotency_key(body: EmailSendRequest, request: Request) -> str | None:
-    """The key from the body or the ``Idempotency-Key`` header; both must agree."""
-    header = request.headers.get("idempotency-key")
-    if header is not None and (not header.strip() or len(header) > 255):
-        raise HeraldError(ErrorCode.INVALID_PARAMS, "1 to 255 characters", field="Idempotency-Key")
-    if header and body.idempotency_key and header != body.idempotency_key:
-        raise HeraldError(ErrorCode.INVALID_PARAMS, "differs from the Idempotency-Key header", field="idempotency_key")
-    return body.idempotency_key or header
 
 
 def _replay(message_id: str, first_hash: str | None, digest: str, response: dict) -> JSONResponse:
