@@ -151,7 +151,8 @@ class Scheduler:
                 if wait <= 0 and released == 0:
                     wait = _IDLE_RETRY_S  # due rows locked by another router: let it finish
                 delay = 0.2
-            except (TimeoutError, KafkaError, *DB_UNAVAILABLE) as exc:
+            except (TimeoutError, KafkaError, asyncpg.UndefinedTableError, *DB_UNAVAILABLE) as exc:
+                # (No table yet: ingest and the tracker apply the migrations at start-up.)
                 log.warning("scheduler round failed (%s); trying again in %.1f s", type(exc).__name__, delay)
                 wait, delay = delay, min(delay * 2, _ERROR_RETRY_MAX_S)
             except Exception:  # never let the loop die: scheduled messages would wait forever

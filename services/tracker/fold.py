@@ -47,7 +47,9 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
         plan.timeline.append(event)
         if event.message is not None and event.message_id not in snapshots:
             snapshots[event.message_id] = event
-        if event.state is State.ROUTED and event.message is not None and (event.detail or {}).get("template"):
+        detail = event.detail or {}
+        made = detail.get("template") or detail.get("digest")  # what the router rendered itself
+        if event.state is State.ROUTED and event.message is not None and made:
             plan.rendered.append(event)
         if event.state is State.SCHEDULED:
             # Not a move like the others: the record becomes 'scheduled' only if its task is
@@ -97,13 +99,15 @@ RETURNING message_id
 """
 
 # Ingest records a templated message before it is rendered; the router's 'routed' event brings
-# what it rendered (the same each time: a version never changes).
+# what it rendered (the same each time: a version never changes). A digest is recorded when it
+# opens, before it knows what it will list; its 'routed' event brings the listing (the same each
+# time: its items are frozen).
 _RENDERED = """
 UPDATE message_records m SET subject = u.subject, content = u.content, content_type = u.content_type
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-     AS u(message_id, tenant_id, subject, content, content_type)
-WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.template_id IS NOT NULL
-  AND (m.content IS NULL OR m.content = '')
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+     AS u(message_id, tenant_id, subject, content, content_type, digest)
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
+  AND ((m.template_id IS NOT NULL AND (m.content IS NULL OR m.content = '')) OR u.digest)
 """
 
 _TIMELINE = """
@@ -248,11 +252,12 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
             await conn.execute(_MOVE, *_columns(moves, 10))
         if plan.rendered:
             rendered = [
-                (e.message_id, e.tenant_id, e.message.subject, e.message.content, e.message.content_type)
+                (e.message_id, e.tenant_id, e.message.subject, e.message.content, e.message.content_type,
+                 bool((e.detail or {}).get("digest")))
                 for e in plan.rendered
                 if e.message is not None
-            ]
-            await conn.execute(_RENDERED, *_columns(rendered, 5))
+            ]  # fmt: skip
+            await conn.execute(_RENDERED, *_columns(rendered, 6))
         if plan.parked:
             rows = []
             for e in plan.parked:

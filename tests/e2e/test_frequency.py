@@ -9,6 +9,7 @@ import time
 from email import policy
 from email.parser import BytesParser
 
+import asyncpg
 import httpx
 import pytest
 
@@ -151,7 +152,7 @@ async def test_a_deferred_message_is_delivered_after_its_window_and_not_before(
 
 
 async def test_a_digest_of_five_messages_arrives_as_one_email_listing_them(
-    pipeline: Pipeline, client: httpx.AsyncClient
+    pipeline: Pipeline, client: httpx.AsyncClient, db: asyncpg.Pool
 ) -> None:
     category = uniq("news")
     rule = await _rule(pipeline, client, DIGESTS, category=category, window_s=4)
@@ -174,6 +175,9 @@ async def test_a_digest_of_five_messages_arrives_as_one_email_listing_them(
     assert mail.parsed()["Subject"] == f"5 {category} messages"
     digest = await wait_for_state(client, digest_id, "sent")
     assert digest["category"] == category and digest["recipient"] == to
+    assert digest["subject"] == f"5 {category} messages"  # the listing, not the placeholder it opened with
+    stored = await db.fetchval("SELECT content FROM message_records WHERE message_id=$1", digest_id)
+    assert all(subject in stored for subject in subjects), stored[:300]
     routed = next(e for e in await _timeline(client, digest_id) if e["state"] == "routed")
     assert sorted(routed["detail"]["digest"]["message_ids"]) == sorted(ids)
     assert [m.parsed()["X-Herald-Message-ID"] for m in _mails_to(pipeline, to)] == [digest_id]

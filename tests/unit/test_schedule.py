@@ -132,3 +132,14 @@ def test_a_released_request_has_no_time_and_is_marked_recorded() -> None:
     assert "scheduled_at" not in released and "attempt" not in released
     assert released["recorded"] is True and released["deferrals"] == 1
     assert isinstance(plan(released_request(stored), now=NOW), Routed)
+
+
+def test_a_digest_s_routed_event_brings_its_listing_to_the_record() -> None:
+    from shared.events import MessageSnapshot
+
+    snapshot = MessageSnapshot(channel="email", recipient="a@example.com", subject="5 news messages", content="…")
+    routed = EventV1(event_id="d:0:routed", message_id="d", state=State.ROUTED, service="router", message=snapshot,
+                     detail={"channel": "email", "digest": {"count": 5}})  # fmt: skip
+    plain = EventV1(event_id="p:0:routed", message_id="p", state=State.ROUTED, service="router", message=snapshot,
+                    detail={"channel": "email"})  # fmt: skip
+    assert [e.message_id for e in fold_plan([routed, plain]).rendered] == ["d"]
