@@ -22,9 +22,13 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     received_at: float = field(default_factory=time.time)  # wall clock, seconds
+    _parsed: email.message.EmailMessage | None = field(default=None, repr=False, compare=False)
 
     def parsed(self) -> email.message.EmailMessage:
-        return email.message_from_bytes(self.data, policy=email.policy.default)  # type: ignore[return-value]
+        """The message, parsed once (tests look through every message received many times)."""
+        if self._parsed is None:
+            self._parsed = email.message_from_bytes(self.data, policy=email.policy.default)  # type: ignore[assignment]
+        return self._parsed  # type: ignore[return-value]
 
 
 class SinkHandler:

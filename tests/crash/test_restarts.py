@@ -191,3 +191,49 @@ async def test_scheduled_messages_survive_restarts_of_the_router_and_the_broker(
     assert t.lost == 0, t.lost_tokens
     assert t.duplicated == 0, t.duplicated_tokens
     assert states == {"sent": 100}, states
+
+
+async def test_frequency_windows_survive_a_router_restart(stack: Stack) -> None:
+    """A cap's window is counted in Redis, not in the router: three messages before a kill -9
+    and three after make six in the window, and the sixth is suppressed by the new router (which
+    read the cap back from notify.config)."""
+    tag = new_tag("cap-restart")
+    to = f"{tag}@example.com"
+    async with httpx.AsyncClient(base_url=stack.ingest_url, timeout=30, headers=stack.headers) as client:
+        r = await client.post("/api/v1/frequency-caps", json={"category": tag, "max_count": 5, "window_s": 3600,
+                                                                "action": "suppress"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        revision = r.json()["data"]["revision"]
+
+        async def applied() -> None:
+            async with httpx.AsyncClient(base_url=stack.services["router"].url, timeout=5) as router:
+                for _ in range(300):
+                    for line in (await router.get("/metrics")).text.splitlines():
+                        if line.startswith("herald_frequency_rule_revision ") and float(line.split()[1]) >= revision:
+                            return
+                    await asyncio.sleep(0.1)
+            raise AssertionError("the router never applied the cap")
+
+        async def send(i: int) -> str:
+            r = await client.post(SEND, json={"to": to, "subject": token(tag, i), "content": "x", "category": tag})
+            assert r.status_code == 202, r.text
+            return r.json()["data"]["message_id"]
+
+        async def state_of(message_id: str, wanted: str) -> str:
+            for _ in range(300):
+                state = (await client.get(f"/api/v1/messages/{message_id}")).json()["data"]["state"]
+                if state == wanted:
+                    return state
+                await asyncio.sleep(0.1)
+            return state
+
+        await applied()
+        before = [await send(i) for i in range(3)]
+        assert [await state_of(m, "sent") for m in before] == ["sent"] * 3
+        stack.kill("router")
+        await asyncio.to_thread(stack.restart, "router")
+        after = [await send(i) for i in range(3, 6)]
+        states = [await state_of(m, w) for m, w in zip(after, ("sent", "sent", "suppressed"), strict=True)]
+    print(f"cap across a router restart: states after the restart {states}")
+    assert states == ["sent", "sent", "suppressed"]
+    assert sum(sink_counts(stack.smtp, tag).values()) == 5

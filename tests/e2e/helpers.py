@@ -27,6 +27,27 @@ async def wait_for_mail(pipeline: Pipeline, predicate, timeout: float = 30) -> R
     raise AssertionError("no matching message reached the SMTP sink")
 
 
+async def wait_for_mails(pipeline: Pipeline, message_ids: list[str], timeout: float = 60) -> dict[str, Received]:
+    """Wait until every one of ``message_ids`` reached the SMTP sink; answers each one's first
+    arrival. Reads each arrival once (the sink holds the whole suite's mail: parsing all of it
+    for every id on every poll starves the event loop); raises naming the ones missing."""
+    wanted, found, read = set(message_ids), {}, 0
+    deadline = time.monotonic() + timeout
+    while True:
+        arrived = list(pipeline.backing.smtp.messages)
+        for item in arrived[read:]:
+            message_id = item.parsed()["X-Herald-Message-ID"]
+            if message_id in wanted and message_id not in found:
+                found[message_id] = item
+        read = len(arrived)
+        if len(found) == len(wanted) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    if len(found) < len(wanted):
+        raise AssertionError(f"not at the SMTP sink after {timeout} s: {sorted(wanted - set(found))[:10]}")
+    return found
+
+
 def by_message_id(message_id: str):
     return lambda item: item.parsed()["X-Herald-Message-ID"] == message_id
 
