@@ -263,6 +263,7 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/v1/messages/{message_id}/timeline"): "read",
     ("POST", "/api/v1/messages/batch/query"): "read",
     ("POST", "/api/v1/messages/batch"): "send",
+    ("POST", "/api/v1/batches/{batch_id}/cancel"): "send",
     ("GET", "/api/v1/batches"): "read",
     ("GET", "/api/v1/batches/{batch_id}"): "read",
     ("GET", "/api/v1/batches/{batch_id}/messages"): "read",

@@ -303,7 +303,7 @@ async def test_a_batch_refused_whole_names_the_field_and_records_nothing(
         ]
 
 
-async def test_a_scheduled_batch_waits_and_can_be_cancelled_message_by_message(client: httpx.AsyncClient) -> None:
+async def test_a_scheduled_batch_waits_and_can_be_cancelled(client: httpx.AsyncClient) -> None:
     tag = uniq()
     r = await client.post(
         BATCH,
@@ -321,8 +321,14 @@ async def test_a_scheduled_batch_waits_and_can_be_cancelled_message_by_message(c
     assert batch["scheduled_at"] is not None
     assert batch["progress"]["by_state"] == {"scheduled": 2} and batch["progress"]["by_status"]["pending"] == 2
     assert batch["progress"]["done"] is False
-    for m in data["messages"]:
-        assert (await client.post(f"/api/v1/messages/{m['message_id']}/cancel")).status_code == 200
+    first, second = data["messages"]
+    assert (await client.post(f"/api/v1/messages/{first['message_id']}/cancel")).status_code == 200
+    # The rest of the batch at once; a second time there is nothing left to cancel.
+    r = await client.post(f"{BATCHES}/{data['batch_id']}/cancel")
+    assert r.status_code == 200, r.text
+    assert r.json()["data"] == {"batch_id": data["batch_id"], "cancelled": 1, "message_ids": [second["message_id"]]}
+    r = await client.post(f"{BATCHES}/{data['batch_id']}/cancel")
+    assert r.status_code == 409 and r.json()["code"] == 1009 and r.json()["errors"][0]["field"] == "batch_id"
     batch = (await client.get(f"{BATCHES}/{data['batch_id']}")).json()["data"]
     assert batch["progress"]["by_state"] == {"cancelled": 2} and batch["progress"]["done"] is True
 
@@ -344,6 +350,8 @@ async def test_other_tenants_batches_answer_404_and_quota_is_all_or_nothing(
         for url in (f"{BATCHES}/{batch_id}", f"{BATCHES}/{batch_id}/messages"):
             r = await other.get(url)
             assert r.status_code == 404 and r.json()["code"] == 1004 and r.json()["data"] is None, r.text
+        r = await other.post(f"{BATCHES}/{batch_id}/cancel")
+        assert r.status_code == 404 and r.json()["code"] == 1004, r.text
         assert batch_id not in (await other.get(BATCHES)).text
 
         # Four valid items (and a bad one) do not fit a quota of three: nothing is recorded.

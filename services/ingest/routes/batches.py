@@ -21,6 +21,7 @@ import asyncpg
 import orjson
 from fastapi import APIRouter, Query, Request
 
+from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
 from services.ingest.batches import (
@@ -333,6 +334,28 @@ async def _settle(
         scheduled=plan.scheduled_at is not None,
     )
     return envelope(response, status_code=202)
+
+
+@router.post("/api/v1/batches/{batch_id}/cancel", summary="Cancel a scheduled batch's messages not yet released")
+async def cancel_batch(batch_id: str, request: Request):
+    """Every message of the batch still waiting for its time is cancelled and never sent; those
+    already released go on. 409 / 1009 when none was waiting any more."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
+    principal = request.scope["state"]["principal"]
+    async with services.pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM batches WHERE tenant_id = $1 AND batch_id = $2", tenant_id, batch_id):
+            raise HeraldError(ErrorCode.NOT_FOUND, f"batch {batch_id} not found", field="batch_id")
+        cancelled = await scheduled.cancel(conn, tenant_id, principal.actor, batch_id=batch_id)
+        if not cancelled:
+            raise HeraldError(
+                ErrorCode.STATE_CONFLICT,
+                f"no message of batch {batch_id} is waiting for its time: nothing to cancel",
+                field="batch_id",
+            )
+        await audit.record(conn, request, "batch.cancel", "batch", batch_id, {"cancelled": len(cancelled)})
+    await scheduled.give_back_quota(services.quotas, tenant_id, cancelled)
+    return envelope({"batch_id": batch_id, "cancelled": len(cancelled),
+                     "message_ids": [r["message_id"] for r in cancelled]})  # fmt: skip
 
 
 # --- reading batches ------------------------------------------------------------------------------

@@ -9,13 +9,13 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
-from services.ingest import audit
+from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
 from services.ingest.dedup import fingerprint, request_hash
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
-from services.ingest.limits import QuotaExceeded, month_bounds
+from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
 from services.ingest.routes.templates import resolve as resolve_template
 from services.ingest.sends import content_mode_error, idempotency_key
@@ -316,29 +316,6 @@ class Reschedule(BaseModel):
     timezone: str | None = Field(default=None, max_length=64)
 
 
-# Cancelling takes the task's row lock, as the scheduler's release does: a message is either
-# cancelled before its release or released (then 409), never both.
-_CANCEL = """
-WITH t AS (
-    UPDATE scheduled_tasks SET status = 'cancelled', updated_at = now()
-    WHERE tenant_id = $1 AND message_id = $2 AND status = 'pending'
-    RETURNING message_id
-), m AS (
-    UPDATE message_records r SET state = 'cancelled', status = 'failed', state_rank = 8,
-        error_message = 'cancelled before its scheduled time', updated_at = now()
-    FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
-    RETURNING r.message_id, r.message_type, r.created_at
-), e AS (
-    INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
-        occurred_at, detail)
-    SELECT m.message_id || ':0:cancelled', m.message_id, $1, 'cancelled', 0, 'ingest', m.message_type,
-        now(), jsonb_build_object('by', $3::text)
-    FROM m
-    ON CONFLICT (event_id) DO NOTHING
-)
-SELECT message_id, message_type, created_at FROM m
-"""
-
 _RESCHEDULE = """
 WITH t AS (
     UPDATE scheduled_tasks SET scheduled_time = $3, updated_at = now()
@@ -410,13 +387,11 @@ async def cancel_message(message_id: str, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     principal = request.scope["state"]["principal"]
     async with services.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(_CANCEL, tenant_id, message_id, principal.actor)
-        if row is None:
+        cancelled = await scheduled.cancel(conn, tenant_id, principal.actor, message_ids=[message_id])
+        if not cancelled:
             raise await _not_pending(conn, tenant_id, message_id, "cancelled")
         await audit.record(conn, request, "message.cancel", "message", message_id)
-    start, _ = month_bounds(datetime.now(UTC))
-    if row["created_at"] >= start:  # counted against this month's quota: never sent, so given back
-        await services.quotas.give_back(tenant_id, row["message_type"])
+    await scheduled.give_back_quota(services.quotas, tenant_id, cancelled)
     return envelope({"message_id": message_id, "status": Status.FAILED.value, "state": State.CANCELLED.value})
 
 

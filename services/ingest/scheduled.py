@@ -1,0 +1,59 @@
+"""Cancelling scheduled messages before the scheduler releases them (one, or a batch's)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+
+from services.ingest.limits import Quotas, month_bounds
+
+# Takes each task's row lock, as the scheduler's release does: a message is either cancelled
+# before its release or released, never both. $2: message ids, or $3: a batch; $4: who.
+_CANCEL = """
+WITH t AS (
+    UPDATE scheduled_tasks t SET status = 'cancelled', updated_at = now()
+    WHERE t.tenant_id = $1 AND t.status = 'pending'
+      AND (t.message_id = ANY($2::text[])
+           OR ($3::text IS NOT NULL AND t.message_id IN (
+               SELECT message_id FROM message_records WHERE tenant_id = $1 AND batch_id = $3)))
+    RETURNING t.message_id
+), m AS (
+    UPDATE message_records r SET state = 'cancelled', status = 'failed', state_rank = 8,
+        error_message = 'cancelled before its scheduled time', updated_at = now()
+    FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
+    RETURNING r.message_id, r.message_type, r.created_at
+), e AS (
+    INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
+        occurred_at, detail)
+    SELECT m.message_id || ':0:cancelled', m.message_id, $1, 'cancelled', 0, 'ingest', m.message_type,
+        now(), jsonb_build_object('by', $4::text)
+    FROM m
+    ON CONFLICT (event_id) DO NOTHING
+)
+SELECT message_id, message_type, created_at FROM m ORDER BY message_id
+"""
+
+
+async def cancel(
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    actor: str,
+    *,
+    message_ids: list[str] | None = None,
+    batch_id: str | None = None,
+) -> list[asyncpg.Record]:
+    """Cancel the named messages (or a batch's) still waiting for their time; answers those
+    cancelled (message_id, message_type, created_at). Run it in the transaction that audits it."""
+    return await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
+
+
+async def give_back_quota(quotas: Quotas, tenant_id: str, cancelled: list[asyncpg.Record]) -> None:
+    """Cancelled messages are never sent: those counted against this month's quota give it back."""
+    start, _ = month_bounds(datetime.now(UTC))
+    by_channel: dict[str, int] = {}
+    for row in cancelled:
+        if row["created_at"] >= start:
+            by_channel[row["message_type"]] = by_channel.get(row["message_type"], 0) + 1
+    for channel, count in by_channel.items():
+        await quotas.give_back(tenant_id, channel, count)
