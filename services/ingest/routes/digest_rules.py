@@ -5,18 +5,16 @@ Create, list, get, update, delete; every change is audited and published to the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.frequency import DIGEST_COLUMNS, digest_of
 from services.ingest.http import envelope, json_body_schema, parse_body
 from services.ingest.routes.templates import resolve as resolve_template
+from services.ingest.rules import RuleTable
 from shared.errors import ErrorCode, HeraldError
 from shared.events import Category, Channel
 from shared.frequency import DIGEST_VARIABLES, MAX_DIGEST_WINDOW_S
@@ -54,30 +52,16 @@ class DigestPatch(BaseModel):
     description: str | None = Field(default=None, max_length=500, pattern=_TEXT)
 
 
-_NULLABLE = frozenset({"template_id", "description"})
-
-
-def _time(value: Any) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
-
-
-def _out(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "category": row["category"],
-        "channel": row["channel"],
-        "window_s": row["window_s"],
-        "template_id": row["template_id"],
-        "is_active": row["is_active"],
-        "description": row["description"],
-        "revision": row["revision"],  # routers expose the highest applied (herald_frequency_rule_revision)
-        "created_at": _time(row["created_at"]),
-        "updated_at": _time(row["updated_at"]),
-    }
-
-
-def _not_found(rule_id: int) -> HeraldError:
-    return HeraldError(ErrorCode.NOT_FOUND, f"digest rule {rule_id} not found", field="rule_id")
+DIGESTS = RuleTable(
+    table="digest_rules",
+    columns=DIGEST_COLUMNS,
+    noun="digest rule",
+    kind="digest_rule",
+    id_field="rule_id",
+    fields=("category", "channel", "window_s", "template_id", "is_active", "description"),
+    nullable=frozenset({"template_id", "description"}),
+    config=digest_of,
+)
 
 
 def _taken(category: str, channel: str) -> HeraldError:
@@ -102,10 +86,6 @@ async def _check_template(request: Request, tenant_id: str, template_id: int, ch
         )
 
 
-async def _published(request: Request, row: asyncpg.Record) -> None:
-    await services_of(request).rules.changed(digest_of(row))
-
-
 @router.post("", status_code=201, summary="Create a digest rule", openapi_extra=json_body_schema(DigestIn))
 async def create_rule(request: Request):
     tenant_id = tenant_of(request, Scope.CONFIG)
@@ -128,9 +108,9 @@ async def create_rule(request: Request):
             )
         except asyncpg.UniqueViolationError:
             raise _taken(body.category, body.channel.value) from None
-        await audit.record(conn, request, "digest_rule.create", "digest_rule", row["id"], body.model_dump(mode="json"))
-    await _published(request, row)
-    return envelope(_out(row), status_code=201)
+        await DIGESTS.created(request, conn, row, body)
+    await DIGESTS.publish(request, row)
+    return envelope(DIGESTS.out(row), status_code=201)
 
 
 @router.get("", summary="List digest rules")
@@ -140,87 +120,31 @@ async def list_rules(
     page: int = Query(default=1, ge=1, le=100_000),
     page_size: int = Query(default=20, ge=1, le=100),
 ):
-    where, args = ["tenant_id = $1", "deleted_at IS NULL"], [tenant_of(request, Scope.CONFIG)]
-    if category is not None:
-        args.append(category)
-        where.append(f"category = ${len(args)}")
-    clause = " AND ".join(where)
-    async with services_of(request).pool.acquire() as conn:
-        total = await conn.fetchval(f"SELECT count(*) FROM digest_rules WHERE {clause}", *args)
-        rows = await conn.fetch(
-            f"SELECT {DIGEST_COLUMNS} FROM digest_rules WHERE {clause} ORDER BY id "
-            f"LIMIT {page_size} OFFSET {(page - 1) * page_size}",
-            *args,
-        )
-    return envelope({"total": total, "page": page, "page_size": page_size, "records": [_out(r) for r in rows]})
-
-
-async def _fetch(conn: asyncpg.Connection | asyncpg.Pool, tenant_id: str, rule_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow(
-        f"SELECT {DIGEST_COLUMNS} FROM digest_rules WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL",
-        tenant_id,
-        rule_id,
-    )
-    if row is None:
-        raise _not_found(rule_id)
-    return row
+    return await DIGESTS.list(request, category, page, page_size)
 
 
 @router.get("/{rule_id}", summary="One digest rule")
 async def get_rule(rule_id: int, request: Request):
-    return envelope(_out(await _fetch(services_of(request).pool, tenant_of(request, Scope.CONFIG), rule_id)))
+    return envelope(
+        DIGESTS.out(await DIGESTS.fetch(services_of(request).pool, tenant_of(request, Scope.CONFIG), rule_id))
+    )
 
 
 @router.patch("/{rule_id}", summary="Change a digest rule", openapi_extra=json_body_schema(DigestPatch))
 async def update_rule(rule_id: int, request: Request):
     tenant_id = tenant_of(request, Scope.CONFIG)
-    body = await parse_body(request, DigestPatch)
-    changes = body.model_dump(mode="json", exclude_unset=True)
-    if not changes:
-        raise HeraldError(ErrorCode.INVALID_PARAMS, "nothing to change", field="body")
-    for key, value in changes.items():
-        if value is None and key not in _NULLABLE:
-            raise HeraldError(ErrorCode.INVALID_PARAMS, "may not be null", field=key)
-    pool = services_of(request).pool
-    current = await _fetch(pool, tenant_id, rule_id)
+    changes = DIGESTS.changes(await parse_body(request, DigestPatch))
+    current = await DIGESTS.fetch(services_of(request).pool, tenant_id, rule_id)
     template_id = changes.get("template_id", current["template_id"])
     if template_id is not None and ("template_id" in changes or "channel" in changes):
         await _check_template(request, tenant_id, template_id, changes.get("channel", current["channel"]))
-    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, start=3))
-    async with pool.acquire() as conn, conn.transaction():
-        try:
-            row = await conn.fetchrow(
-                f"""UPDATE digest_rules SET {assignments}, updated_at = now(),
-                        revision = nextval('frequency_revision_seq')
-                    WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING {DIGEST_COLUMNS}""",
-                tenant_id,
-                rule_id,
-                *changes.values(),
-            )
-        except asyncpg.UniqueViolationError:
-            raise _taken(
-                changes.get("category", current["category"]), changes.get("channel", current["channel"])
-            ) from None
-        if row is None:
-            raise _not_found(rule_id)
-        await audit.record(conn, request, "digest_rule.update", "digest_rule", rule_id, changes)
-    await _published(request, row)
-    return envelope(_out(row))
+
+    def conflict() -> HeraldError:
+        return _taken(changes.get("category", current["category"]), changes.get("channel", current["channel"]))
+
+    return await DIGESTS.update(request, tenant_id, rule_id, changes, conflict)
 
 
 @router.delete("/{rule_id}", summary="Delete a digest rule (digests already open are still delivered)")
 async def delete_rule(rule_id: int, request: Request):
-    tenant_id = tenant_of(request, Scope.CONFIG)
-    async with services_of(request).pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            f"""UPDATE digest_rules SET deleted_at = now(), updated_at = now(),
-                    revision = nextval('frequency_revision_seq')
-                WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING {DIGEST_COLUMNS}""",
-            tenant_id,
-            rule_id,
-        )
-        if row is None:
-            raise _not_found(rule_id)
-        await audit.record(conn, request, "digest_rule.delete", "digest_rule", rule_id)
-    await _published(request, row)
-    return envelope({"id": rule_id, "deleted": True, "revision": row["revision"]})
+    return await DIGESTS.delete(request, rule_id)
