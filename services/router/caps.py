@@ -25,9 +25,9 @@ from typing import Any
 
 import orjson
 
-from services.router.routing import SERVICE, Parked, Routed, park
+from services.router.routing import Parked, Routed, park, router_event
 from shared.errors import ErrorCode
-from shared.events import EventV1, MessageSnapshot, RequestV1, State, event_id
+from shared.events import EventV1, MessageSnapshot, RequestV1, State
 from shared.frequency import FrequencyCap
 
 # A deferred message is released this long after its window has room, so that a router whose
@@ -149,20 +149,15 @@ def suppressed(routed: Routed, verdict: Suppress, now: datetime) -> Held:
     """A message a cap drops: state suppressed, error 1007, the cap named."""
     request = routed.request
     message_id = request.message_id or routed.dispatch.message_id
-    event = EventV1(
-        event_id=event_id(message_id, 0, State.SUPPRESSED),
-        message_id=message_id,
-        tenant_id=request.tenant_id,
-        state=State.SUPPRESSED,
-        attempt=0,
-        occurred_at=now,
-        service=SERVICE,
-        channel=request.channel.value,
+    event = router_event(
+        request,
+        message_id,
+        State.SUPPRESSED,
+        now,
         error_code=int(ErrorCode.RATE_LIMITED),
         error=f"suppressed by frequency cap {verdict.cap.cap_id}: {rule_text(verdict.cap)}",
         detail={"reason": "frequency_cap", **_detail(verdict.cap, verdict.count), "cap": rule_text(verdict.cap)},
         message=snapshot_of(routed),
-        request_id=request.request_id,
     )
     return Held(message_id, State.SUPPRESSED, [*announced(routed), event])
 

@@ -26,9 +26,9 @@ from markupsafe import Markup
 from pydantic import ValidationError
 
 from services.router.caps import Held, announced, recipient_tag, snapshot_of
-from services.router.routing import SERVICE, Parked, Rejected, Routed, park, route_rendered
+from services.router.routing import Parked, Rejected, Routed, park, route_rendered, router_event
 from shared.errors import ErrorCode
-from shared.events import ContentType, DigestRef, EmailOptions, EventV1, RequestV1, State, event_id
+from shared.events import ContentType, DigestRef, EmailOptions, EventV1, RequestV1, State
 from shared.frequency import DigestRule
 from shared.template_store import TemplateStore
 from shared.templates import Rendered, Renderer, TemplateProblem
@@ -141,21 +141,7 @@ def hold(routed: Routed, rule: DigestRule, digest_id: str, until_ms: int, state:
     if until is not None:
         detail["deliver_at"] = until.isoformat()
     events += announced(routed)
-    events.append(
-        EventV1(
-            event_id=event_id(message_id, 0, State.DIGESTED),
-            message_id=message_id,
-            tenant_id=request.tenant_id,
-            state=State.DIGESTED,
-            attempt=0,
-            occurred_at=now,
-            service=SERVICE,
-            channel=request.channel.value,
-            detail=detail,
-            message=snapshot_of(routed),
-            request_id=request.request_id,
-        )
-    )
+    events.append(router_event(request, message_id, State.DIGESTED, now, detail=detail, message=snapshot_of(routed)))
     return Held(message_id, State.DIGESTED, events)
 
 
@@ -170,20 +156,15 @@ def lost(routed: Routed, now: datetime) -> Rejected:
     request = routed.request
     message_id = request.message_id or routed.dispatch.message_id
     errors = [{"field": "digest", "message": "the digest's messages are no longer in Redis"}]
-    event = EventV1(
-        event_id=event_id(message_id, 0, State.REJECTED),
-        message_id=message_id,
-        tenant_id=request.tenant_id,
-        state=State.REJECTED,
-        attempt=0,
-        occurred_at=now,
-        service=SERVICE,
-        channel=request.channel.value,
+    event = router_event(
+        request,
+        message_id,
+        State.REJECTED,
+        now,
         error_code=int(ErrorCode.REDIS_ERROR),
         error="digest_items_lost: the digest's messages are no longer in Redis",
         detail={"reason": "digest_items_lost", "errors": errors},
         message=snapshot_of(routed),
-        request_id=request.request_id,
     )
     return Rejected(message_id, "digest_items_lost", errors, [event])
 

@@ -384,6 +384,19 @@ def _common(request: RequestV1, message_id: str) -> dict[str, Any]:
     }
 
 
+def router_event(request: RequestV1, message_id: str, state: State, now: datetime, **fields: Any) -> EventV1:
+    """An event of the router's about ``request``'s message, before any delivery attempt
+    (attempt 0: suppressed, digested, rejected, ...); ``fields`` adds detail, error, snapshot."""
+    return EventV1(
+        event_id=event_id(message_id, 0, state),
+        state=state,
+        attempt=0,
+        occurred_at=now,
+        **_common(request, message_id),
+        **fields,
+    )
+
+
 def _accepted(request: RequestV1, message_id: str, snapshot: MessageSnapshot) -> list[EventV1]:
     """The 'accepted' event of a request published straight to Kafka (nobody has recorded its
     acceptance yet); none for one ingest recorded."""
