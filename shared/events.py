@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, TypeAdapter, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, TypeAdapter, field_validator
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -215,7 +215,7 @@ class RequestV1(_Event):
     attempt: int | None = Field(default=None, ge=1)
     # Not before this moment: the router parks a request whose time has not come (it is
     # recorded as 'scheduled' and released by the scheduler). Absent once released.
-    scheduled_at: datetime | None = None
+    scheduled_at: AwareDatetime | None = None
     # For frequency caps and digests (issue 8).
     category: Category | None = None
     # The batch this message is one item of (POST /api/v1/messages/batch).

@@ -22,6 +22,12 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# What one record may weigh: aiokafka's max_request_size (1 MiB) holds the batch around it, and
+# faust's producer refuses more than 1,000,000 bytes. Ingest refuses larger requests at once
+# (a scheduled one would otherwise fail only at its release).
+MAX_RECORD_BYTES = 1_000_000
+
+
 class Topics:
     """Every topic name, defined once."""
 

@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # Clients' clocks drift: "now" sent from a slightly slow machine is not "in the past".
 SKEW_ALLOWANCE = timedelta(seconds=5)
+# Far beyond any horizon, and small enough for datetime arithmetic (no OverflowError).
+MAX_DELAY_S = 10 * 366 * 86400
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _COMPACT = re.compile(r"^(?:(\d{1,9})([smhdw]))+$")
@@ -60,6 +62,8 @@ def parse_delay(value: str | int | float) -> timedelta:
             raise ScheduleError("delay", "expected a duration such as 30m, 2h, 3d, 1h30m or PT30M")
     if seconds <= 0:
         raise ScheduleError("delay", "must be more than zero")
+    if seconds > MAX_DELAY_S:
+        raise ScheduleError("delay", "too long")
     return timedelta(seconds=seconds)
 
 
@@ -67,7 +71,7 @@ def zone(name: str | None, default: str) -> ZoneInfo:
     """The IANA zone ``name`` (the request's ``timezone`` field), or ``default``."""
     try:
         return ZoneInfo(name or default)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Asia" is a folder of zones
         raise ScheduleError(
             "timezone", f"unknown time zone {name!r}; expected an IANA name such as Asia/Shanghai"
         ) from None
@@ -109,7 +113,10 @@ def due_at(
             raise ScheduleError("scheduled_time", "field required")
         return None
     if scheduled_time is not None:
-        moment = parse_time(scheduled_time, tz).astimezone(UTC)
+        try:
+            moment = parse_time(scheduled_time, tz).astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00
+            raise ScheduleError("scheduled_time", "out of range") from None
         field = "scheduled_time"
         if moment < now - SKEW_ALLOWANCE:
             raise ScheduleError(field, f"{moment.isoformat()} is in the past")

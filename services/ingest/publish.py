@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
 from shared.events import RequestV1, State
-from shared.kafka import Topics, Trace, message_key
+from shared.kafka import MAX_RECORD_BYTES, Topics, Trace, message_key
 from shared.logging import log_event
 from shared.metrics import MESSAGES_ACCEPTED
 
@@ -282,6 +282,13 @@ class Publisher:
         self.publish_timeout_s = publish_timeout_s
 
     async def accept(self, record: NewRecord, trace: Trace) -> Outcome:
+        if len(record.request.to_bytes()) > MAX_RECORD_BYTES:
+            raise HeraldError(
+                ErrorCode.INVALID_PARAMS,
+                f"the message is too large to queue (more than {MAX_RECORD_BYTES} bytes with its recipients)",
+                field="content",
+                http_status=413,
+            )
         try:
             # Bounded: with PostgreSQL gone the caller hears so within a second, not a minute.
             # (A write that lands after the deadline is an accepted record the sweeper will

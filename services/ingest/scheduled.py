@@ -9,19 +9,21 @@ import asyncpg
 from services.ingest.limits import Quotas, month_bounds
 
 # Takes each task's row lock, as the scheduler's release does: a message is either cancelled
-# before its release or released, never both. $2: message ids, or $3: a batch; $4: who.
+# before its release or released, never both. $2: message ids, or $3: a batch; $4: who. A digest
+# waiting for its window is not cancelled here: its messages are already 'digested' (delete the
+# rule to stop new ones); a record that is not 'scheduled' any more is left as it is.
 _CANCEL = """
 WITH t AS (
     UPDATE scheduled_tasks t SET status = 'cancelled', updated_at = now()
-    WHERE t.tenant_id = $1 AND t.status = 'pending'
-      AND (t.message_id = ANY($2::text[])
-           OR ($3::text IS NOT NULL AND t.message_id IN (
-               SELECT message_id FROM message_records WHERE tenant_id = $1 AND batch_id = $3)))
+    FROM message_records r
+    WHERE t.tenant_id = $1 AND t.status = 'pending' AND t.reason IN ('scheduled', 'deferred')
+      AND r.message_id = t.message_id AND r.tenant_id = $1 AND r.state = 'scheduled'
+      AND (t.message_id = ANY($2::text[]) OR ($3::text IS NOT NULL AND r.batch_id = $3))
     RETURNING t.message_id
 ), m AS (
     UPDATE message_records r SET state = 'cancelled', status = 'failed', state_rank = 8,
         error_message = 'cancelled before its scheduled time', updated_at = now()
-    FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
+    FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1 AND r.state = 'scheduled'
     RETURNING r.message_id, r.message_type, r.created_at
 ), e AS (
     INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel,
@@ -46,6 +48,28 @@ async def cancel(
     """Cancel the named messages (or a batch's) still waiting for their time; answers those
     cancelled (message_id, message_type, created_at). Run it in the transaction that audits it."""
     return await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
+
+
+# A new time for a waiting message (not a digest's: its messages are kept only so long); its
+# attachments are kept until a day after it.
+RESCHEDULE = """
+WITH t AS (
+    UPDATE scheduled_tasks t SET scheduled_time = $3, updated_at = now()
+    FROM message_records r
+    WHERE t.tenant_id = $1 AND t.message_id = $2 AND t.status = 'pending' AND t.reason IN ('scheduled', 'deferred')
+      AND r.message_id = t.message_id AND r.tenant_id = $1 AND r.state = 'scheduled'
+    RETURNING t.message_id
+), kept AS (
+    UPDATE email_attachments a SET expires_at = GREATEST(a.expires_at, $3 + interval '1 day')
+    FROM message_records r JOIN t ON t.message_id = r.message_id,
+         jsonb_array_elements(COALESCE(r.request->'email'->'attachments', '[]'::jsonb)) AS att
+    WHERE r.tenant_id = $1 AND a.tenant_id = $1 AND a.attachment_id = att->>'attachment_id'
+)
+UPDATE message_records r SET scheduled_at = $3,
+    request = jsonb_set(r.request, '{scheduled_at}', to_jsonb($4::text)), updated_at = now()
+FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
+RETURNING r.message_id, r.state, r.scheduled_at
+"""
 
 
 async def give_back_quota(quotas: Quotas, tenant_id: str, cancelled: list[asyncpg.Record]) -> None:

@@ -208,11 +208,16 @@ class Frequency:
         request = routed.request
         message_id = request.message_id or routed.dispatch.message_id
         tag = digests.bucket_tag(request.tenant_id, rule.rule_id, request.to[0])
+        args = (tag, message_id, digests.digest_message_id(message_id), now, rule.window_s,
+                digests.item_of(request, now))  # fmt: skip
         try:
-            digest_id, until_ms, state = await self.add(
-                tag, message_id, digests.digest_message_id(message_id), now, rule.window_s,
-                digests.item_of(request, now),
-            )  # fmt: skip
+            try:
+                digest_id, until_ms, state = await self.add(*args)
+            except REDIS_DOWN:
+                # Once more before failing open: a reply lost after the script ran would leave a
+                # digest opened by this message and parked by nobody (the script answers a message
+                # it already stored with its digest again, so the retry changes nothing else).
+                digest_id, until_ms, state = await self.add(*args)
         except REDIS_DOWN as exc:
             FREQUENCY_UNCHECKED.labels("digest").inc()
             log_event(log, logging.WARNING, "digest skipped, message delivered on its own: Redis unavailable",

@@ -37,8 +37,6 @@ _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RENDERER = Renderer()
 # What a rendered message may weigh in all (the broker's default request limit is 1 MiB).
 MAX_RENDERED_BYTES = 768 * 1024
-# A request due within this is routed now rather than parked for a moment.
-DUE_ALLOWANCE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +259,7 @@ def plan(
         if horizon_s is not None and request.scheduled_at > now + timedelta(seconds=horizon_s):
             errors = [{"field": "scheduled_at", "message": f"more than {int(horizon_s)} s ahead (the horizon)"}]
             return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
-        if request.scheduled_at > now + DUE_ALLOWANCE:
+        if request.scheduled_at > now:  # not before its time, even by a moment
             return park(request, request.scheduled_at, "scheduled", now)
     if request.template is not None:
         ref = request.template
@@ -430,14 +428,14 @@ def park(request: RequestV1, until: datetime, reason: str, now: datetime) -> Par
         update={"message_id": message_id, "scheduled_at": until, "deferrals": seq, "recorded": True,
                 "accepted_at": accepted_at, "attempt": None}
     )  # fmt: skip
-    snapshot = _snapshot_of(request, accepted_at)
-    events = _accepted(request, message_id, snapshot)
+    events = _accepted(request, message_id, _snapshot_of(request, accepted_at))
+    # No snapshot: the record exists (ingest's, or made by the 'accepted' event before it), and
+    # the content is already in the request; twice would not fit a record (~500 KB messages).
     events.append(
         EventV1(
             event_id=scheduled_event_id(message_id, seq),
             state=State.SCHEDULED,
             occurred_at=max(now, accepted_at),
-            message=snapshot,
             detail={
                 "scheduled_at": until.astimezone(UTC).isoformat(),
                 "reason": reason,

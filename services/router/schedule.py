@@ -10,12 +10,14 @@ One loop per router, not a timer per message: it sleeps until the earliest pendi
 (one indexed query), and is woken early by ``NOTIFY herald_schedule`` when a task is added or
 moved; a sleep never exceeds ``HERALD_SCHEDULER_MAX_SLEEP_S`` (a missed notification costs no
 more). When woken it claims every due task in one transaction (``FOR UPDATE SKIP LOCKED``: several
-routers share the work), moves the records back to ``accepted``, publishes their requests to
-``notify.requests`` and commits once the broker has them all. If the broker does not take them,
-the transaction rolls back and they are claimed again; if the commit is lost after the broker
-took them, they are published twice and the router and sender recognise the same message id
-(the dispatch id is the message id and attempt). A cancel takes the task's row lock too, so a
-message is either cancelled or released, never both.
+routers share the work) and moves the records back to ``accepted``, commits, and only then
+publishes their requests to ``notify.requests``. Committing first settles the race with a cancel
+(which takes the task's row lock too): once claimed, a message is released and a cancel answers
+409, even if the broker is slow to take it. A request the broker did not take is published again
+next round; if this router stops first, the record is an 'accepted' one that made no progress and
+the sweeper publishes it. Published twice, the router and sender recognise the same message id
+(the dispatch id is the message id and attempt). A request the broker can never take (too large)
+is rejected rather than retried for ever.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from shared.db import DB_UNAVAILABLE, create_pool
 from shared.kafka import Topics, make_producer, message_key, stop_quietly
@@ -59,6 +61,20 @@ RETURNING m.message_id, m.tenant_id, m.recipient, m.request, m.request_id,
     EXTRACT(EPOCH FROM done.executed_at - done.scheduled_time)::float8 AS late_s
 """
 
+_REJECT = """
+WITH r AS (
+    UPDATE message_records SET state = 'rejected', status = 'failed', state_rank = 8, error_code = 1001,
+        error_message = $2, updated_at = now()
+    WHERE message_id = ANY($1::text[]) AND state = 'accepted'
+    RETURNING message_id, tenant_id, message_type
+)
+INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel, error_code,
+    error, occurred_at)
+SELECT message_id || ':0:rejected', message_id, tenant_id, 'rejected', 0, 'router', message_type, 1001, $2, now()
+FROM r
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 # Seconds until the earliest pending task is due (negative: overdue), and how many wait.
 _NEXT = """
 SELECT EXTRACT(EPOCH FROM min(scheduled_time) - clock_timestamp())::float8 AS wait_s, count(*) AS pending
@@ -87,6 +103,7 @@ class Scheduler:
         self.producer = producer
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._unpublished: list[asyncpg.Record] = []  # released, not yet on the broker
 
     def stop(self) -> None:
         self._stopping.set()
@@ -107,13 +124,25 @@ class Scheduler:
         return total
 
     async def _release_batch(self) -> int:
+        # Claimed and committed first: the records are 'accepted' again from here on, so a cancel
+        # now answers 409 and a publish lost below is the sweeper's, like any accepted message's.
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(_CLAIM, self.settings.scheduler_batch)
-            if not rows:
-                return 0
-            futures = []
-            for row in rows:
-                headers = [("request_id", row["request_id"].encode())] if row["request_id"] else []
+        if not rows:
+            return 0
+        SCHEDULED_RELEASED.inc(len(rows))
+        for row in rows:
+            SCHEDULE_LATENESS.observe(max(row["late_s"] or 0.0, 0.0))
+        await self._publish(list(rows))
+        return len(rows)
+
+    async def _publish(self, rows: list[asyncpg.Record]) -> None:
+        """Publish released requests; what the broker did not take is tried again next round
+        (and by the sweeper if this router stops); what it can never take is rejected."""
+        futures, sent, refused = [], [], []
+        for row in rows:
+            headers = [("request_id", row["request_id"].encode())] if row["request_id"] else []
+            try:
                 futures.append(
                     await self.producer.send(
                         Topics.REQUESTS,
@@ -122,14 +151,40 @@ class Scheduler:
                         headers=headers,
                     )
                 )
-            # Bounded (aiokafka #1101): without the broker's acknowledgement nothing is committed.
-            await asyncio.wait_for(asyncio.gather(*futures), self.settings.publish_timeout_s)
-        SCHEDULED_RELEASED.inc(len(rows))
-        for row in rows:
-            SCHEDULE_LATENESS.observe(max(row["late_s"] or 0.0, 0.0))
-            log_event(log, logging.INFO, "scheduled message released", message_id=row["message_id"],
-                      late_s=round(row["late_s"] or 0.0, 3))  # fmt: skip
-        return len(rows)
+                sent.append(row)
+            except MessageSizeTooLargeError:
+                refused.append(row)
+            except KafkaError:
+                self._unpublished.append(row)
+        try:
+            # Bounded (aiokafka #1101).
+            results = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.settings.publish_timeout_s
+            )
+        except TimeoutError:
+            results = [TimeoutError()] * len(sent)
+        for row, result in zip(sent, results, strict=True):
+            if isinstance(result, BaseException):
+                self._unpublished.append(row)
+            else:
+                log_event(log, logging.INFO, "scheduled message released", message_id=row["message_id"],
+                          late_s=round(row["late_s"] or 0.0, 3))  # fmt: skip
+        if refused:
+            await self._reject(refused)
+        if self._unpublished:
+            log.warning("%d released messages not taken by the broker; trying again", len(self._unpublished))
+
+    async def _retry_unpublished(self) -> None:
+        rows, self._unpublished = self._unpublished, []
+        if rows:
+            await self._publish(rows)
+
+    async def _reject(self, rows: list[asyncpg.Record]) -> None:
+        """Requests the broker can never take (too large): rejected, not retried for ever."""
+        ids = [r["message_id"] for r in rows]
+        await self.pool.execute(_REJECT, ids, "too large to queue: the broker refuses records over its limit")
+        for message_id in ids:
+            log_event(log, logging.ERROR, "scheduled message too large to publish; rejected", message_id=message_id)
 
     async def next_wait(self) -> float:
         """Seconds to sleep before the next release (bounded by the setting)."""
@@ -146,10 +201,13 @@ class Scheduler:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                await self._retry_unpublished()
                 released = await self.release_due()
                 wait = await self.next_wait()
                 if wait <= 0 and released == 0:
                     wait = _IDLE_RETRY_S  # due rows locked by another router: let it finish
+                if self._unpublished:
+                    wait = min(wait, 1.0)
                 delay = 0.2
             except (TimeoutError, KafkaError, asyncpg.UndefinedTableError, *DB_UNAVAILABLE) as exc:
                 # (No table yet: ingest and the tracker apply the migrations at start-up.)

@@ -147,8 +147,12 @@ WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
 # becomes 'scheduled' with the request to publish again. The scheduler is woken by NOTIFY.
 _PARK = """
 WITH u AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[], $6::text[], $7::text[])
+    SELECT u.* FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[], $6::text[], $7::text[])
         AS u(message_id, tenant_id, scheduled_time, seq, reason, request, category)
+    -- Only a message not yet on its way: a parking folded after the message moved on (a replay
+    -- in the same batch as its 'routed' and 'sent') must not send it back to 'scheduled'.
+    JOIN message_records m ON m.message_id = u.message_id AND m.tenant_id = u.tenant_id
+    WHERE m.state_rank <= 1 AND m.attempt = 0
 ), task AS (
     INSERT INTO scheduled_tasks AS t (task_id, message_id, tenant_id, scheduled_time, reason, seq)
     SELECT message_id, message_id, tenant_id, scheduled_time, reason, seq FROM u
@@ -157,12 +161,18 @@ WITH u AS (
         updated_at = now()
     WHERE t.status = 'executed' AND t.seq < EXCLUDED.seq
     RETURNING t.message_id
+), kept AS (
+    -- Attachments are kept until a day after the new time (a deferral may outlast their expiry).
+    UPDATE email_attachments a SET expires_at = GREATEST(a.expires_at, u.scheduled_time + interval '1 day')
+    FROM u JOIN task ON task.message_id = u.message_id,
+         jsonb_array_elements(COALESCE(u.request::jsonb->'email'->'attachments', '[]'::jsonb)) AS att
+    WHERE a.tenant_id = u.tenant_id AND a.attachment_id = att->>'attachment_id'
 )
 UPDATE message_records m SET state = 'scheduled', status = 'pending', state_rank = 1,
     scheduled_at = u.scheduled_time, request = u.request::jsonb,
     category = COALESCE(m.category, u.category), updated_at = now()
 FROM u JOIN task ON task.message_id = u.message_id
-WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.state_rank < 8
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
 """
 
 

@@ -168,6 +168,11 @@ async def test_a_digest_of_five_messages_arrives_as_one_email_listing_them(
         digest_ids.add(event["detail"]["digest_message_id"])
     assert len(digest_ids) == 1
     digest_id = digest_ids.pop()
+    # A digest is not cancelled or moved through the messages API (its messages are in it):
+    # 409 whether it is still waiting or already released, and it is delivered all the same.
+    for action, body in (("cancel", None), ("reschedule", {"delay": "1h"})):
+        r = await client.post(f"/api/v1/messages/{digest_id}/{action}", json=body)
+        assert r.status_code == 409 and r.json()["code"] == 1009, r.text
     mail = await wait_for_mail(pipeline, by_message_id(digest_id), timeout=30)
     body = _html(mail)
     for subject in subjects:

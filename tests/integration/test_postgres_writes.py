@@ -168,3 +168,48 @@ async def test_a_record_created_after_its_outcome_catches_up(pool: asyncpg.Pool)
         )
     assert (row["state"], row["status"], row["sent_at"]) == ("sent", "success", sent.occurred_at)
     assert row["sender_info"] == {"provider": "smtp", "account": "a@x.org"}
+
+
+async def test_parkings_are_stored_once_and_never_pull_back_a_message_on_its_way(pool: asyncpg.Pool) -> None:
+    """The tracker's parking statement: a direct publisher's message is created and parked in one
+    fold; a deferral parks it again after its release; a parking redelivered after the message
+    moved on (routed and sent in the same batch) changes neither its state nor its task."""
+    from services.router.routing import park
+
+    now = datetime.now(UTC)
+    request = RequestV1(message_id=new_message_id(now), channel=Channel.EMAIL, to=["p@example.com"], subject="s",
+                        content="c", accepted_at=now, category="news")  # fmt: skip
+    message_id = request.message_id
+    first = park(request, now + timedelta(hours=1), "scheduled", now)
+    async with pool.acquire() as conn:
+        await write_fold(conn, fold_plan(first.events))
+        await write_fold(conn, fold_plan(first.events))  # redelivered: the same
+    task = "SELECT status, seq, reason FROM scheduled_tasks WHERE message_id=$1"
+    record = "SELECT state, category, request->>'scheduled_at' AS at FROM message_records WHERE message_id=$1"
+    assert dict(await pool.fetchrow(task, message_id)) == {"status": "pending", "seq": 0, "reason": "scheduled"}
+    row = await pool.fetchrow(record, message_id)
+    assert row["state"] == "scheduled" and row["category"] == "news" and row["at"] is not None
+    # Released (as the scheduler does), then deferred by a cap: parked again, number 1.
+    await pool.execute("UPDATE scheduled_tasks SET status='executed' WHERE message_id=$1", message_id)
+    await pool.execute("UPDATE message_records SET state='accepted', state_rank=0 WHERE message_id=$1", message_id)
+    deferred = park(first.request.model_copy(update={"scheduled_at": None}), now + timedelta(minutes=5),
+                    "deferred", now)  # fmt: skip
+    async with pool.acquire() as conn:
+        await write_fold(conn, fold_plan(deferred.events))
+    assert dict(await pool.fetchrow(task, message_id)) == {"status": "pending", "seq": 1, "reason": "deferred"}
+    assert (await pool.fetchrow(record, message_id))["state"] == "scheduled"
+    # Released again and sent; a later deferral's event arrives in the batch with the routed and
+    # sent ones (a router replay): the message stays sent and its task is not made pending.
+    await pool.execute("UPDATE scheduled_tasks SET status='executed' WHERE message_id=$1", message_id)
+    await pool.execute("UPDATE message_records SET state='accepted', state_rank=0 WHERE message_id=$1", message_id)
+    late = park(deferred.request.model_copy(update={"scheduled_at": None}), now + timedelta(minutes=9),
+                "deferred", now)  # fmt: skip
+
+    def event(state: State, attempt: int) -> EventV1:
+        return EventV1(event_id=event_id(message_id, attempt, state), message_id=message_id, state=state,
+                       attempt=attempt, service="test", channel="email")  # fmt: skip
+
+    async with pool.acquire() as conn:
+        await write_fold(conn, fold_plan([*late.events, event(State.ROUTED, 0), event(State.SENT, 1)]))
+    assert dict(await pool.fetchrow(task, message_id)) == {"status": "executed", "seq": 1, "reason": "deferred"}
+    assert (await pool.fetchrow(record, message_id))["state"] == "sent"

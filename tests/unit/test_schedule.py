@@ -32,7 +32,10 @@ def test_delays(text, seconds) -> None:
     assert parse_delay(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "soon", "0m", "-5m", "5 minutes", "1.5h", "P", "PT", "m30", True, 0, -3])
+@pytest.mark.parametrize(
+    "text", ["", "soon", "0m", "-5m", "5 minutes", "1.5h", "P", "PT", "m30", True, 0, -3, "999999999w",
+             "P999999999W", 9000000000000000000, 1e300],
+)  # fmt: skip
 def test_bad_delays_name_the_field(text) -> None:
     with pytest.raises(ScheduleError) as exc:
         parse_delay(text)
@@ -64,6 +67,10 @@ def test_a_moment_ago_is_allowed_for_clock_skew_but_not_more() -> None:
         ({"scheduled_time": "2026-12-24T09:00:00Z", "delay": "1h"}, "delay"),
         ({"delay": "1h", "timezone": "Nowhere/City"}, "timezone"),
         ({}, "scheduled_time"),  # required
+        ({"scheduled_time": "9999-12-31T23:59:59-01:00"}, "scheduled_time"),  # overflows in UTC
+        ({"scheduled_time": "0001-01-01T00:00:00+01:00"}, "scheduled_time"),
+        ({"delay": "1h", "timezone": "Asia"}, "timezone"),  # a folder of zones, not a zone
+        ({"delay": "1h", "timezone": "../../etc/passwd"}, "timezone"),
     ],
 )
 def test_refusals_name_the_field(kw, field) -> None:
@@ -88,7 +95,11 @@ def test_the_router_parks_a_request_whose_time_is_ahead_and_routes_one_that_is_d
     stored = RequestV1.model_validate(scheduled.detail["request"])
     assert stored.scheduled_at == later and stored.recorded and stored.deferrals == 0 and stored.category == "news"
     assert scheduled.detail["seq"] == 0 and scheduled.detail["reason"] == "scheduled"
-    assert isinstance(plan(_raw(scheduled_at=(NOW + timedelta(milliseconds=500)).isoformat()), now=NOW), Routed)
+    assert scheduled.message is None  # the content travels once, in the request (size)
+    soon = plan(_raw(scheduled_at=(NOW + timedelta(milliseconds=500)).isoformat()), now=NOW)
+    assert isinstance(soon, Parked), "not before its time, even by half a second"
+    naive = plan(_raw(scheduled_at="2030-01-01T00:00:00"), now=NOW)
+    assert naive.reason == "invalid_request" and naive.errors[0]["field"] == "scheduled_at"
     assert isinstance(plan(_raw(scheduled_at=(NOW - timedelta(hours=1)).isoformat()), now=NOW), Routed)
     too_far = plan(_raw(scheduled_at=(NOW + timedelta(days=2)).isoformat()), now=NOW, horizon_s=86400)
     assert too_far.reason == "invalid_request" and too_far.errors[0]["field"] == "scheduled_at"
@@ -143,3 +154,16 @@ def test_a_digest_s_routed_event_brings_its_listing_to_the_record() -> None:
     plain = EventV1(event_id="p:0:routed", message_id="p", state=State.ROUTED, service="router", message=snapshot,
                     detail={"channel": "email"})  # fmt: skip
     assert [e.message_id for e in fold_plan([routed, plain]).rendered] == ["d"]
+
+
+async def test_a_request_too_large_for_the_broker_is_refused_before_it_is_recorded() -> None:
+    from services.ingest.publish import NewRecord, Publisher
+    from shared.errors import HeraldError
+    from shared.kafka import MAX_RECORD_BYTES
+
+    big = RequestV1(message_id="msg_20261202_abcdefghijklmnop", channel=Channel.EMAIL, to=["a@example.com"],
+                    subject="s", content="x" * MAX_RECORD_BYTES, scheduled_at=NOW)  # fmt: skip
+    publisher = Publisher(pool=None, producer=None, batcher=None, publish_timeout_s=1)  # type: ignore[arg-type]
+    with pytest.raises(HeraldError) as exc:  # nothing else is touched: no pool, no broker here
+        await publisher.accept(NewRecord(big, {"to": big.to}, NOW), trace=None)  # type: ignore[arg-type]
+    assert exc.value.http_status == 413 and exc.value.field == "content"

@@ -74,7 +74,8 @@ async def send_batch(request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     body = await parse_body(request, BatchSendRequest)
     now = datetime.now(UTC)
-    plan = await _plan(request, services, tenant_id, body, now)
+    # A retry with its key replays the first answer before anything else is checked (a time it
+    # named may have passed since).
     key = idempotency_key(body.idempotency_key, request)
     digest = request_hash(body.model_dump(mode="json"))
     store = _BatchStore(services.pool, services.settings.record_timeout_s, services.settings.idempotency_ttl_s)
@@ -83,6 +84,7 @@ async def send_batch(request: Request):
         if (answer := _answer_for_earlier(earlier, digest)) is not None:
             return answer
         taking_over = earlier.batch_id
+    plan = await _plan(request, services, tenant_id, body, now)
 
     items, errors = read_recipients(
         body.recipients,

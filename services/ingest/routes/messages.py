@@ -164,8 +164,19 @@ async def _send_email(request: Request, *, schedule_required: bool):
     settings = services.settings
     if (error := body.mode_error()) is not None:
         raise error
-    scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
-                            required=schedule_required)  # fmt: skip
+    # A retry with its key replays the first answer, even once a time it named has passed.
+    key = idempotency_key(body.idempotency_key, request)
+    digest = request_hash(body.model_dump(mode="json", by_alias=True))
+    guard = services.guard
+    if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
+        return _replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
+    try:
+        scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
+                                required=schedule_required)  # fmt: skip
+    except HeraldError:
+        if key is not None and (first := await _keyed(services.pool, tenant_id, key)) is not None:
+            return _replay(first["message_id"], first["request_hash"], digest, _answer(first))
+        raise
     to = body.to_list
     if not to:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
@@ -185,20 +196,6 @@ async def _send_email(request: Request, *, schedule_required: bool):
         if body.attachment_ids
         else None
     )
-    if attachments and scheduled_at is not None:
-        # Kept until the message has gone out (and its retries), however far ahead that is.
-        await services.pool.execute(
-            """UPDATE email_attachments SET expires_at = GREATEST(expires_at, $3)
-               WHERE tenant_id = $1 AND attachment_id = ANY($2::text[])""",
-            tenant_id,
-            body.attachment_ids,
-            scheduled_at + timedelta(days=1),
-        )
-    key = idempotency_key(body.idempotency_key, request)
-    digest = request_hash(body.model_dump(mode="json", by_alias=True))
-    guard = services.guard
-    if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
-        return _replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
     now = datetime.now(UTC)
     trace = Trace(request.state.request_id, request.state.traceparent)
     req = RequestV1(
@@ -271,6 +268,15 @@ async def _send_email(request: Request, *, schedule_required: bool):
         response["scheduled_at"] = _ts(scheduled_at)
     if not outcome.created:
         return _replay(outcome.message_id, outcome.request_hash, digest, response)
+    if attachments and scheduled_at is not None:
+        # Kept until the message has gone out (and its retries), however far ahead that is.
+        await services.pool.execute(
+            """UPDATE email_attachments SET expires_at = GREATEST(expires_at, $3)
+               WHERE tenant_id = $1 AND attachment_id = ANY($2::text[])""",
+            tenant_id,
+            body.attachment_ids,
+            scheduled_at + timedelta(days=1),
+        )
     if key is not None:
         await guard.remember(tenant_id, key, outcome.message_id, digest, response)
     return envelope(response, status_code=202)
@@ -295,6 +301,25 @@ async def _template_ref(request: Request, tenant_id: str, body: EmailSendRequest
     return TemplateRef(template_id=version.template_id, version=version.version, vars=variables, locale=body.locale)
 
 
+async def _keyed(pool: Any, tenant_id: str, key: str) -> Any:
+    """The message an idempotency key names in PostgreSQL (its record carries the key)."""
+    return await pool.fetchrow(
+        """SELECT message_id, state, request_hash, scheduled_at FROM message_records
+           WHERE tenant_id = $1 AND idempotency_key = $2""",
+        tenant_id,
+        key,
+    )
+
+
+def _answer(row: Any) -> dict[str, Any]:
+    """A send's answer rebuilt from its record."""
+    state = State(row["state"])
+    answer = {"message_id": row["message_id"], "status": SEED_STATUS[state].value, "state": state.value}
+    if row["scheduled_at"] is not None:
+        answer["scheduled_at"] = _ts(row["scheduled_at"])
+    return answer
+
+
 def _replay(message_id: str, first_hash: str | None, digest: str, response: dict) -> JSONResponse:
     """The first response again, or 409 when the key came back with another body."""
     if first_hash is not None and first_hash != digest:
@@ -316,26 +341,26 @@ class Reschedule(BaseModel):
     timezone: str | None = Field(default=None, max_length=64)
 
 
-_RESCHEDULE = """
-WITH t AS (
-    UPDATE scheduled_tasks SET scheduled_time = $3, updated_at = now()
-    WHERE tenant_id = $1 AND message_id = $2 AND status = 'pending'
-    RETURNING message_id
-)
-UPDATE message_records r SET scheduled_at = $3,
-    request = jsonb_set(r.request, '{scheduled_at}', to_jsonb($4::text)), updated_at = now()
-FROM t WHERE r.message_id = t.message_id AND r.tenant_id = $1
-RETURNING r.message_id, r.state, r.scheduled_at
-"""
-
-
 async def _not_pending(conn: Any, tenant_id: str, message_id: str, action: str) -> HeraldError:
-    """Why a message cannot be cancelled or rescheduled: unknown (2008) or past its release (1009)."""
-    state = await conn.fetchval(
-        "SELECT state FROM message_records WHERE tenant_id=$1 AND message_id=$2", tenant_id, message_id
+    """Why a message cannot be cancelled or rescheduled: unknown (2008), a digest (1009), or past
+    its release (1009)."""
+    row = await conn.fetchrow(
+        """SELECT m.state, t.reason FROM message_records m
+           LEFT JOIN scheduled_tasks t ON t.message_id = m.message_id AND t.status = 'pending'
+           WHERE m.tenant_id=$1 AND m.message_id=$2""",
+        tenant_id,
+        message_id,
     )
-    if state is None:
+    if row is None:
         return HeraldError(ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id")
+    state = row["state"]
+    if row["reason"] == "digest":
+        return HeraldError(
+            ErrorCode.STATE_CONFLICT,
+            f"message {message_id} is a digest waiting for its window: it cannot be {action} "
+            "(its messages are already in it; delete the digest rule to stop new ones)",
+            field="message_id",
+        )
     return HeraldError(
         ErrorCode.STATE_CONFLICT,
         f"message {message_id} is {state}: only a scheduled message not yet released can be {action}",
@@ -365,7 +390,8 @@ async def list_scheduled(
         rows = await conn.fetch(
             f"""SELECT m.message_id, m.message_type, m.recipient, m.subject, m.category, m.batch_id,
                        t.scheduled_time AS scheduled_at, t.reason, m.created_at
-                FROM scheduled_tasks t JOIN message_records m ON m.message_id = t.message_id
+                FROM scheduled_tasks t
+                JOIN message_records m ON m.message_id = t.message_id AND m.tenant_id = t.tenant_id
                 WHERE {where}
                 ORDER BY t.scheduled_time, t.id LIMIT $5 OFFSET $6""",
             *args,
@@ -408,7 +434,7 @@ async def reschedule_message(message_id: str, request: Request):
                     required=True)  # fmt: skip
     assert when is not None
     async with services.pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(_RESCHEDULE, tenant_id, message_id, when, when.isoformat())
+        row = await conn.fetchrow(scheduled.RESCHEDULE, tenant_id, message_id, when, when.isoformat())
         if row is None:
             raise await _not_pending(conn, tenant_id, message_id, "rescheduled")
         await audit.record(conn, request, "message.reschedule", "message", message_id,
