@@ -208,3 +208,25 @@ async def test_a_digest_template_renders_the_listed_messages(pipeline: Pipeline,
     body = _html(mail)
     assert f"<h1>{category}</h1>" in body
     assert "<h2>First &amp; foremost</h2><em>item 0</em><h2>Second</h2><em>item 1</em>" in body
+
+
+async def test_another_tenant_neither_sees_nor_changes_the_rules(pipeline: Pipeline, client: httpx.AsyncClient) -> None:
+    from devstack import access
+
+    category = uniq("iso")
+    cap = await _rule(pipeline, client, CAPS, category=category, max_count=1, window_s=60, action="suppress")
+    digest = await _rule(pipeline, client, DIGESTS, category=category, window_s=60)
+    env, tenant = pipeline.backing.env, uniq("fq-")
+    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Rules {tenant}")
+    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
+    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers) as other:
+        for path, rule in ((CAPS, cap), (DIGESTS, digest)):
+            for method, body in (("GET", None), ("PATCH", {"description": "taken"}), ("DELETE", None)):
+                r = await other.request(method, f"{path}/{rule['id']}", json=body)
+                assert r.status_code == 404 and r.json()["code"] == 1004, (method, path, r.text)
+            assert f'"id":{rule["id"]},' not in (await other.get(path)).text
+    # ... and nothing of the first tenant's changed.
+    assert (await client.get(f"{CAPS}/{cap['id']}")).json()["data"]["description"] is None
+    assert (await client.get(f"{DIGESTS}/{digest['id']}")).json()["data"]["description"] is None
+    for path, rule in ((CAPS, cap), (DIGESTS, digest)):
+        assert (await client.delete(f"{path}/{rule['id']}")).status_code == 200
