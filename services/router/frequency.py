@@ -80,11 +80,32 @@ end
 if not full then
     for i, key in ipairs(KEYS) do
         redis.call('ZADD', key, 'NX', now, member)
-        redis.call('PEXPIRE', key, tonumber(ARGV[2 * i + 2]))
+        local window = tonumber(ARGV[2 * i + 2])
+        if redis.call('PTTL', key) < window then  -- never shorter: a reserved slot may end later
+            redis.call('PEXPIRE', key, window)
+        end
     end
     out[1] = 1
 end
 return out
+"""
+
+# Reserve a deferred message's slot at the moment it is parked until, in each of its caps' windows:
+# messages arriving meanwhile see the window full (and wait behind it, in order), and the message
+# itself, back at that moment, is found there and goes. Without it every deferred message of a
+# recipient wakes at the same moment and all but one are parked again (N² releases), and fresh
+# messages can take each freed slot first. KEYS: the caps' sets. ARGV: member, at (ms), now (ms),
+# then each cap's window (ms).
+RESERVE_SCRIPT = """
+local member, at, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+for i, key in ipairs(KEYS) do
+    redis.call('ZADD', key, at, member)
+    local keep = at + tonumber(ARGV[i + 3]) - now
+    if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep)
+    end
+end
+return #KEYS
 """
 
 # Store a message in its bucket's open digest, opening one (named ARGV[2]) when there is none or
@@ -152,6 +173,7 @@ class Frequency:
         self.max_items = settings.digest_max_items
         self.keep_s = settings.digest_keep_s
         self._count = redis.register_script(COUNT_SCRIPT)
+        self._reserve = redis.register_script(RESERVE_SCRIPT)
         self._add = redis.register_script(ADD_SCRIPT)
         self._freeze = redis.register_script(FREEZE_SCRIPT)
 
@@ -197,6 +219,11 @@ class Frequency:
                       cap_id=verdict.cap.cap_id, count=verdict.count)  # fmt: skip
             return cap_rules.suppressed(routed, verdict, now)
         if isinstance(verdict, cap_rules.Defer):
+            try:
+                await self.reserve(request.tenant_id, request.to[0], member, caps, verdict.until, now)
+            except REDIS_DOWN as exc:  # deferred all the same; it competes for the slot when it returns
+                log_event(log, logging.WARNING, "deferred without a reserved slot: Redis unavailable",
+                          message_id=member, error=type(exc).__name__)  # fmt: skip
             FREQUENCY_CAPPED.labels("defer").inc()
             log_event(log, logging.INFO, "message deferred by a frequency cap", message_id=member,
                       cap_id=verdict.cap.cap_id, until=verdict.until.isoformat())  # fmt: skip
@@ -260,6 +287,14 @@ class Frequency:
         keys = [cap_rules.counter_key(tenant_id, cap.cap_id, recipient) for cap in caps]
         reply = await self._count(keys=keys, args=cap_rules.script_args(member, now, caps))
         return cap_rules.read_counts(caps, reply)
+
+    async def reserve(
+        self, tenant_id: str, recipient: str, member: str, caps: list[FrequencyCap], at: datetime, now: datetime
+    ) -> None:
+        """Hold ``member``'s place at ``at`` in each of ``caps``' windows (see RESERVE_SCRIPT)."""
+        keys = [cap_rules.counter_key(tenant_id, cap.cap_id, recipient) for cap in caps]
+        args = [member, int(at.timestamp() * 1000), int(now.timestamp() * 1000), *(c.window_s * 1000 for c in caps)]
+        await self._reserve(keys=keys, args=args)
 
     async def add(
         self, tag: str, message_id: str, candidate: str, now: datetime, window_s: int, item: bytes

@@ -108,6 +108,31 @@ async def test_a_lowered_limit_frees_when_enough_entries_have_left(redis: Redis)
 # --- the digest scripts --------------------------------------------------------------------------
 
 
+async def test_deferred_messages_queue_behind_each_other_and_each_goes_at_its_time(redis: Redis) -> None:
+    """One OTP a minute: three more arrive in the first minute. Each deferred one holds its place,
+    so they go one a minute in arrival order (not all parked until the same moment, N² times),
+    and a message arriving later waits behind them all."""
+    tenant, rules = uuid.uuid4().hex, RuleStore()
+    rules.put_cap(_cap(7, tenant, category="otp", max_count=1, window_s=60, action="defer"))
+    f = _frequency(redis, rules)
+    assert isinstance(await f.apply(*_routed(tenant, _mid("first"), "otp"), now=NOW), Routed)
+    parked = []
+    for i in range(3):
+        decision = await f.apply(*_routed(tenant, _mid(f"d{i}"), "otp"), now=NOW + timedelta(seconds=1 + i))
+        assert isinstance(decision, Parked), decision
+        parked.append(decision)
+    untils = [p.until - NOW for p in parked]
+    # (each 50 ms of margin after the one before it: the margin for clocks adds up along the queue)
+    assert untils == [timedelta(seconds=60 * n, milliseconds=50 * n) for n in (1, 2, 3)], untils
+    late = await f.apply(*_routed(tenant, _mid("late"), "otp"), now=NOW + timedelta(seconds=70))
+    assert isinstance(late, Parked) and late.until - NOW == timedelta(seconds=240, milliseconds=200)
+    # Each, back at its time, finds its place and goes.
+    for p in parked:
+        raw = released_request(p.events[-1].detail["request"])  # type: ignore[index]
+        again = plan(raw, now=p.until)
+        assert isinstance(again, Routed) and isinstance(await f.apply(again, raw, now=p.until), Routed)
+
+
 async def test_a_bucket_opens_fills_freezes_and_lists_the_same_items_every_time(redis: Redis) -> None:
     f, tag = _frequency(redis, max_items=3), f"t:{uuid.uuid4().hex}"
     first = _mid("first")
