@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -102,3 +104,40 @@ async def migrate(settings: Settings, *, attempts: int = 30) -> list[str]:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
+
+
+async def follow_notifications(
+    dsn: str,
+    channel: str,
+    on_notify: Callable[..., object],
+    on_listening: Callable[[asyncpg.Connection], Awaitable[None]],
+    *,
+    name: str,
+    ping_s: float = 5.0,
+) -> None:
+    """Keep a connection listening on ``channel`` for as long as the caller runs: reconnect when
+    it is lost (noticed by its termination or by a ping every ``ping_s``, which also catches a
+    connection that died silently). ``on_listening(conn)`` runs each time listening starts, after
+    the listener is added, so that nothing committed in between is missed (re-read state there)."""
+    while True:
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await conn.add_listener(channel, on_notify)
+            await on_listening(conn)
+            while not lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lost.wait(), ping_s)
+                if not lost.is_set():
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), ping_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure: reconnect
+            log.warning("%s listener lost (%s); reconnecting", name, type(exc).__name__)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 2)
+        await asyncio.sleep(1)

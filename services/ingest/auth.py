@@ -18,7 +18,6 @@ microseconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.crypto import parse_key
-from shared.db import DB_UNAVAILABLE
+from shared.db import DB_UNAVAILABLE, follow_notifications
 from shared.settings import Settings
 
 log = logging.getLogger("herald.ingest.auth")
@@ -283,34 +282,16 @@ class Authenticator:
         self._revoked = {r["jti"] for r in rows}
 
     async def listen(self) -> None:
-        """Follow ``NOTIFY herald_auth`` for as long as the service runs."""
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                lost = asyncio.Event()
-                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                # Listening first, then reading: nothing committed in between is missed.
-                self._keys.clear()
-                await self.load_revoked(conn)
-                await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), 5)
-                    if not lost.is_set():
-                        await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any failure: reconnect
-                log.warning("auth change listener lost (%s); reconnecting", type(exc).__name__)
-            finally:
-                # Key states are kept (PostgreSQL may be the thing that went away, and they are
-                # what answers then); they are cleared when listening again.
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
-            await asyncio.sleep(1)
+        """Follow ``NOTIFY herald_auth`` for as long as the service runs. While not listening, key
+        states are kept (PostgreSQL may be the thing that went away, and they are what answers
+        then); they are cleared when listening again."""
+
+        async def listening(conn: asyncpg.Connection) -> None:
+            self._keys.clear()
+            await self.load_revoked(conn)
+            await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
+
+        await follow_notifications(self.dsn, NOTIFY_CHANNEL, self._on_notify, listening, name="auth change")
 
     async def flush_usage(self, interval_s: float = 5.0) -> None:
         """Write ``usage_count`` and ``last_used_at`` in batches, not per request."""

@@ -32,7 +32,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from shared.db import DB_UNAVAILABLE, create_pool
+from shared.db import DB_UNAVAILABLE, create_pool, follow_notifications
 from shared.kafka import Topics, make_producer, message_key, stop_quietly
 from shared.logging import log_event
 from shared.metrics import SCHEDULE_LATENESS, SCHEDULED_OVERDUE, SCHEDULED_PENDING, SCHEDULED_RELEASED
@@ -222,24 +222,13 @@ class Scheduler:
 
 async def listen(settings: Settings, scheduler: Scheduler) -> None:
     """Keep a connection listening on ``herald_schedule`` (reconnecting when it is lost)."""
-    while True:
-        conn = None
-        try:
-            conn = await asyncpg.connect(settings.database_url.get_secret_value())
-            lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-            await conn.add_listener(NOTIFY_CHANNEL, scheduler.wake)
-            scheduler.wake()  # anything added while not listening
-            await lost.wait()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reconnect whatever went wrong
-            log.warning("schedule listener lost (%s); reconnecting", type(exc).__name__)
-        finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 2)
-        await asyncio.sleep(1.0)
+
+    async def listening(conn: asyncpg.Connection) -> None:
+        scheduler.wake()  # anything added while not listening
+
+    await follow_notifications(
+        settings.database_url.get_secret_value(), NOTIFY_CHANNEL, scheduler.wake, listening, name="schedule"
+    )
 
 
 async def serve_scheduler(settings: Settings) -> None:
