@@ -122,15 +122,30 @@ def digest_request(opener: RequestV1, rule: DigestRule, now: datetime) -> Reques
     )
 
 
-def hold(routed: Routed, rule: DigestRule, digest_id: str, until_ms: int, state: str, now: datetime) -> Held:
-    """A message stored in digest ``digest_id``: its 'digested' event, and, when it opened that
-    digest (and it is still open), the digest message's parking until ``until_ms``."""
+def hold(
+    routed: Routed,
+    rule: DigestRule,
+    digest_id: str,
+    until_ms: int,
+    state: str,
+    now: datetime,
+    opener_id: str | None = None,
+) -> Held:
+    """A message stored in digest ``digest_id``: its 'digested' event and, while that digest is
+    open, the digest message's parking until ``until_ms``. Every member carries the parking, not
+    only the message that opened it (``opener_id``): the digest's events and a member's travel on
+    different partitions, and a broker that lost the opener's would otherwise leave the digest
+    parked by nobody, its members 'digested' and never delivered. The ids are the opener's each
+    time, so the tracker stores one digest and one task however many carry it."""
     request = routed.request
     message_id = request.message_id or routed.dispatch.message_id
     until = datetime.fromtimestamp(until_ms / 1000, UTC) if until_ms >= 0 else None
+    if opener_id is None and digest_id == digest_message_id(message_id):
+        opener_id = message_id  # a bucket opened before openers were stored
     events: list[EventV1] = []
-    if digest_id == digest_message_id(message_id) and state == "open" and until is not None:
-        events += park(digest_request(request, rule, now), until, "digest", now).events
+    if opener_id is not None and digest_message_id(opener_id) == digest_id and state == "open" and until is not None:
+        as_opener = request if opener_id == message_id else request.model_copy(update={"message_id": opener_id})
+        events += park(digest_request(as_opener, rule, now), until, "digest", now).events
     detail: dict[str, Any] = {
         "reason": "digest",
         "digest_message_id": digest_id,

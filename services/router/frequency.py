@@ -112,13 +112,14 @@ return #KEYS
 # it is full. KEYS[1]: the bucket's open digest; KEYS[2]: which digest this message went into.
 # ARGV: message id, digest id to open, its until (ms), window (ms), keep (s), max items, the item,
 # the prefix of digest keys (the digest's keys share the bucket's hash tag). Answers {digest id,
-# until (ms, -1 if unknown), state}; a message stored before answers its digest again, unchanged.
+# until (ms, -1 if unknown), state, the message that opened it ('' if unknown)}; a message stored
+# before answers its digest again, unchanged.
 ADD_SCRIPT = """
 local prefix = ARGV[8]
 local known = redis.call('GET', KEYS[2])
 if known then
-    local meta = redis.call('HMGET', prefix .. known, 'until', 'state')
-    return {known, tonumber(meta[1]) or -1, meta[2] or 'gone'}
+    local meta = redis.call('HMGET', prefix .. known, 'until', 'state', 'opener')
+    return {known, tonumber(meta[1]) or -1, meta[2] or 'gone', meta[3] or ''}
 end
 local digest = redis.call('GET', KEYS[1])
 if digest then
@@ -130,7 +131,7 @@ end
 local keep = tonumber(ARGV[5])
 if not digest then
     digest = ARGV[2]
-    redis.call('HSET', prefix .. digest, 'until', ARGV[3], 'state', 'open', 'n', 0)
+    redis.call('HSET', prefix .. digest, 'until', ARGV[3], 'state', 'open', 'n', 0, 'opener', ARGV[1])
     redis.call('EXPIRE', prefix .. digest, keep)
     redis.call('SET', KEYS[1], digest, 'PX', ARGV[4])
 end
@@ -138,7 +139,8 @@ redis.call('HSET', prefix .. digest .. ':items', ARGV[1], ARGV[7])
 redis.call('EXPIRE', prefix .. digest .. ':items', keep)
 redis.call('HINCRBY', prefix .. digest, 'n', 1)
 redis.call('SET', KEYS[2], digest, 'EX', keep)
-return {digest, tonumber(redis.call('HGET', prefix .. digest, 'until')), 'open'}
+local meta = redis.call('HMGET', prefix .. digest, 'until', 'opener')
+return {digest, tonumber(meta[1]), 'open', meta[2] or ''}
 """
 
 # Freeze a digest (no message joins it any more) and answer its messages; the same answer every
@@ -239,12 +241,12 @@ class Frequency:
                 digests.item_of(request, now))  # fmt: skip
         try:
             try:
-                digest_id, until_ms, state = await self.add(*args)
+                digest_id, until_ms, state, opener = await self.add(*args)
             except REDIS_DOWN:
                 # Once more before failing open: a reply lost after the script ran would leave a
                 # digest opened by this message and parked by nobody (the script answers a message
                 # it already stored with its digest again, so the retry changes nothing else).
-                digest_id, until_ms, state = await self.add(*args)
+                digest_id, until_ms, state, opener = await self.add(*args)
         except REDIS_DOWN as exc:
             FREQUENCY_UNCHECKED.labels("digest").inc()
             log_event(log, logging.WARNING, "digest skipped, message delivered on its own: Redis unavailable",
@@ -253,7 +255,7 @@ class Frequency:
         DIGEST_ITEMS.inc()
         log_event(log, logging.INFO, "message collected for a digest", message_id=message_id,
                   digest_message_id=digest_id, rule_id=rule.rule_id)  # fmt: skip
-        return digests.hold(routed, rule, digest_id, until_ms, state, now)
+        return digests.hold(routed, rule, digest_id, until_ms, state, now, opener or None)
 
     async def _release(self, routed: Routed, raw: bytes | None, now: datetime) -> Routed | Parked | Rejected:
         """A digest message that came back: its bucket frozen, its messages rendered as one delivery."""
@@ -298,8 +300,9 @@ class Frequency:
 
     async def add(
         self, tag: str, message_id: str, candidate: str, now: datetime, window_s: int, item: bytes
-    ) -> tuple[str, int, str]:
-        """Store a message in its bucket: (digest id, its until in ms or -1, open/frozen/gone)."""
+    ) -> tuple[str, int, str, str]:
+        """Store a message in its bucket: (digest id, its until in ms or -1, open/frozen/gone, the
+        id of the message that opened it or '')."""
         now_ms = int(now.timestamp() * 1000)
         window_ms = window_s * 1000
         reply = await self._add(
@@ -307,7 +310,8 @@ class Frequency:
             args=[message_id, candidate, now_ms + window_ms, window_ms, window_s + self.keep_s, self.max_items,
                   item, digests.digest_prefix(tag)],
         )  # fmt: skip
-        return _text(reply[0]), int(reply[1]), _text(reply[2])
+        opener = _text(reply[3]) if len(reply) > 3 else ""
+        return _text(reply[0]), int(reply[1]), _text(reply[2]), opener
 
     async def freeze(self, tag: str, digest_id: str) -> dict[Any, Any]:
         """Freeze a digest and answer its stored messages (message id → item)."""

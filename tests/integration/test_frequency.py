@@ -138,23 +138,26 @@ async def test_a_bucket_opens_fills_freezes_and_lists_the_same_items_every_time(
     first = _mid("first")
     opened = digests.digest_message_id(first)
     until = _ms(NOW + timedelta(seconds=600))
-    assert await f.add(tag, first, opened, NOW, 600, b'{"n": 0}') == (opened, until, "open")
+    assert await f.add(tag, first, opened, NOW, 600, b'{"n": 0}') == (opened, until, "open", first)
     second = _mid("second")
     later = NOW + timedelta(seconds=5)
     assert await f.add(tag, second, digests.digest_message_id(second), later, 600, b'{"n": 1}') == (
-        opened, until, "open")  # fmt: skip
+        opened, until, "open", first)  # fmt: skip
     # Stored again (routed twice): the same digest, stored once.
-    assert await f.add(tag, second, "msg_20261123_ignored000", later, 600, b'{"n": 1}') == (opened, until, "open")
+    assert await f.add(tag, second, "msg_20261123_ignored000", later, 600, b'{"n": 1}') == (
+        opened, until, "open", first)  # fmt: skip
     third, fourth = _mid("third"), _mid("fourth")
     await f.add(tag, third, digests.digest_message_id(third), later, 600, b'{"n": 2}')
     # Full (3 items): the fourth opens the next digest, named after it, with its own window.
     next_id = digests.digest_message_id(fourth)
-    assert await f.add(tag, fourth, next_id, later, 600, b'{"n": 3}') == (next_id, _ms(later) + 600_000, "open")
+    assert await f.add(tag, fourth, next_id, later, 600, b'{"n": 3}') == (
+        next_id, _ms(later) + 600_000, "open", fourth)  # fmt: skip
 
     items = await f.freeze(tag, opened)
     assert sorted(items.values()) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']
     assert await f.freeze(tag, opened) == items  # a digest routed again lists the same
-    assert await f.add(tag, first, digests.digest_message_id(first), later, 600, b"{}") == (opened, until, "frozen")
+    assert await f.add(tag, first, digests.digest_message_id(first), later, 600, b"{}") == (
+        opened, until, "frozen", first)  # fmt: skip
     # The next digest froze its own items; a message after that opens a third.
     assert list((await f.freeze(tag, next_id)).values()) == [b'{"n": 3}']
     fifth = _mid("fifth")
@@ -211,6 +214,15 @@ async def test_apply_collects_a_digest_and_delivers_it_once_released(redis: Redi
     # The opener routed again after a crash: the same events (same ids), so the same digest.
     replay = await f.apply(*_routed(tenant, mids[0], "news"), now=NOW + timedelta(seconds=9))
     assert isinstance(replay, Held) and [e.event_id for e in replay.events] == [e.event_id for e in opener.events]
+    # Every member carries the digest's parking, with the opener's ids and the same time and
+    # request: a broker that lost the opener's events cannot leave the digest parked by nobody.
+    for held in helds[1:]:
+        assert isinstance(held, Held)
+        carried = next(e for e in held.events if e.state is State.SCHEDULED)
+        assert carried.event_id == parking.event_id and carried.message_id == digest_id
+        assert carried.detail["scheduled_at"] == parking.detail["scheduled_at"]  # type: ignore[index]
+        assert carried.detail["request"]["digest"] == parking.detail["request"]["digest"]  # type: ignore[index]
+        assert next(e for e in held.events if e.state is State.ACCEPTED).message_id == digest_id
     # A message with two recipients is delivered on its own (and counted by the cap).
     alone = await f.apply(*_routed(tenant, _mid("x"), "news", to="z@example.com",
                                    email={"cc": ["c@example.com"]}), now=NOW)  # fmt: skip
