@@ -148,14 +148,3 @@ class RuleStore:
             if live
             else None
         )
-
-
-class ConfigStores:
-    """Several stores fed by one follower of ``notify.config`` (templates, rules)."""
-
-    def __init__(self, *stores: object) -> None:
-        self.stores = stores
-
-    def apply(self, value: bytes | None) -> None:
-        for store in self.stores:
-            store.apply(value)  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from datetime import UTC, datetime
@@ -10,15 +11,24 @@ _MESSAGE_ID = re.compile(r"^msg_\d{8}_[0-9a-z]{6,40}$")
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
-def _random(n: int) -> str:
-    """n base-36 characters from one call to the OS's CSPRNG (one call per character cost
-    ~7% of ingest's CPU)."""
-    value = int.from_bytes(secrets.token_bytes(n), "big")  # 8n bits, more than n*log2(36)
+def _base36(value: int, n: int) -> str:
     chars = []
     for _ in range(n):
         value, digit = divmod(value, 36)
         chars.append(_ALPHABET[digit])
     return "".join(chars)
+
+
+def _random(n: int) -> str:
+    """n base-36 characters from one call to the OS's CSPRNG (one call per character cost
+    ~7% of ingest's CPU)."""
+    return _base36(int.from_bytes(secrets.token_bytes(n), "big"), n)  # 8n bits, more than n*log2(36)
+
+
+def derived_message_id(day: str, seed: str) -> str:
+    """``msg_<day>_<16 base-36 characters of SHA-256(seed)>``: the same seed gives the same id
+    (a record routed again, a digest opened again after a crash)."""
+    return f"msg_{day}_{_base36(int.from_bytes(hashlib.sha256(seed.encode()).digest()[:16], 'big'), 16)}"
 
 
 def new_message_id(now: datetime | None = None) -> str:

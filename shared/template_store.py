@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -100,12 +101,19 @@ class TemplateStore:
         return found
 
 
-class ConfigFollower:
-    """Reads ``notify.config`` from the beginning into a :class:`TemplateStore` and follows it."""
+class ConfigStore(Protocol):
+    """What keeps a kind of configuration from ``notify.config`` (templates, frequency rules):
+    ``apply`` takes every record of the topic and ignores the kinds that are not its own."""
 
-    def __init__(self, settings: Settings, store: TemplateStore) -> None:
+    def apply(self, value: bytes | None) -> None: ...
+
+
+class ConfigFollower:
+    """Reads ``notify.config`` from the beginning into its stores and follows it."""
+
+    def __init__(self, settings: Settings, *stores: ConfigStore) -> None:
         self.settings = settings
-        self.store = store
+        self.stores = stores
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.applied = 0
@@ -160,7 +168,8 @@ class ConfigFollower:
             for records in batches.values():
                 for record in records:
                     try:
-                        self.store.apply(record.value)
+                        for store in self.stores:
+                            store.apply(record.value)
                         self.applied += 1
                     except (ValidationError, orjson.JSONDecodeError, TypeError):
                         log.warning("unreadable config record at %s:%s skipped", record.partition, record.offset)

@@ -11,44 +11,40 @@ recipients, too many, an unknown template, a bad schedule) refuses the whole bat
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, WithJsonSchema
 
-from services.ingest.sends import content_mode_error
+from services.ingest.sends import LOCALE, content_mode_error, missing_variable
 from shared.errors import ErrorCode, HeraldError
-from shared.events import NO_NEWLINES, Category, ContentType, validate_email_address
+from shared.events import NO_NEWLINES, Category, ContentType
 
-LOCALE = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
-_LOCALE = re.compile(LOCALE)
-_ITEM_FIELDS = frozenset({"to", "template_vars", "locale"})
 
-# What the docs show for one item; the items themselves are read by :func:`read_recipients`, so
-# that one bad item does not refuse the batch.
-_ITEM_SCHEMA = {
-    "anyOf": [
-        {"type": "string", "format": "email", "examples": ["alice@example.com"]},
-        {
-            "type": "object",
-            "properties": {
-                "to": {"type": "string", "format": "email"},
-                "template_vars": {
-                    "type": "object",
-                    "description": "merged over the batch's template_vars (template mode only)",
-                },
-                "locale": {"type": "string", "pattern": LOCALE, "description": "overrides the batch's locale"},
-            },
-            "required": ["to"],
-            "additionalProperties": False,
-        },
-    ]
-}
+class BatchItem(BaseModel):
+    """A recipient given as an object (an item may also be just its address)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    to: EmailStr
+    template_vars: dict[str, Any] | None = Field(
+        default=None, description="merged over the batch's template_vars (template mode only)"
+    )
+    locale: str | None = Field(default=None, max_length=35, pattern=LOCALE, description="overrides the batch's")
+
+
+# The items are read one by one by :func:`read_recipients` (one bad item must not refuse the
+# batch); the docs show what one may be.
 RawItems = Annotated[
     list[Any],
-    WithJsonSchema({"type": "array", "minItems": 1, "items": _ITEM_SCHEMA}),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [{"type": "string", "format": "email"}, BatchItem.model_json_schema()]},
+        }
+    ),
 ]
 
 
@@ -181,50 +177,26 @@ def _read_item(
     locale: str | None,
 ) -> Item | ItemError:
     path = f"recipients.{index}"
-    own_vars: dict[str, Any] | None = None
-    if isinstance(value, str):
-        address_path, address = path, value
-    elif isinstance(value, dict):
-        unknown = sorted(set(value) - _ITEM_FIELDS)
-        if unknown:
-            return ItemError(index, f"{path}.{unknown[0]}", "unknown field; an item has to, template_vars, locale")
-        if "to" not in value:
-            return ItemError(index, f"{path}.to", "field required")
-        address_path, address = f"{path}.to", value["to"]
-        for name in ("template_vars", "locale"):
-            if name in value and not templated:
-                return ItemError(index, f"{path}.{name}", "only with template_id or template_name")
-        if "template_vars" in value:
-            own_vars = value["template_vars"]
-            if not isinstance(own_vars, dict):
-                return ItemError(index, f"{path}.template_vars", "expected an object")
-        if "locale" in value:
-            item_locale = value["locale"]
-            if not isinstance(item_locale, str) or len(item_locale) > 35 or not _LOCALE.match(item_locale):
-                return ItemError(index, f"{path}.locale", "expected a language tag such as zh-CN")
-            locale = item_locale
-    else:
+    if not isinstance(value, str | dict):
         return ItemError(index, path, "expected an address or an object {to, template_vars, locale}")
-    if not isinstance(address, str):
-        return ItemError(index, address_path, "expected an address (a string)")
     try:
-        to = validate_email_address(address.strip())
+        item = BatchItem.model_validate(value if isinstance(value, dict) else {"to": value})
     except ValidationError as exc:
-        return ItemError(index, address_path, exc.errors(include_url=False)[0]["msg"], to=address[:320])
+        # An unknown field is named before anything else (it is often a misspelt one).
+        first = min(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+        where = ".".join([path, *map(str, first["loc"])]) if isinstance(value, dict) else path
+        echo = value.get("to") if isinstance(value, dict) else value
+        return ItemError(index, where, first["msg"], to=echo[:320] if isinstance(echo, str) else None)
     if not templated:
-        return Item(index, to)
-    merged = {**(common_vars or {}), **(own_vars or {})}
-    missing = [name for name in required_vars if name not in merged]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return ItemError(
-            index,
-            f"{path}.template_vars.{missing[0]}",
-            f"missing template variable: {missing[0]}{more}",
-            ErrorCode.TEMPLATE_RENDER_FAILED,
-            to,
-        )
-    return Item(index, to, merged, locale)
+        for name in ("template_vars", "locale"):
+            if getattr(item, name) is not None:
+                return ItemError(index, f"{path}.{name}", "only with template_id or template_name")
+        return Item(index, item.to)
+    merged = {**(common_vars or {}), **(item.template_vars or {})}
+    if (missing := missing_variable(required_vars, merged)) is not None:
+        name, message = missing
+        return ItemError(index, f"{path}.template_vars.{name}", message, ErrorCode.TEMPLATE_RENDER_FAILED, item.to)
+    return Item(index, item.to, merged, item.locale or locale)
 
 
 def refusal_code(errors: Sequence[ItemError]) -> ErrorCode:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared.errors import ErrorCode, HeraldError
+from shared.events import RequestV1
 from shared.metrics import DEDUP_SKIPPED
 
 log = logging.getLogger("herald.ingest.dedup")
@@ -40,6 +41,21 @@ def fingerprint(tenant_id: str, channel: str, recipients: list[str], subject: st
     content_hash = hashlib.sha256(content.encode()).hexdigest()
     material = "\x1f".join([tenant_id, channel, ",".join(sorted(recipients)), subject or "", content_hash])
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+def fingerprint_of(request: RequestV1) -> str:
+    """A request's fingerprint, the same whichever endpoint accepted it (a batch item and a single
+    send of the same email are duplicates of each other): every recipient, the subject, and the
+    content, or for a template send the template, version, variables and locale."""
+    email = request.email
+    recipients = [*request.to, *(email.cc if email else []), *(email.bcc if email else [])]
+    template = request.template
+    content = (
+        request.content
+        if template is None
+        else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
+    )
+    return fingerprint(request.tenant_id, request.channel.value, recipients, request.subject, content)
 
 
 # Delete each fingerprint still held by the message that claimed it.

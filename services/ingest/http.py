@@ -32,6 +32,11 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
 
 
+def iso_z(value: datetime | None) -> str | None:
+    """A time as answers show it: UTC, milliseconds, ``Z``."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
+
+
 def envelope(data: Any = None, *, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
     """A success answer: ``{code: 0, message: "success", data, request_id}``."""
     body = {"code": 0, "message": "success", "data": data, "request_id": request_id_var.get()}

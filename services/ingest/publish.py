@@ -37,10 +37,19 @@ class NewRecord:
     accepted_at: datetime
     request_hash: str | None = None
     dedup_skipped: bool = False
+    _payload: bytes | None = None
 
     @property
     def recipient(self) -> str:
         return self.request.to[0]
+
+    @property
+    def payload(self) -> bytes:
+        """The request as published (and stored on the record), serialised once: its size is
+        checked, it is inserted, and it is produced, from the same bytes."""
+        if self._payload is None:
+            self._payload = self.request.to_bytes()
+        return self._payload
 
 
 @dataclass(slots=True)
@@ -94,6 +103,13 @@ WITH rows AS (
     SELECT i.message_id, i.message_id, i.tenant_id, i.scheduled_at, 'scheduled', 0
     FROM inserted i WHERE i.scheduled_at IS NOT NULL
     ON CONFLICT (message_id) DO NOTHING
+), kept AS (
+    -- A scheduled message's attachments are kept until a day after its time (they would expire
+    -- first otherwise), whichever endpoint accepted it.
+    UPDATE email_attachments a SET expires_at = GREATEST(a.expires_at, i.scheduled_at + interval '1 day')
+    FROM inserted i JOIN rows r ON r.message_id = i.message_id,
+         jsonb_array_elements(COALESCE(r.request::jsonb->'email'->'attachments', '[]'::jsonb)) AS att
+    WHERE i.scheduled_at IS NOT NULL AND a.tenant_id = i.tenant_id AND a.attachment_id = att->>'attachment_id'
 )
 SELECT message_id, scheduled_at IS NOT NULL AS scheduled FROM inserted
 """
@@ -198,7 +214,7 @@ class RecordBatcher:
                     q.request_id,
                     r.accepted_at,
                     r.request_hash,
-                    q.to_bytes().decode(),
+                    r.payload.decode(),
                     r.dedup_skipped,
                     t.template_id if t else None,
                     t.version if t else None,
@@ -282,7 +298,7 @@ class Publisher:
         self.publish_timeout_s = publish_timeout_s
 
     async def accept(self, record: NewRecord, trace: Trace) -> Outcome:
-        if len(record.request.to_bytes()) > MAX_RECORD_BYTES:
+        if len(record.payload) > MAX_RECORD_BYTES:
             raise HeraldError(
                 ErrorCode.INVALID_PARAMS,
                 f"the message is too large to queue (more than {MAX_RECORD_BYTES} bytes with its recipients)",
@@ -317,7 +333,7 @@ class Publisher:
             log_event(log, logging.INFO, "message scheduled", message_id=request.message_id,
                       recipient=record.recipient, scheduled_at=str(request.scheduled_at))  # fmt: skip
             return outcome
-        await self._publish(request, record.recipient, trace)
+        await self._publish(request, record.payload, record.recipient, trace)
         MESSAGES_ACCEPTED.labels(request.channel.value).inc()
         log_event(
             log,
@@ -329,14 +345,14 @@ class Publisher:
         )
         return outcome
 
-    async def _publish(self, request: RequestV1, recipient: str, trace: Trace) -> None:
+    async def _publish(self, request: RequestV1, payload: bytes, recipient: str, trace: Trace) -> None:
         """Publish an accepted record's request; withdraw the record if the broker does not
         take it in time (nothing will be sent: 503)."""
         try:
             await asyncio.wait_for(
                 self.producer.send_and_wait(
                     Topics.REQUESTS,
-                    request.to_bytes(),
+                    payload,
                     key=message_key(request.tenant_id, recipient),
                     headers=trace.headers(),
                 ),

@@ -16,12 +16,8 @@ from pydantic import BaseModel
 from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import JSONResponse, envelope
+from services.ingest.http import JSONResponse, envelope, iso_z
 from shared.errors import ErrorCode, HeraldError
-
-
-def stamp(value: Any) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +38,8 @@ class RuleTable:
             "id": row["id"],
             **{name: row[name] for name in self.fields},
             "revision": row["revision"],  # routers expose the highest applied (herald_frequency_rule_revision)
-            "created_at": stamp(row["created_at"]),
-            "updated_at": stamp(row["updated_at"]),
+            "created_at": iso_z(row["created_at"]),
+            "updated_at": iso_z(row["updated_at"]),
         }
 
     def not_found(self, rule_id: int) -> HeraldError:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from fastapi import Request
 
 from shared.errors import ErrorCode, HeraldError
+from shared.schedule import ScheduleError, due_at
+from shared.settings import Settings
+
+# A language tag as sends name their template variant's locale (zh-CN, en).
+LOCALE = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
+def missing_variable(required: Sequence[str], given: dict[str, Any]) -> tuple[str, str] | None:
+    """The first declared template variable not given, and the message naming it (2004)."""
+    missing = [name for name in required if name not in given]
+    if not missing:
+        return None
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return missing[0], f"missing template variable: {missing[0]}{more}"
 
 
 def content_mode_error(body: Any) -> HeraldError | None:
@@ -43,3 +59,27 @@ def idempotency_key(given: str | None, request: Request) -> str | None:
     if header and given and header != given:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "differs from the Idempotency-Key header", field="idempotency_key")
     return given or header
+
+
+def due_time(
+    settings: Settings,
+    scheduled_time: str | None,
+    delay: str | int | None,
+    timezone: str | None,
+    now: datetime,
+    *,
+    required: bool = False,
+) -> datetime | None:
+    """When a send is due (None: now), or 1001 naming the scheduling field at fault."""
+    try:
+        return due_at(
+            scheduled_time=scheduled_time,
+            delay=delay,
+            timezone=timezone,
+            default_timezone=settings.default_timezone,
+            horizon_s=settings.schedule_horizon_s,
+            now=now,
+            required=required,
+        )
+    except ScheduleError as exc:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, exc.message, field=exc.field) from None

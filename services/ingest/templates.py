@@ -10,21 +10,16 @@ always converge on the database.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
+from services.ingest.distribute import Distributor
 from shared.kafka import Topics
 from shared.template_store import TemplateStore
 from shared.templates import TemplateHead, TemplateVersion, Variant, head_key, version_key
-
-log = logging.getLogger("herald.ingest.templates")
-
-_RESYNC_DIRTY_EVERY_S = 5.0
 
 _VERSIONS = """
 SELECT h.template_id, h.tenant_id, h.version, h.template_name, h.template_type, h.variables, h.variants
@@ -66,26 +61,23 @@ def head_of(row: asyncpg.Record | dict[str, Any]) -> TemplateHead:
     )
 
 
-class TemplateDistributor:
+class TemplateDistributor(Distributor):
     """Publishes template changes to ``notify.config`` and keeps ingest's own store current."""
 
+    what = "templates"
+
     def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, store: TemplateStore, timeout_s: float) -> None:
+        super().__init__(timeout_s)
         self.pool = pool
         self.producer = producer
         self.store = store
-        self.timeout_s = timeout_s
-        self.dirty = asyncio.Event()
 
     async def changed(self, head: TemplateHead, versions: list[TemplateVersion]) -> None:
         """After a committed change: this replica sees it at once, every router soon."""
         for v in versions:
             self.store.put_version(v)
         self.store.put_head(head)
-        try:
-            await asyncio.wait_for(self._publish(head, versions), self.timeout_s)
-        except (TimeoutError, KafkaError, OSError) as exc:
-            log.warning("template change not published (%s); publishing again shortly", exc.__class__.__name__)
-            self.dirty.set()
+        await self.publish_change(self._publish(head, versions))
 
     async def _publish(self, head: TemplateHead, versions: list[TemplateVersion]) -> None:
         futures = [
@@ -126,21 +118,6 @@ class TemplateDistributor:
                 self.store.put_version(v)
             self.store.put_head(head)
         return len(heads)
-
-    async def run(self) -> None:
-        """Publish everything at start-up, and again whenever a publish failed."""
-        self.dirty.set()
-        while True:
-            await self.dirty.wait()
-            # Cleared before reading: a change that fails to publish meanwhile sets it again.
-            self.dirty.clear()
-            try:
-                count = await self.republish_all()
-                log.info("templates published to the config topic: %d", count)
-            except Exception as exc:  # broker or database away: try again shortly
-                self.dirty.set()
-                log.warning("template republish failed (%s)", exc.__class__.__name__)
-            await asyncio.sleep(_RESYNC_DIRTY_EVERY_S)
 
     async def load(
         self, tenant_id: str, template_id: int | None, name: str | None, version: int | None

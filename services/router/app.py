@@ -22,7 +22,7 @@ from services.router.retry import serve_relay
 from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from services.router.schedule import serve_scheduler
 from shared.events import DeadLetterV1, utcnow
-from shared.frequency import ConfigStores, RuleStore
+from shared.frequency import RuleStore
 from shared.health import HealthServer
 from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, keep_topics, message_key
@@ -67,7 +67,7 @@ def create_app(settings: Settings) -> faust.App:
     # Templates come from notify.config, read whole before the first request is routed.
     templates = TemplateStore()
     rules = RuleStore()  # frequency caps and digest rules, from the same topic
-    follower = ConfigFollower(settings, ConfigStores(templates, rules))  # type: ignore[arg-type]
+    follower = ConfigFollower(settings, templates, rules)
     renderer = Renderer()
     app.herald_templates = templates  # type: ignore[attr-defined]
     # Windows of frequency caps and digest buckets (no connection until the first command; short

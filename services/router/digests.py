@@ -16,7 +16,6 @@ bcc, no attachments (:func:`eligible`); anything else is delivered on its own.
 
 from __future__ import annotations
 
-import hashlib
 import html
 from datetime import UTC, datetime
 from typing import Any
@@ -30,10 +29,10 @@ from services.router.routing import Parked, Rejected, Routed, park, route_render
 from shared.errors import ErrorCode
 from shared.events import ContentType, DigestRef, EmailOptions, EventV1, RequestV1, State
 from shared.frequency import DigestRule
+from shared.ids import derived_message_id
 from shared.template_store import TemplateStore
 from shared.templates import Rendered, Renderer, TemplateProblem
 
-_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Each listed message's content is cut at this many bytes; the built-in listing lists contents
 # until this many bytes in all, then subjects only (a message may weigh 768 KiB in all).
 ITEM_CONTENT_MAX_BYTES = 12 * 1024
@@ -44,13 +43,7 @@ PLACEHOLDER = "A digest: the messages it lists are added when it is delivered."
 
 def digest_message_id(opener_id: str) -> str:
     """The digest a message opens: derived from its id, so a replay opens the same one."""
-    day = opener_id.split("_")[1]
-    value = int.from_bytes(hashlib.sha256(f"digest:{opener_id}".encode()).digest()[:16], "big")
-    chars = []
-    for _ in range(16):
-        value, digit = divmod(value, 36)
-        chars.append(_BASE36[digit])
-    return f"msg_{day}_{''.join(chars)}"
+    return derived_message_id(opener_id.split("_")[1], f"digest:{opener_id}")
 
 
 def bucket_tag(tenant_id: str, rule_id: int, recipient: str) -> str:

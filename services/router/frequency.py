@@ -188,20 +188,22 @@ class Frequency:
         held (suppressed, digested), parked (deferred) or rejected (a digest whose messages are gone)."""
         now = now or utcnow()
         request = routed.request
+        # A later attempt (a replayed dead letter) was decided when it was first routed.
+        later_attempt = request.attempt is not None and request.attempt > 1
         if request.digest is not None:
             released = await self._release(routed, raw, now)
             if not isinstance(released, Routed):
                 return released
             routed, request = released, released.request
-        elif request.attempt is not None and request.attempt > 1:
-            return routed  # a later attempt: decided when it was first routed
+        elif later_attempt:
+            return routed
         elif request.category is not None:
             rule = self.rules.digest_for(request.tenant_id, request.category, request.channel.value)
             if rule is not None and digests.eligible(request):
                 held = await self._collect(routed, rule, now)
                 if held is not None:
                     return held
-        if request.category is None or (request.attempt is not None and request.attempt > 1):
+        if request.category is None or later_attempt:
             return routed
         caps = self.rules.caps_for(request.tenant_id, request.category, request.channel.value)
         if not caps:

@@ -7,7 +7,6 @@ reason, the offending fields, and the events to emit). The faust app only moves 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -28,12 +27,11 @@ from shared.events import (
     utcnow,
     validate_email_address,
 )
-from shared.ids import is_message_id, new_message_id
+from shared.ids import derived_message_id, is_message_id, new_message_id
 from shared.templates import Rendered, Renderer, TemplateProblem, TemplateVersion
 
 SERVICE = "router"
 
-_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 _RENDERER = Renderer()
 # What a rendered message may weigh in all (the broker's default request limit is 1 MiB).
 MAX_RENDERED_BYTES = 768 * 1024
@@ -54,12 +52,8 @@ class Origin:
 
     def message_id(self) -> str:
         ms = int(self.timestamp.timestamp() * 1000)
-        digest = hashlib.sha256(f"{self.topic}:{self.partition}:{self.offset}:{ms}".encode()).digest()
-        value, chars = int.from_bytes(digest[:16], "big"), []
-        for _ in range(16):
-            value, digit = divmod(value, 36)
-            chars.append(_BASE36[digit])
-        return f"msg_{self.timestamp.astimezone(UTC):%Y%m%d}_{''.join(chars)}"
+        seed = f"{self.topic}:{self.partition}:{self.offset}:{ms}"
+        return derived_message_id(f"{self.timestamp.astimezone(UTC):%Y%m%d}", seed)
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ class FoldPlan:
     # 'routed' events of templated messages: the subject and content the router rendered.
     rendered: list[EventV1] = field(default_factory=list)
     # 'scheduled' events: the message waits for a time (one per message, its latest parking).
-    parked: list[EventV1] = field(default_factory=list)
+    parked: list[Parking] = field(default_factory=list)
 
 
 def _order(event: EventV1) -> tuple[int, int]:
@@ -39,7 +39,7 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
     seen_ids: set[str] = set()
     snapshots: dict[str, EventV1] = {}
     furthest: dict[str, EventV1] = {}
-    parked: dict[str, EventV1] = {}
+    parked: dict[str, Parking] = {}
     for event in events:
         if event.event_id in seen_ids:
             continue
@@ -54,10 +54,10 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
         if event.state is State.SCHEDULED:
             # Not a move like the others: the record becomes 'scheduled' only if its task is
             # stored or moved on (a parking redelivered after its release changes nothing).
-            if _parking(event) is not None:
-                latest = parked.get(event.message_id)
-                if latest is None or _parking(event)[1] > _parking(latest)[1]:  # type: ignore[index]
-                    parked[event.message_id] = event
+            parking = Parking.of(event)
+            latest = parked.get(event.message_id)
+            if parking is not None and (latest is None or parking.seq > latest.seq):
+                parked[event.message_id] = parking
             continue
         best = furthest.get(event.message_id)
         if best is None or _order(event) > _order(best):
@@ -68,19 +68,33 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
     return plan
 
 
-def _parking(event: EventV1) -> tuple[datetime, int, str, dict[str, Any]] | None:
-    """(time, sequence number, reason, request) of a 'scheduled' event, or None if it lacks them."""
-    detail = event.detail or {}
-    try:
-        until = datetime.fromisoformat(str(detail["scheduled_at"]))
-        request = detail["request"]
-        seq = int(detail.get("seq", 0))
-    except (KeyError, TypeError, ValueError):
-        return None
-    if not isinstance(request, dict) or until.tzinfo is None:
-        return None
-    reason = str(detail.get("reason") or "scheduled")
-    return until, seq, reason if reason in ("scheduled", "deferred", "digest") else "scheduled", request
+@dataclass(frozen=True, slots=True)
+class Parking:
+    """What a 'scheduled' event asks the tracker to store: the message's task and the request
+    the scheduler publishes again."""
+
+    message_id: str
+    tenant_id: str
+    until: datetime
+    seq: int  # which parking of the message (see services/router/routing.py park())
+    reason: str
+    request: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: EventV1) -> Parking | None:
+        """The parking a 'scheduled' event carries, or None if it lacks its parts."""
+        detail = event.detail or {}
+        try:
+            until = datetime.fromisoformat(str(detail["scheduled_at"]))
+            request = detail["request"]
+            seq = int(detail.get("seq", 0))
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not isinstance(request, dict) or until.tzinfo is None:
+            return None
+        reason = str(detail.get("reason") or "scheduled")
+        reason = reason if reason in ("scheduled", "deferred", "digest") else "scheduled"
+        return cls(event.message_id, event.tenant_id, until, seq, reason, request)
 
 
 _CREATE = """
@@ -269,10 +283,10 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
             ]  # fmt: skip
             await conn.execute(_RENDERED, *_columns(rendered, 6))
         if plan.parked:
-            rows = []
-            for e in plan.parked:
-                until, seq, reason, request = _parking(e)  # type: ignore[misc]
-                rows.append((e.message_id, e.tenant_id, until, seq, reason, _json(request), request.get("category")))
+            rows = [
+                (p.message_id, p.tenant_id, p.until, p.seq, p.reason, _json(p.request), p.request.get("category"))
+                for p in plan.parked
+            ]
             await conn.execute(_PARK, *_columns(rows, 7))
             await conn.execute("SELECT pg_notify('herald_schedule', '')")
         troubled = {e.message_id for e in plan.timeline if e.state in _RETRY_LOG_STATES}

@@ -13,7 +13,7 @@ from services.router.routing import Parked, Rejected, Routed, plan
 from services.router.schedule import released_request
 from shared.errors import ErrorCode
 from shared.events import RequestV1, State
-from shared.frequency import ConfigStores, DigestRule, FrequencyCap, RuleStore
+from shared.frequency import DigestRule, FrequencyCap, RuleStore
 from shared.ids import is_message_id
 from shared.template_store import TemplateStore
 from shared.templates import Renderer, TemplateHead, TemplateVersion, Variant
@@ -71,13 +71,18 @@ def test_store_follows_caps_and_digest_rules_by_revision_and_ignores_other_recor
     assert store.digest_for("default", "news", "email") is None
 
 
-def test_one_follower_feeds_templates_and_rules() -> None:
+def test_each_store_takes_its_own_records_of_the_shared_config_topic() -> None:
     templates, rules = TemplateStore(), RuleStore()
-    both = ConfigStores(templates, rules)
-    both.apply(cap().model_dump_json(by_alias=True).encode())
-    both.apply(TemplateHead(template_id=1, tenant_id="default", template_name="t", version=1).model_dump_json(
-        by_alias=True).encode())  # fmt: skip
-    assert rules.caps_for("default", "promo", "email") and templates.head("default", 1, None) is not None
+    records = [
+        cap().model_dump_json(by_alias=True).encode(),
+        TemplateHead(template_id=1, tenant_id="default", template_name="t", version=1).model_dump_json(
+            by_alias=True).encode(),
+    ]  # fmt: skip
+    for value in records:  # as ConfigFollower applies every record to every store
+        for store in (templates, rules):
+            store.apply(value)
+    assert rules.caps_for("default", "promo", "email") == [cap()]
+    assert templates.head("default", 1, None) is not None and templates.versions == {}
 
 
 # --- caps: what the windows decide ---------------------------------------------------------------

@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import orjson
 from fastapi import APIRouter, Query, Request
 
 from services.ingest import audit, scheduled
@@ -33,17 +32,17 @@ from services.ingest.batches import (
     read_recipients,
     refusal_code,
 )
-from services.ingest.dedup import fingerprint, request_hash
+from services.ingest.dedup import fingerprint_of, request_hash
 from services.ingest.deps import Services, services_of, tenant_of
-from services.ingest.http import JSONResponse, envelope, error_response, json_body_schema, parse_body
+from services.ingest.http import JSONResponse, envelope, error_response, iso_z, json_body_schema, parse_body
 from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord, Outcome
-from services.ingest.routes.messages import due_time
+from services.ingest.routes.messages import status_column
 from services.ingest.routes.templates import resolve as resolve_template
-from services.ingest.sends import idempotency_key
+from services.ingest.sends import due_time, idempotency_key
 from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
-from shared.events import Channel, EmailOptions, RequestV1, State, Status, TemplateRef
+from shared.events import Channel, EmailOptions, RequestV1, Status, TemplateRef
 from shared.ids import new_batch_id, new_message_id
 from shared.kafka import Trace
 from shared.logging import log_event
@@ -117,8 +116,6 @@ async def send_batch(request: Request):
             f"{exc.resets_at.isoformat().replace('+00:00', 'Z')}",
         ) from None
     try:
-        if plan.attachments and plan.scheduled_at is not None:
-            await store.keep_attachments(tenant_id, body.attachment_ids, plan.scheduled_at + timedelta(days=1))
         started = await store.start(
             batch_id,
             tenant_id,
@@ -310,7 +307,7 @@ async def _settle(
         "errors": [e.as_dict() for e in errors],
     }
     if plan.scheduled_at is not None:
-        response["scheduled_at"] = _ts(plan.scheduled_at)
+        response["scheduled_at"] = iso_z(plan.scheduled_at)
     try:
         await store.finish(
             batch_id,
@@ -345,8 +342,7 @@ async def cancel_batch(batch_id: str, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     principal = request.scope["state"]["principal"]
     async with services.pool.acquire() as conn, conn.transaction():
-        if not await conn.fetchval("SELECT 1 FROM batches WHERE tenant_id = $1 AND batch_id = $2", tenant_id, batch_id):
-            raise HeraldError(ErrorCode.NOT_FOUND, f"batch {batch_id} not found", field="batch_id")
+        await _known(conn, tenant_id, batch_id)
         cancelled = await scheduled.cancel(conn, tenant_id, principal.actor, batch_id=batch_id)
         if not cancelled:
             raise HeraldError(
@@ -373,7 +369,7 @@ async def get_batch(batch_id: str, request: Request):
             f"SELECT {_BATCH_COLUMNS}, errors FROM batches WHERE tenant_id = $1 AND batch_id = $2", tenant_id, batch_id
         )
         if row is None:
-            raise HeraldError(ErrorCode.NOT_FOUND, f"batch {batch_id} not found", field="batch_id")
+            raise _not_found(batch_id)
         counts = await _counts(conn, tenant_id, [batch_id])
     return envelope(_batch(row, counts.get(batch_id, [])))
 
@@ -415,20 +411,10 @@ async def list_batch_messages(
     services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     where, args = "tenant_id = $1 AND batch_id = $2", [tenant_id, batch_id]
     if status:
-        if status in Status._value2member_map_:
-            where += " AND status = $3"
-        elif status in State._value2member_map_:
-            where += " AND state = $3"
-        else:
-            raise HeraldError(
-                ErrorCode.INVALID_PARAMS,
-                "unknown status; use pending, sending, success, failed or a lifecycle state",
-                field="status",
-            )
+        where += f" AND {status_column(status)} = $3"
         args.append(status)
     async with services.pool.acquire() as conn:
-        if not await conn.fetchval("SELECT 1 FROM batches WHERE tenant_id = $1 AND batch_id = $2", tenant_id, batch_id):
-            raise HeraldError(ErrorCode.NOT_FOUND, f"batch {batch_id} not found", field="batch_id")
+        await _known(conn, tenant_id, batch_id)
         total = await conn.fetchval(f"SELECT count(*) FROM message_records WHERE {where}", *args)
         rows = await conn.fetch(
             f"""SELECT message_id, recipient, status, state, retry_count, error_code, error_message,
@@ -437,7 +423,7 @@ async def list_batch_messages(
                 ORDER BY id LIMIT {page_size} OFFSET {(page - 1) * page_size}""",
             *args,
         )
-    records = [{k: (_ts(v) if isinstance(v, datetime) else v) for k, v in r.items()} for r in rows]
+    records = [{k: (iso_z(v) if isinstance(v, datetime) else v) for k, v in r.items()} for r in rows]
     return envelope({"total": total, "page": page, "page_size": page_size, "records": records})
 
 
@@ -551,18 +537,6 @@ class _BatchStore:
         )
         return bool(inserted)
 
-    async def keep_attachments(self, tenant_id: str, attachment_ids: list[str], until: datetime) -> None:
-        """A scheduled batch's attachments are kept until its messages have gone out (as for a
-        single scheduled send), however far ahead that is."""
-        await self._run(
-            "execute",
-            """UPDATE email_attachments SET expires_at = GREATEST(expires_at, $3)
-               WHERE tenant_id = $1 AND attachment_id = ANY($2::text[])""",
-            tenant_id,
-            attachment_ids,
-            until,
-        )
-
     async def finish(
         self, batch_id: str, tenant_id: str, state: str, accepted: int, rejected: int, errors: list, response: Any
     ) -> None:
@@ -616,15 +590,7 @@ async def _claim_fingerprints(
     """Each item's content fingerprint, as a single send computes it (a batch item and a single
     send of the same email within the window are duplicates of each other): the records still
     to accept, the claims made for them, and an error for each duplicate."""
-    claims = []
-    for pending in records:
-        q = pending.record.request
-        content = (
-            q.content
-            if q.template is None
-            else orjson.dumps(q.template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
-        )
-        claims.append((fingerprint(q.tenant_id, "email", q.to, q.subject, content), q.message_id or ""))
+    claims = [(fingerprint_of(p.record.request), p.record.request.message_id or "") for p in records]
     earlier, skipped = await services.guard.claim_many(claims, window_s)
     kept, made, duplicates = [], [], []
     for pending, claim, first in zip(records, claims, earlier, strict=True):
@@ -678,6 +644,16 @@ def _refusal(errors: list[ItemError]) -> JSONResponse:
     return error_response(code, f"no recipient can be sent to: {listed}{more}", errors=[e.as_dict() for e in errors])
 
 
+def _not_found(batch_id: str) -> HeraldError:
+    return HeraldError(ErrorCode.NOT_FOUND, f"batch {batch_id} not found", field="batch_id")
+
+
+async def _known(conn: asyncpg.Connection, tenant_id: str, batch_id: str) -> None:
+    """404 unless the tenant has this batch."""
+    if not await conn.fetchval("SELECT 1 FROM batches WHERE tenant_id = $1 AND batch_id = $2", tenant_id, batch_id):
+        raise _not_found(batch_id)
+
+
 async def _counts(conn: asyncpg.Connection, tenant_id: str, batch_ids: list[str]) -> dict[str, list]:
     rows = await conn.fetch(
         """SELECT batch_id, status, state, count(*)::int AS n FROM message_records
@@ -692,7 +668,7 @@ async def _counts(conn: asyncpg.Connection, tenant_id: str, batch_ids: list[str]
 
 
 def _batch(row: Any, counts: list) -> dict[str, Any]:
-    out = {k: (_ts(v) if isinstance(v, datetime) else v) for k, v in row.items()}
+    out = {k: (iso_z(v) if isinstance(v, datetime) else v) for k, v in row.items()}
     by_status = {s.value: 0 for s in Status}
     by_state: dict[str, int] = {}
     for r in counts:
@@ -706,7 +682,3 @@ def _batch(row: Any, counts: list) -> dict[str, Any]:
         "done": row["state"] != "accepting" and unfinished == 0,
     }
     return out
-
-
-def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None

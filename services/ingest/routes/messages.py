@@ -5,20 +5,19 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, EmailStr, Field
 
 from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
-from services.ingest.dedup import fingerprint, request_hash
+from services.ingest.dedup import fingerprint_of, request_hash
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import JSONResponse, envelope, json_body_schema, parse_body
+from services.ingest.http import JSONResponse, envelope, iso_z, json_body_schema, parse_body
 from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
 from services.ingest.routes.templates import resolve as resolve_template
-from services.ingest.sends import content_mode_error, idempotency_key
+from services.ingest.sends import LOCALE, content_mode_error, due_time, idempotency_key, missing_variable
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
@@ -34,7 +33,6 @@ from shared.events import (
 )
 from shared.ids import new_message_id
 from shared.kafka import Trace
-from shared.schedule import ScheduleError, due_at
 
 router = APIRouter(prefix="/api/v1/messages", tags=["messages"])
 
@@ -62,7 +60,7 @@ class EmailSendRequest(BaseModel):
     template_version: int | None = Field(default=None, ge=1, description="pin a version; default the current one")
     template_vars: dict[str, Any] | None = None
     locale: str | None = Field(
-        default=None, max_length=35, pattern=r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$", description="e.g. zh-CN"
+        default=None, max_length=35, pattern=LOCALE, description="e.g. zh-CN"
     )
     attachment_ids: list[str] = Field(default_factory=list, max_length=20)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
@@ -102,10 +100,6 @@ _DETAIL_COLUMNS = """message_id, tenant_id, message_type, recipient, recipients,
     category, batch_id, scheduled_at, created_at, updated_at, sent_at"""
 
 
-def _ts(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z") if value else None
-
-
 _TIMES = ("created_at", "updated_at", "sent_at", "scheduled_at")
 
 
@@ -113,7 +107,7 @@ def _record(row: Any) -> dict[str, Any]:
     out = {k: row[k] for k in row.keys() if k not in _TIMES}
     for k in _TIMES:
         if k in row.keys():
-            out[k] = _ts(row[k])
+            out[k] = iso_z(row[k])
     return out
 
 
@@ -141,23 +135,6 @@ async def send_email_scheduled(request: Request):
     return await _send_email(request, schedule_required=True)
 
 
-def due_time(settings: Any, scheduled_time: str | None, delay: str | int | None, timezone: str | None,
-             now: datetime, *, required: bool = False) -> datetime | None:  # fmt: skip
-    """When a send is due (None: now), or 1001 naming the scheduling field at fault."""
-    try:
-        return due_at(
-            scheduled_time=scheduled_time,
-            delay=delay,
-            timezone=timezone,
-            default_timezone=settings.default_timezone,
-            horizon_s=settings.schedule_horizon_s,
-            now=now,
-            required=required,
-        )
-    except ScheduleError as exc:
-        raise HeraldError(ErrorCode.INVALID_PARAMS, exc.message, field=exc.field) from None
-
-
 async def _send_email(request: Request, *, schedule_required: bool):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     body = await parse_body(request, EmailSendRequest)
@@ -175,7 +152,8 @@ async def _send_email(request: Request, *, schedule_required: bool):
                                 required=schedule_required)  # fmt: skip
     except HeraldError:
         if key is not None and (first := await _keyed(services.pool, tenant_id, key)) is not None:
-            return _replay(first["message_id"], first["request_hash"], digest, _answer(first))
+            return _replay(first["message_id"], first["request_hash"], digest,
+                           _answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
         raise
     to = body.to_list
     if not to:
@@ -225,12 +203,7 @@ async def _send_email(request: Request, *, schedule_required: bool):
     fp, skipped = None, False
     tenant = await services.tenants.get(tenant_id)
     if key is None and body.dedup:
-        content = (
-            req.content
-            if template is None
-            else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
-        )
-        fp = fingerprint(tenant_id, "email", [*to, *body.cc, *body.bcc], body.subject, content)
+        fp = fingerprint_of(req)
         window = tenant.dedup_window_s
         earlier, skipped = await guard.claim(fp, req.message_id or "", window)
         if earlier is not None:
@@ -263,20 +236,9 @@ async def _send_email(request: Request, *, schedule_required: bool):
     if counted and not outcome.created:
         await services.quotas.give_back(tenant_id, "email")
     state = State(outcome.state)
-    response = {"message_id": outcome.message_id, "status": SEED_STATUS[state].value, "state": state.value}
-    if scheduled_at is not None:
-        response["scheduled_at"] = _ts(scheduled_at)
+    response = _answer(outcome.message_id, state.value, scheduled_at)
     if not outcome.created:
         return _replay(outcome.message_id, outcome.request_hash, digest, response)
-    if attachments and scheduled_at is not None:
-        # Kept until the message has gone out (and its retries), however far ahead that is.
-        await services.pool.execute(
-            """UPDATE email_attachments SET expires_at = GREATEST(expires_at, $3)
-               WHERE tenant_id = $1 AND attachment_id = ANY($2::text[])""",
-            tenant_id,
-            body.attachment_ids,
-            scheduled_at + timedelta(days=1),
-        )
     if key is not None:
         await guard.remember(tenant_id, key, outcome.message_id, digest, response)
     return envelope(response, status_code=202)
@@ -287,14 +249,8 @@ async def _template_ref(request: Request, tenant_id: str, body: EmailSendRequest
     (2004 naming the first one missing). Answered from ingest's template store."""
     version = await resolve_template(request, tenant_id, body.template_id, body.template_name, body.template_version)
     variables = body.template_vars or {}
-    missing = [name for name in version.variables if name not in variables]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise HeraldError(
-            ErrorCode.TEMPLATE_RENDER_FAILED,
-            f"missing template variable: {missing[0]}{more}",
-            field=f"template_vars.{missing[0]}",
-        )
+    if (missing := missing_variable(version.variables, variables)) is not None:
+        raise HeraldError(ErrorCode.TEMPLATE_RENDER_FAILED, missing[1], field=f"template_vars.{missing[0]}")
     if not any(v.channel == "email" for v in version.variants):
         raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no email variant",
                           field="template_id")  # fmt: skip
@@ -311,12 +267,11 @@ async def _keyed(pool: Any, tenant_id: str, key: str) -> Any:
     )
 
 
-def _answer(row: Any) -> dict[str, Any]:
-    """A send's answer rebuilt from its record."""
-    state = State(row["state"])
-    answer = {"message_id": row["message_id"], "status": SEED_STATUS[state].value, "state": state.value}
-    if row["scheduled_at"] is not None:
-        answer["scheduled_at"] = _ts(row["scheduled_at"])
+def _answer(message_id: str, state: str, scheduled_at: datetime | None) -> dict[str, Any]:
+    """A send's answer (202): its id, seed status and state, and its time when scheduled."""
+    answer = {"message_id": message_id, "status": SEED_STATUS[State(state)].value, "state": state}
+    if scheduled_at is not None:
+        answer["scheduled_at"] = iso_z(scheduled_at)
     return answer
 
 
@@ -382,8 +337,10 @@ async def list_scheduled(
     services, tenant_id = services_of(request), tenant_of(request, Scope.READ)
     start = _parse_bound(after, "after", end=False)
     end = _parse_bound(before, "before", end=False)
-    where = "t.tenant_id = $1 AND t.status = 'pending' AND ($2::timestamptz IS NULL OR t.scheduled_time >= $2)" \
+    where = (
+        "t.tenant_id = $1 AND t.status = 'pending' AND ($2::timestamptz IS NULL OR t.scheduled_time >= $2)"
         " AND ($3::timestamptz IS NULL OR t.scheduled_time < $3) AND ($4::text IS NULL OR t.reason = $4)"
+    )
     args = [tenant_id, start, end, reason]
     async with services.pool.acquire() as conn:
         total = await conn.fetchval(f"SELECT count(*) FROM scheduled_tasks t WHERE {where}", *args)
@@ -401,7 +358,7 @@ async def list_scheduled(
     records = []
     for r in rows:
         item = _record(r)
-        item["scheduled_at"] = _ts(r["scheduled_at"])
+        item["scheduled_at"] = iso_z(r["scheduled_at"])
         records.append(item)
     return envelope({"total": total, "page": page, "page_size": page_size, "records": records})
 
@@ -440,7 +397,7 @@ async def reschedule_message(message_id: str, request: Request):
         await audit.record(conn, request, "message.reschedule", "message", message_id,
                            {"scheduled_at": when.isoformat()})  # fmt: skip
         await conn.execute("SELECT pg_notify('herald_schedule', '')")
-    return envelope({"message_id": message_id, "state": row["state"], "scheduled_at": _ts(row["scheduled_at"])})
+    return envelope({"message_id": message_id, "state": row["state"], "scheduled_at": iso_z(row["scheduled_at"])})
 
 
 @router.get("/{message_id}", summary="One message's status")
@@ -482,9 +439,22 @@ async def get_timeline(
     events = []
     for r in rows:
         item = {k: r[k] for k in r.keys() if k != "occurred_at"}
-        item["occurred_at"] = _ts(r["occurred_at"])
+        item["occurred_at"] = iso_z(r["occurred_at"])
         events.append(item)
     return envelope({"message_id": message_id, "events": events})
+
+
+def status_column(status: str) -> str:
+    """The column a ``status`` filter reads: a seed status (pending/sending/success/failed) or a
+    lifecycle state; 1001 for anything else."""
+    if status in Status._value2member_map_:
+        return "status"
+    if status in State._value2member_map_:
+        return "state"
+    raise HeraldError(
+        ErrorCode.INVALID_PARAMS, "unknown status; use pending, sending, success, failed or a lifecycle state",
+        field="status",
+    )  # fmt: skip
 
 
 def _parse_bound(value: str | None, field: str, *, end: bool) -> datetime | None:
@@ -534,16 +504,7 @@ async def list_messages(
             f" OR recipients @> jsonb_build_object('cc', jsonb_build_array({p}::text)))"
         )
     if status:
-        if status in Status._value2member_map_:
-            where.append(f"status = {arg(status)}")
-        elif status in State._value2member_map_:
-            where.append(f"state = {arg(status)}")
-        else:
-            raise HeraldError(
-                ErrorCode.INVALID_PARAMS,
-                "unknown status; use pending, sending, success, failed or a lifecycle state",
-                field="status",
-            )
+        where.append(f"{status_column(status)} = {arg(status)}")
     start = _parse_bound(start_date, "start_date", end=False)
     end = _parse_bound(end_date, "end_date", end=True)
     if start and end and start >= end:
