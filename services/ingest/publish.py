@@ -327,22 +327,13 @@ class Publisher:
             record = NewRecord(revived, record.recipients, record.accepted_at, record.request_hash)
             outcome = Outcome(outcome.message_id, True)
         request = record.request
-        if outcome.state == State.SCHEDULED.value:
-            # Waits in PostgreSQL; the router's scheduler publishes it when its time comes.
-            MESSAGES_ACCEPTED.labels(request.channel.value).inc()
-            log_event(log, logging.INFO, "message scheduled", message_id=request.message_id,
-                      recipient=record.recipient, scheduled_at=str(request.scheduled_at))  # fmt: skip
-            return outcome
-        await self._publish(request, record.payload, record.recipient, trace)
+        scheduled = outcome.state == State.SCHEDULED.value
+        if not scheduled:  # a scheduled one waits in PostgreSQL; the router's scheduler publishes it
+            await self._publish(request, record.payload, record.recipient, trace)
         MESSAGES_ACCEPTED.labels(request.channel.value).inc()
-        log_event(
-            log,
-            logging.INFO,
-            "message accepted",
-            message_id=request.message_id,
-            recipient=record.recipient,
-            channel=request.channel.value,
-        )
+        log_event(log, logging.INFO, "message scheduled" if scheduled else "message accepted",
+                  message_id=request.message_id, recipient=record.recipient, channel=request.channel.value,
+                  scheduled_at=str(request.scheduled_at) if scheduled else None)  # fmt: skip
         return outcome
 
     async def _publish(self, request: RequestV1, payload: bytes, recipient: str, trace: Trace) -> None:

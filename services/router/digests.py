@@ -230,14 +230,12 @@ def render(
     category = request.category or "digest"
     if ref.template_id is None:
         return listing(items, category), "listing"
-    head = templates.head(request.tenant_id, ref.template_id, None)
-    version = None
-    if head is not None and head.is_active and not head.deleted:
-        version = templates.version(request.tenant_id, head.template_id, head.version)
-    if version is None:
-        return listing(items, category), f"listing: template {ref.template_id} not available"
     variables = {"items": _template_items(items), "count": len(items), "category": category}
     try:
+        # Its current version (a digest renders with the template as it is when it is delivered).
+        version = templates.for_send(request.tenant_id, ref.template_id, None, None)
+        if version is None:
+            return listing(items, category), f"listing: template {ref.template_id} not available"
         return renderer.render(version, request.channel.value, None, variables), f"template {ref.template_id}"
     except TemplateProblem as exc:
         return listing(items, category), f"listing: template {ref.template_id} failed: {exc.message}"[:300]

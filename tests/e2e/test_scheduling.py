@@ -8,6 +8,7 @@ import asyncio
 import statistics
 import time
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import httpx
@@ -70,7 +71,7 @@ async def test_delay_in_the_seed_form_and_naive_times_in_the_given_zone(client: 
     data = await _schedule(client, delay="2h")
     assert timedelta(hours=2) <= _at(data["scheduled_at"]) - before < timedelta(hours=2, seconds=5)
     # Seed 004 §4.2.1: POST /email/send/scheduled with "YYYY-MM-DD HH:MM:SS", here in Tokyo's time.
-    tokyo = (datetime.now(UTC) + timedelta(days=1)).astimezone(__import__("zoneinfo").ZoneInfo("Asia/Tokyo"))
+    tokyo = (datetime.now(UTC) + timedelta(days=1)).astimezone(ZoneInfo("Asia/Tokyo"))
     body = {"to": "seed@example.com", "subject": uniq("seed form "), "content": "x",
             "scheduled_time": tokyo.strftime("%Y-%m-%d %H:%M:%S"), "timezone": "Asia/Tokyo"}  # fmt: skip
     r = await client.post(SEND + "/scheduled", json=body)

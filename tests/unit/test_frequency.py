@@ -270,6 +270,11 @@ def test_a_digest_template_renders_the_items_and_a_missing_one_falls_back_to_the
     assert rendered.content == "<h2>Offer 0</h2><i>body 0</i><h2>Offer 1</h2><i>body 1</i>"
     rendered, how = digests.render(_digest_routed(template_id=10).request, items, store, Renderer())
     assert how.startswith("listing: template 10") and "Offer 1" in rendered.content
+    # Deleted since the rule was saved: the listing again, saying why.
+    store.put_head(TemplateHead(template_id=9, tenant_id="default", template_name="digest", version=2, deleted=True,
+                                revision=1))  # fmt: skip
+    rendered, how = digests.render(_digest_routed(template_id=9).request, items, store, Renderer())
+    assert how == "listing: template 9 failed: template 9 is deleted" and "Offer 1" in rendered.content
 
 
 def test_a_digest_whose_messages_are_gone_is_rejected() -> None:
