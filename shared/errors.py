@@ -1,6 +1,8 @@
 """Seed 004's error-code table (§3.6), defined once, with each code's HTTP status. Herald adds
-1007 (rate limited) and 1008 (monthly quota exhausted), both 429, and 1009 (the message's state
-does not allow it, e.g. cancelling one already dispatched), 409: the seed has no code for them.
+1007 (rate limited) and 1008 (monthly quota exhausted), both 429, 1009 (the message's state
+does not allow it, e.g. cancelling one already dispatched), 409, and 2010-2013 for channels
+other than email (delivery failed, no provider configured, credentials refused, recipient
+refused): the seed has no code for them.
 
 Exception tree::
 
@@ -34,6 +36,10 @@ class ErrorCode(IntEnum):
     ATTACHMENT_TOO_LARGE = 2007
     MESSAGE_NOT_FOUND = 2008
     SMTP_CONNECT_FAILED = 2009
+    CHANNEL_SEND_FAILED = 2010
+    PROVIDER_NOT_CONFIGURED = 2011
+    PROVIDER_AUTH_FAILED = 2012
+    RECIPIENT_INVALID = 2013
     DATABASE_ERROR = 3001
     REDIS_ERROR = 3002
     QUEUE_ERROR = 3003
@@ -69,6 +75,10 @@ _HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.ATTACHMENT_TOO_LARGE: 413,
     ErrorCode.MESSAGE_NOT_FOUND: 404,
     ErrorCode.SMTP_CONNECT_FAILED: 502,
+    ErrorCode.CHANNEL_SEND_FAILED: 502,
+    ErrorCode.PROVIDER_NOT_CONFIGURED: 404,
+    ErrorCode.PROVIDER_AUTH_FAILED: 502,
+    ErrorCode.RECIPIENT_INVALID: 400,
     ErrorCode.DATABASE_ERROR: 500,
     ErrorCode.REDIS_ERROR: 500,
     ErrorCode.QUEUE_ERROR: 500,
@@ -96,6 +106,10 @@ _MESSAGES: dict[ErrorCode, str] = {
     ErrorCode.ATTACHMENT_TOO_LARGE: "attachment too large",
     ErrorCode.MESSAGE_NOT_FOUND: "message not found",
     ErrorCode.SMTP_CONNECT_FAILED: "SMTP connection failed",
+    ErrorCode.CHANNEL_SEND_FAILED: "delivery through the provider failed",
+    ErrorCode.PROVIDER_NOT_CONFIGURED: "no provider configured for the channel",
+    ErrorCode.PROVIDER_AUTH_FAILED: "the provider refused the configured credentials",
+    ErrorCode.RECIPIENT_INVALID: "the provider refused the recipient",
     ErrorCode.DATABASE_ERROR: "database unavailable",
     ErrorCode.REDIS_ERROR: "redis unavailable",
     ErrorCode.QUEUE_ERROR: "message queue error",

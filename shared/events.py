@@ -25,12 +25,33 @@ SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
 class Channel(StrEnum):
+    """Every channel; each has its dispatch topic and sender (shared.channels: address forms)."""
+
     EMAIL = "email"
+    SMS = "sms"
+    FEISHU = "feishu"
+    DINGTALK = "dingtalk"
+    WECOM = "wecom"
+    SLACK = "slack"
+    TEAMS = "teams"
+    DISCORD = "discord"
+    TELEGRAM = "telegram"
+    FLOMO = "flomo"
+    WEBHOOK = "webhook"
+    PUSH = "push"
+    WECHAT_MP = "wechat_mp"
+    BARK = "bark"
+    NTFY = "ntfy"
+    GOTIFY = "gotify"
+    PUSHDEER = "pushdeer"
 
 
 class ContentType(StrEnum):
     HTML = "html"
     TEXT = "text"
+    MARKDOWN = "markdown"
+    # The content is the channel-neutral card in ``card`` (IM channels and webhooks).
+    CARD = "card"
 
 
 class State(StrEnum):

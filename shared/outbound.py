@@ -58,7 +58,10 @@ def guarded_client(allow: AllowList | str = "", **kwargs: Any) -> httpx.AsyncCli
     addresses except those in ``allow`` (``HERALD_OUTBOUND_ALLOW``). A refusal raises
     :class:`UnsafeURL` from the request."""
     allow_list = AllowList.parse(allow) if isinstance(allow, str) else allow
-    transport = httpx.AsyncHTTPTransport(retries=kwargs.pop("retries", 0))
+    # TLS verification and HTTP/2 are the transport's (a client's own ``verify`` would be ignored).
+    transport = httpx.AsyncHTTPTransport(
+        retries=kwargs.pop("retries", 0), http2=kwargs.pop("http2", False), verify=kwargs.pop("verify", True)
+    )
     pool = transport._pool  # httpx does not take a network backend; the pool does
     pool._network_backend = _GuardedBackend(pool._network_backend, allow_list)
     return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)

@@ -1,0 +1,292 @@
+"""The provider plugin contract: one module per provider, registered by one line in
+:mod:`services.senders.plugins` (``CATALOGUE``), tested against a local emulation of the
+vendor's documented endpoint (``tests/emulators``).
+
+A plugin declares:
+
+- ``channel`` and ``name`` (``sms``/``aliyun``), ``docs`` (the vendor pages it follows);
+- ``Config``: a pydantic model of what a tenant configures (``POST /api/v1/providers``). Fields
+  typed :class:`~pydantic.SecretStr` are secrets: stored encrypted (AES-256-GCM), never logged,
+  never returned by the API. Vendor endpoints are fields with the vendor's URL as default, so a
+  private deployment (or a test) can point elsewhere;
+- ``formats``: the content formats it renders natively (``text``, ``markdown``, ``html``,
+  ``card``); anything else is converted by :func:`as_text` / :func:`as_markdown`;
+- ``rate_limits``: the vendor's documented limits (the sender waits for a slot, never drops);
+- ``default_cost``: cost of one message in the deployment's currency (overridable per
+  provider, per destination country for SMS, see :class:`Costs`);
+- ``build(message) -> HttpCall``: render and sign one request (pure: time and nonces come from
+  ``self.clock`` / ``self.nonce`` so tests can pin them); ``parse(message, response)``: the
+  vendor's answer as a :class:`SendResult`, or one of the exceptions below (classification).
+  Plugins whose exchange is more than one request (an OAuth token first) override ``send``.
+
+Classification of a failed attempt (``services.senders.base``):
+
+- :class:`Retryable` -- transient: network, 5xx, vendor throttling (``retry_after`` honoured);
+- :class:`QuotaExceeded` -- the account's quota or balance is used up: retryable later, and
+  the provider (not the message) is at fault so routing may move to another provider;
+- :class:`Permanent` -- never retried: invalid recipient, rejected content; with
+  ``sender_fault=True`` for bad credentials or a misconfigured provider (another provider of
+  the channel could still deliver it).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.senders.base import Permanent, Retryable, SendResult
+from shared.errors import ErrorCode
+
+Format = Literal["text", "markdown", "html", "card"]
+
+
+class QuotaExceeded(Retryable):
+    """The provider account's quota or balance is exhausted: try later or elsewhere."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, code=ErrorCode.QUOTA_EXCEEDED, retry_after=retry_after, sender_fault=True)
+
+
+class ProviderConfig(BaseModel):
+    """Base of every plugin's configuration model."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class CardField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    value: str = Field(max_length=2000)
+
+
+class Card(BaseModel):
+    """A channel-neutral card: each IM plugin renders it as its own (Feishu interactive card,
+    DingTalk actionCard, Slack blocks, Teams Adaptive Card, Discord embed ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    text: str = Field(default="", max_length=4000, description="markdown")
+    fields: list[CardField] = Field(default_factory=list, max_length=20)
+    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
+    button: str | None = Field(default=None, max_length=60, description="label of the link button")
+    color: Literal["blue", "green", "orange", "red", "grey"] | None = None
+
+
+@dataclass(slots=True)
+class Message:
+    """One rendered delivery attempt as a plugin sees it (one recipient)."""
+
+    message_id: str
+    dispatch_id: str
+    tenant_id: str
+    to: str
+    content: str
+    format: Format = "text"
+    title: str | None = None
+    card: Card | None = None
+    # Channel-specific fields a send may carry (SMS: template_code, sign_name, params; WeChat
+    # MP: template_id, data, url; push: data, badge, sound; IM: mentions ...). Each plugin
+    # documents the ones it reads and validates them in ``build`` (Permanent on bad ones).
+    options: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+
+
+@dataclass(slots=True)
+class HttpCall:
+    """One HTTP request as a plugin builds it; exactly one of ``json``/``content``/``form``."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    json: Any = None
+    content: bytes | None = None
+    form: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` messages per ``per_s`` seconds, per provider configuration (a bot, an
+    account) or per recipient of it (Telegram's one message a second per chat)."""
+
+    count: int
+    per_s: float
+    scope: Literal["provider", "recipient"] = "provider"
+    source: str = ""  # where the vendor documents it
+
+
+class Costs(BaseModel):
+    """What one message costs through a configured provider: ``default`` or, for SMS, by the
+    destination's country calling code (``{"86": 0.045, "1": 0.0079}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    default: Decimal | None = Field(default=None, ge=0)
+    by_country: dict[str, Decimal] = Field(default_factory=dict)
+
+
+C = TypeVar("C", bound=ProviderConfig)
+
+
+class Plugin(Generic[C]):
+    channel: ClassVar[str]
+    name: ClassVar[str]
+    title: ClassVar[str]  # human name: "Aliyun SMS"
+    Config: ClassVar[type[ProviderConfig]]
+    docs: ClassVar[tuple[str, ...]] = ()
+    formats: ClassVar[frozenset[str]] = frozenset({"text"})
+    rate_limits: ClassVar[tuple[RateLimit, ...]] = ()
+    default_cost: ClassVar[Decimal] = Decimal("0")
+    # The recipient's address form on this provider, for the API catalogue ("E.164 phone
+    # number", "chat id", "device token") -- validated per channel by shared.channels.
+    address: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        config: C,
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.config = config
+        self.http = http
+        self.clock = clock
+        self.nonce = nonce
+
+    # --- what a plugin writes ---------------------------------------------------------------
+
+    def build(self, message: Message) -> HttpCall:
+        raise NotImplementedError
+
+    def parse(self, message: Message, response: httpx.Response) -> SendResult:
+        raise NotImplementedError
+
+    # --- shared behaviour -------------------------------------------------------------------
+
+    async def send(self, message: Message) -> SendResult:
+        call = self.build(message)
+        response = await self.request(call)
+        return self.parse(message, response)
+
+    async def request(self, call: HttpCall) -> httpx.Response:
+        """Send ``call``; a network failure is :class:`Retryable`, a refused address (SSRF
+        guard) :class:`Permanent` with ``sender_fault`` (the provider's URL is at fault)."""
+        from shared.ssrf import UnsafeURL
+
+        try:
+            return await self.http.request(
+                call.method,
+                call.url,
+                headers=call.headers,
+                json=call.json,
+                content=call.content,
+                data=call.form,
+            )
+        except UnsafeURL as exc:
+            raise Permanent(f"{self.name}: refused URL: {exc}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True) from None
+        except httpx.TimeoutException:
+            raise Retryable(f"{self.name}: timed out", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True) from None
+        except httpx.TransportError as exc:
+            raise Retryable(
+                f"{self.name}: {exc.__class__.__name__}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
+            ) from None
+
+    @classmethod
+    def cost(cls, costs: Costs | None, to: str) -> Decimal:
+        """One message to ``to``: the configured country price, else the configured default,
+        else the plugin's ``default_cost``."""
+        if costs is not None:
+            if costs.by_country and to.startswith("+"):
+                digits = to[1:]
+                for n in (4, 3, 2, 1):  # longest calling code first ("1" vs "1242")
+                    if digits[:n] in costs.by_country:
+                        return costs.by_country[digits[:n]]
+            if costs.default is not None:
+                return costs.default
+        return cls.default_cost
+
+
+# --- helpers every plugin uses ---------------------------------------------------------------
+
+
+def retry_after(response: httpx.Response, default: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return default
+
+
+def http_failure(name: str, response: httpx.Response, detail: str = "") -> Exception:
+    """The classification of an HTTP status when the body said nothing more specific:
+    429 throttled (Retry-After), 5xx/408 transient, 401/403 bad credentials (the provider's
+    fault), other 4xx rejected."""
+    status = response.status_code
+    what = f"{name}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status == 429:
+        return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 1.0), sender_fault=True)
+    if status >= 500 or status == 408:
+        return Retryable(what, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=retry_after(response), sender_fault=True)
+    if status in (401, 403):
+        return Permanent(what, code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
+    return Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED)
+
+
+def body_of(response: httpx.Response) -> dict[str, Any]:
+    """The response's JSON object, or {} when it is not one."""
+    try:
+        value = response.json()
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def as_text(message: Message) -> str:
+    """The message as plain text (a card flattened: title, text, fields, link)."""
+    if message.card is not None:
+        card = message.card
+        lines = [card.title, card.text] if card.text else [card.title]
+        lines += [f"{f.title}: {f.value}" for f in card.fields]
+        if card.url:
+            lines.append(card.url)
+        return "\n".join(lines)
+    if message.title and message.format != "card":
+        return f"{message.title}\n{message.content}" if message.content else message.title
+    return message.content
+
+
+def as_markdown(message: Message) -> str:
+    """The message as markdown (a card: bold title, text, fields as a list, link)."""
+    if message.card is not None:
+        card = message.card
+        lines = [f"**{card.title}**"]
+        if card.text:
+            lines.append(card.text)
+        lines += [f"- **{f.title}**: {f.value}" for f in card.fields]
+        if card.url:
+            lines.append(f"[{card.button or card.url}]({card.url})")
+        return "\n\n".join(lines) if len(lines) > 1 else lines[0]
+    body = message.content
+    if message.title:
+        return f"**{message.title}**\n\n{body}" if body else f"**{message.title}**"
+    return body
+
+
+def random_token(n: int = 16) -> str:
+    return base64.urlsafe_b64encode(os.urandom(n)).decode().rstrip("=")
