@@ -7,6 +7,7 @@ Servers: broker, postgres, redis, smtp-sink, banner. Data lives under ``$HERALD_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -55,7 +56,7 @@ def _wait_forever(server: servers.Server | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m devstack")
-    parser.add_argument("server", choices=["broker", "postgres", "redis", "smtp-sink", "banner"])
+    parser.add_argument("server", choices=["broker", "postgres", "redis", "smtp-sink", "webhook-sink", "banner"])
     args = parser.parse_args()
     data = Path(os.environ.get("HERALD_DATA_DIR", ".data")).resolve()
 
@@ -86,6 +87,12 @@ def main() -> None:
             _wait_forever()
         finally:
             controller.stop()
+    elif args.server == "webhook-sink":
+        port = int(os.environ.get("HERALD_WEBHOOK_SINK_PORT", "8025"))
+        _require_free(port, "webhook-sink")
+        print(f"[webhook-sink] on http://127.0.0.1:{port}/, requests saved in {data / 'webhooks'}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            sinks.run_webhook_sink(port, data / "webhooks")
     else:
         _banner()
 

@@ -1,4 +1,4 @@
-"""Starting Herald's four services as subprocesses (``python -m ...``), as ``make run`` does;
+"""Starting Herald's services as subprocesses (``python -m ...``), as ``make run`` does;
 used by the test suite and the benchmarks."""
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ COMMANDS: dict[str, list[str]] = {
     "ingest": ["-m", "services.ingest"],
     "router": ["-m", "services.router"],
     "sender-email": ["-m", "services.senders", "email"],
+    # Every other channel's sender in one process (each its own consumer group, as if deployed alone).
+    "sender-plugins": ["-m", "services.senders", "all-plugins"],
     "tracker": ["-m", "services.tracker"],
 }
 PORT_VARIABLE = {
     "ingest": "HERALD_INGEST_PORT",
     "router": "HERALD_ROUTER_HTTP_PORT",
     "sender-email": "HERALD_SENDER_HTTP_PORT",
+    "sender-plugins": "HERALD_SENDER_HTTP_PORT",
     "tracker": "HERALD_TRACKER_HTTP_PORT",
 }
 
@@ -76,7 +79,7 @@ def _spawn(name: str, env: dict[str, str], log_path: Path, port: int, *, append:
 def start_services(
     env: dict[str, str], log_dir: Path, names: list[str] | None = None, timeout: float = 120
 ) -> dict[str, Service]:
-    """Start the named services (all four by default) and wait until each is ready."""
+    """Start the named services (all by default) and wait until each is ready."""
     started: dict[str, Service] = {}
     for name in names or list(COMMANDS):
         started[name] = _spawn(name, env, log_dir / f"{name}.log", free_port())

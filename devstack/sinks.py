@@ -101,3 +101,42 @@ def start_smtp_sink(port: int, directory: Path | None = None, echo: bool = False
     )
     controller.start()
     return controller, handler
+
+
+def run_webhook_sink(port: int, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    asyncio.run(serve_webhook_sink(port, directory, len(list(directory.glob("*.json")))))
+
+
+async def serve_webhook_sink(port: int, directory: Path, saved: int = 0) -> None:
+    """A local endpoint for the ``webhook`` channel (and bots pointed at it): every request is
+    printed (Standard Webhooks headers and the body) and saved as ``<n>.json`` in ``directory``;
+    answers 200. Runs until cancelled."""
+    import json
+
+    from aiohttp import web
+
+    counter = {"n": saved}
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        counter["n"] += 1
+        signed = {k: v for k, v in request.headers.items() if k.lower().startswith("webhook-")}
+        entry = {"method": request.method, "path": request.path_qs, "headers": dict(request.headers),
+                 "body": body.decode("utf-8", "replace")}  # fmt: skip
+        (directory / f"{counter['n']:06d}.json").write_text(  # noqa: ASYNC240 - a small local file
+            json.dumps(entry, indent=2, ensure_ascii=False)
+        )
+        print(f"[webhook-sink] {request.method} {request.path} {signed} {body[:500].decode('utf-8', 'replace')}",
+              flush=True)  # fmt: skip
+        return web.json_response({"ok": True})
+
+    app = web.Application(client_max_size=2 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", receive)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -117,8 +117,12 @@ CHANNELS: dict[Channel, ChannelSpec] = {
                     formats=frozenset({"text", "markdown"}), content_max=4096),  # fmt: skip
         ChannelSpec(Channel.GOTIFY, "a configured Gotify application's name", _endpoint, endpoint=True,
                     formats=frozenset({"text", "markdown"})),  # fmt: skip
-        ChannelSpec(Channel.PUSHDEER, "a PushDeer push key", _pattern(r"PDU[A-Za-z0-9]{8,64}", "a PushDeer key (PDU...)"),
-                    formats=frozenset({"text", "markdown"})),  # fmt: skip
+        ChannelSpec(
+            Channel.PUSHDEER,
+            "a PushDeer push key",
+            _pattern(r"PDU[A-Za-z0-9]{8,64}", "a PushDeer key (PDU...)"),
+            formats=frozenset({"text", "markdown"}),
+        ),
     )
 }
 

@@ -186,6 +186,31 @@ class EmailOptions(BaseModel):
     attachments: list[AttachmentRef] | None = Field(default=None, max_length=20)
 
 
+class CardField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    value: str = Field(max_length=2000)
+
+
+class Card(BaseModel):
+    """A channel-neutral card (content_type ``card``): each IM plugin renders it as its own
+    (Feishu interactive card, DingTalk actionCard, Slack blocks, Teams Adaptive Card, Discord
+    embed ...); channels without cards get it as text or markdown."""
+
+    model_config = ConfigDict(extra="forbid")
+    title: str = Field(min_length=1, max_length=200)
+    text: str = Field(default="", max_length=4000, description="markdown")
+    fields: list[CardField] = Field(default_factory=list, max_length=20)
+    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^\s]+$")
+    button: str | None = Field(default=None, max_length=60, description="label of the link button")
+    color: Literal["blue", "green", "orange", "red", "grey"] | None = None
+
+
+# Channel-specific fields of a send (SMS template_code/params, WeChat MP data, push data, IM
+# mentions ...): each provider plugin documents and validates the ones it reads.
+Options = dict[str, Any]
+
+
 class TemplateRef(BaseModel):
     """A send in template mode: which template version, its variables and the locale. Ingest
     pins the version (the current one unless the caller named one); the router renders."""
@@ -226,6 +251,12 @@ class RequestV1(_Event):
     content_type: ContentType = ContentType.HTML
     template: TemplateRef | None = None
     email: EmailOptions | None = None
+    # Other channels (issue 9): the card of content_type "card", the channel's options, and the
+    # configured provider to use (its name; default: the tenant's first by priority). On
+    # endpoint channels (bots, webhooks) ``to`` already names the provider.
+    card: Card | None = None
+    options: Options | None = None
+    provider: str | None = Field(default=None, max_length=64)
     idempotency_key: str | None = Field(default=None, max_length=255)
     request_id: str | None = Field(default=None, max_length=64)
     accepted_at: datetime | None = None
@@ -274,6 +305,8 @@ class DispatchV1(_Event):
     content: str
     content_type: ContentType = ContentType.HTML
     email: EmailOptions | None = None
+    card: Card | None = None
+    options: Options | None = None
     request_id: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     # A retry waits on a notify.retry.* topic until this moment, then goes back to dispatch.

@@ -166,6 +166,10 @@ class Settings(BaseSettings):
     smtp_from_name: str = "Herald"
     sender_concurrency: int = Field(default=32, ge=1)
     sender_done_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # Providers of the other channels (issue 9): each HTTP request's timeout, and how often the
+    # configured providers are read again besides the NOTIFY of every change.
+    provider_timeout_s: float = Field(default=10.0, gt=0)
+    provider_reload_s: float = Field(default=60.0, gt=0)
 
     # --- tracker --------------------------------------------------------------------------
     tracker_batch_max: int = Field(default=1000, ge=1)

@@ -32,6 +32,7 @@ from services.ingest.routes import (
     frequency_caps,
     health,
     messages,
+    providers,
     templates,
     tenants,
 )
@@ -149,6 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(templates.router)
     app.include_router(frequency_caps.router)
     app.include_router(digest_rules.router)
+    app.include_router(providers.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(audit_log.router)

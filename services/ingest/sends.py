@@ -8,7 +8,13 @@ from typing import Any
 
 from fastapi import Request
 
+from services.ingest.dedup import fingerprint_of
+from services.ingest.http import JSONResponse, envelope, iso_z
+from services.ingest.limits import QuotaExceeded
+from services.ingest.publish import NewRecord
 from shared.errors import ErrorCode, HeraldError
+from shared.events import SEED_STATUS, RequestV1, State
+from shared.kafka import Trace
 from shared.schedule import ScheduleError, due_at
 from shared.settings import Settings
 
@@ -83,3 +89,91 @@ def due_time(
         )
     except ScheduleError as exc:
         raise HeraldError(ErrorCode.INVALID_PARAMS, exc.message, field=exc.field) from None
+
+
+async def keyed(pool: Any, tenant_id: str, key: str) -> Any:
+    """The message an idempotency key names in PostgreSQL (its record carries the key)."""
+    return await pool.fetchrow(
+        """SELECT message_id, state, request_hash, scheduled_at FROM message_records
+           WHERE tenant_id = $1 AND idempotency_key = $2""",
+        tenant_id,
+        key,
+    )
+
+
+def answer(message_id: str, state: str, scheduled_at: datetime | None) -> dict[str, Any]:
+    """A send's answer (202): its id, seed status and state, and its time when scheduled."""
+    out = {"message_id": message_id, "status": SEED_STATUS[State(state)].value, "state": state}
+    if scheduled_at is not None:
+        out["scheduled_at"] = iso_z(scheduled_at)
+    return out
+
+
+def replay(message_id: str, first_hash: str | None, digest: str, response: dict) -> JSONResponse:
+    """The first response again, or 409 when the key came back with another body."""
+    if first_hash is not None and first_hash != digest:
+        raise HeraldError(
+            ErrorCode.DUPLICATE_REQUEST,
+            f"idempotency key already used for {message_id} with a different request body",
+            field="idempotency_key",
+        )
+    return envelope(response, status_code=202, headers={"Idempotent-Replayed": "true"})
+
+
+async def accept(
+    services: Any,
+    tenant_id: str,
+    req: RequestV1,
+    recipients: dict[str, list[str]],
+    *,
+    trace: Trace,
+    now: datetime,
+    key: str | None,
+    digest: str,
+    dedup: bool,
+) -> JSONResponse:
+    """The end of every single send: the duplicate check (content fingerprint, unless a key or
+    ``dedup: false``), the channel's monthly quota, the record and the request (or the record a
+    key already names), the key remembered; 202 with the message's id and state."""
+    guard = services.guard
+    channel = req.channel.value
+    fp, skipped = None, False
+    tenant = await services.tenants.get(tenant_id)
+    if key is None and dedup:
+        fp = fingerprint_of(req)
+        window = tenant.dedup_window_s
+        earlier, skipped = await guard.claim(fp, req.message_id or "", window)
+        if earlier is not None:
+            raise HeraldError(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"duplicate of {earlier}: same recipients, subject and content within "
+                f'{window} s (send with "dedup": false to force)',
+                field="content",
+            )
+    try:
+        counted = await services.quotas.take(tenant_id, channel, tenant.quotas.get(channel))
+    except QuotaExceeded as exc:
+        if fp is not None:
+            await guard.release(fp, req.message_id or "")
+        raise HeraldError(
+            ErrorCode.QUOTA_EXCEEDED,
+            f"the monthly {channel} quota of {exc.limit} messages is used up ({exc.used} this month); "
+            f"it renews at {exc.resets_at.isoformat().replace('+00:00', 'Z')}",
+        ) from None
+    record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped)
+    try:
+        outcome = await services.publisher.accept(record, trace)
+    except HeraldError:
+        if counted:
+            await services.quotas.give_back(tenant_id, channel)
+        if fp is not None:
+            await guard.release(fp, req.message_id or "")
+        raise
+    if counted and not outcome.created:
+        await services.quotas.give_back(tenant_id, channel)
+    response = answer(outcome.message_id, State(outcome.state).value, req.scheduled_at)
+    if not outcome.created:
+        return replay(outcome.message_id, outcome.request_hash, digest, response)
+    if key is not None:
+        await guard.remember(tenant_id, key, outcome.message_id, digest, response)
+    return envelope(response, status_code=202)

@@ -21,7 +21,7 @@ from services.router.frequency import Frequency
 from services.router.retry import serve_relay
 from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
 from services.router.schedule import serve_scheduler
-from shared.events import DeadLetterV1, utcnow
+from shared.events import Channel, DeadLetterV1, utcnow
 from shared.frequency import RuleStore
 from shared.health import HealthServer
 from shared.ids import new_request_id
@@ -61,7 +61,7 @@ def create_app(settings: Settings) -> faust.App:
     dlq = app.topic(Topics.DLQ, key_serializer="raw", value_serializer="raw")
     dispatch_topics = {
         channel: app.topic(Topics.dispatch(channel), key_serializer="raw", value_serializer="raw")
-        for channel in ("email",)
+        for channel in Channel
     }
     state = {"assigned": False}
     # Templates come from notify.config, read whole before the first request is routed.

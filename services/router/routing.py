@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
+from shared.channels import AddressError, check_address, spec
 from shared.events import (
     Channel,
     ContentType,
@@ -25,7 +26,6 @@ from shared.events import (
     State,
     event_id,
     utcnow,
-    validate_email_address,
 )
 from shared.ids import derived_message_id, is_message_id, new_message_id
 from shared.templates import Rendered, Renderer, TemplateProblem, TemplateVersion
@@ -33,6 +33,8 @@ from shared.templates import Rendered, Renderer, TemplateProblem, TemplateVersio
 SERVICE = "router"
 
 _RENDERER = Renderer()
+# Template variants' formats that are content types (html, text, markdown).
+_RENDERED_TYPES = frozenset({"html", "text", "markdown"})
 # What a rendered message may weigh in all (the broker's default request limit is 1 MiB).
 MAX_RENDERED_BYTES = 768 * 1024
 
@@ -139,16 +141,30 @@ def _mode_errors(request: RequestV1) -> list[dict[str, str]]:
 
 
 def _channel_errors(request: RequestV1) -> list[dict[str, str]]:
-    """Checks that depend on the channel (addresses of the right kind, required fields)."""
+    """Checks that depend on the channel: addresses of its form, a content format it takes,
+    its required fields, no other channel's options."""
     errors: list[dict[str, str]] = []
+    channel = spec(request.channel)
+    for i, address in enumerate(request.to):
+        try:
+            check_address(request.channel, address)
+        except AddressError as exc:
+            errors.append({"field": f"to.{i}", "message": str(exc)})
     if request.channel is Channel.EMAIL:
-        for i, address in enumerate(request.to):
-            try:
-                validate_email_address(address)
-            except ValidationError:
-                errors.append({"field": f"to.{i}", "message": "not a valid email address"})
         if not request.subject:
             errors.append({"field": "subject", "message": "field required for email"})
+    else:
+        if len(request.to) > 1:
+            errors.append({"field": "to", "message": f"one recipient per message on {request.channel.value}"})
+        if request.email is not None:
+            errors.append({"field": "email", "message": "email options on a message of another channel"})
+    if request.content_type.value not in channel.formats:
+        errors.append({
+            "field": "content_type",
+            "message": f"{request.channel.value} takes {', '.join(sorted(channel.formats))}",
+        })  # fmt: skip
+    elif request.content_type is ContentType.CARD and request.card is None:
+        errors.append({"field": "card", "message": "field required with content_type card"})
     return errors
 
 
@@ -324,7 +340,7 @@ def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
     update: dict[str, Any] = {
         "subject": rendered.subject,
         "content": rendered.content,
-        "content_type": ContentType.HTML if rendered.format == "html" else ContentType.TEXT,
+        "content_type": ContentType(rendered.format) if rendered.format in _RENDERED_TYPES else ContentType.TEXT,
     }
     size = sum(len(v.encode()) for v in (rendered.subject, rendered.content, rendered.text_content) if v)
     if size > MAX_RENDERED_BYTES:
@@ -471,6 +487,9 @@ def _route(request: RequestV1, now: datetime) -> Routed:
         content=request.content,
         content_type=request.content_type,
         email=email,
+        card=request.card,
+        options=request.options,
+        provider=request.provider,
         request_id=request.request_id,
         created_at=now,
     )

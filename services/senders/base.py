@@ -28,6 +28,9 @@ class DeliveryError(Exception):
         self.message = message
         self.code = code
         self.sender_fault = sender_fault
+        # Set by a channel with several providers: which one failed (named by the event).
+        self.provider: str | None = None
+        self.detail: dict[str, Any] = {}
 
 
 class Retryable(DeliveryError):
@@ -54,6 +57,8 @@ class SendResult:
 
     provider_message_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # The provider that delivered it, when the channel has several (the outcome event names it).
+    provider: str | None = None
 
 
 HealthHook = Callable[[dict[str, Any]], Awaitable[None]]

@@ -1,25 +1,23 @@
-"""Every provider, by channel: ``name -> "module:Class"``, imported only when used."""
+"""The provider each channel's sender delivers through: the SMTP pool for email; for every
+other channel the tenant's configured providers and their plugins
+(:mod:`services.senders.channel`, catalogue in :mod:`services.senders.plugins`)."""
 
 from __future__ import annotations
 
 import importlib
 
 from services.senders.base import Provider
+from shared.events import Channel
 
-PROVIDERS: dict[str, dict[str, str]] = {
-    "email": {
-        "smtp": "services.senders.email.smtp:SmtpProvider",
-    },
-}
-
-DEFAULT_PROVIDER: dict[str, str] = {"email": "smtp"}
+CHANNELS: tuple[str, ...] = tuple(c.value for c in Channel)
 
 
-def load(channel: str, name: str | None = None) -> type[Provider]:
-    """The provider class registered for ``channel`` under ``name`` (or the default)."""
-    try:
-        target = PROVIDERS[channel][name or DEFAULT_PROVIDER[channel]]
-    except KeyError:
-        raise LookupError(f"no provider {name!r} for channel {channel!r}") from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+def load(channel: str) -> type[Provider]:
+    """The provider class of ``channel`` (LookupError for an unknown channel)."""
+    if channel == Channel.EMAIL:
+        return importlib.import_module("services.senders.email.smtp").SmtpProvider
+    if channel not in CHANNELS:
+        raise LookupError(f"no channel {channel!r}")
+    from services.senders.channel import ChannelSender
+
+    return ChannelSender.bound(channel)  # type: ignore[return-value]

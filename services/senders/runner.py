@@ -410,10 +410,11 @@ class SenderRunner:
             except DeliveryError as exc:
                 await _settled(marks)
                 elapsed = time.perf_counter() - started
-                SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
-                MESSAGES_SENT.labels(self.channel, "failed", provider_name).inc()
+                SEND_DURATION.labels(self.channel, exc.provider or provider_name).observe(elapsed)
+                MESSAGES_SENT.labels(self.channel, "failed", exc.provider or provider_name).inc()
                 return self._failure(dispatch, exc, elapsed, headers)
         elapsed = time.perf_counter() - started
+        provider_name = result.provider or provider_name
         SEND_DURATION.labels(self.channel, provider_name).observe(elapsed)
         MESSAGES_SENT.labels(self.channel, "success", provider_name).inc()
         detail = {
@@ -429,14 +430,18 @@ class SenderRunner:
             recipient=dispatch.to[0],
             duration_ms=round(elapsed * 1000, 1),
         )
-        event = self._event(dispatch, State.SENT, detail=detail)
+        event = self._event(dispatch, State.SENT, detail=detail, provider=provider_name)
         return [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]
 
     def _failure(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
         """A failed attempt's records: see :func:`next_step`."""
         step = next_step(exc, dispatch.attempt, self.settings.retry_delays)
-        detail: dict[str, Any] = {"permanent": isinstance(exc, Permanent), "duration_ms": round(elapsed * 1000, 1)}
-        fields = {"error_code": exc.code, "error": exc.message}
+        detail: dict[str, Any] = {
+            **exc.detail,
+            "permanent": isinstance(exc, Permanent),
+            "duration_ms": round(elapsed * 1000, 1),
+        }
+        fields: dict[str, Any] = {"error_code": exc.code, "error": exc.message, "provider": exc.provider}
         key = dispatch.message_id.encode()
         if step.retry_in is not None:
             due = utcnow() + timedelta(seconds=step.retry_in)
@@ -498,7 +503,7 @@ class SenderRunner:
 
     # --- pieces ----------------------------------------------------------------------------
 
-    def _event(self, dispatch: DispatchV1, state: State, **fields: Any) -> EventV1:
+    def _event(self, dispatch: DispatchV1, state: State, provider: str | None = None, **fields: Any) -> EventV1:
         return EventV1(
             event_id=event_id(dispatch.message_id, dispatch.attempt, state),
             message_id=dispatch.message_id,
@@ -508,7 +513,7 @@ class SenderRunner:
             occurred_at=utcnow(),
             service=self.service,
             channel=self.channel,
-            provider=getattr(self.provider, "name", None),
+            provider=provider or getattr(self.provider, "name", None),
             request_id=dispatch.request_id,
             **fields,
         )
@@ -685,10 +690,13 @@ def _parse(record: ConsumerRecord) -> DispatchV1 | list[dict]:
         return field_errors(exc)
 
 
-async def serve(settings: Settings, channel: str) -> None:
-    """Run the sender of ``channel`` until SIGTERM/SIGINT."""
-    provider_class = registry.load(channel)
-    provider_class.check(settings)  # a bad configuration stops here, before any connection
+async def serve(settings: Settings, channels: list[str]) -> None:
+    """Run the senders of ``channels`` until SIGTERM/SIGINT: one consumer (group
+    ``herald-sender-<channel>``) and runner per channel, so a channel can as well run alone in
+    its own deployment and scale there; the producer, Redis and the health port are shared."""
+    classes = {channel: registry.load(channel) for channel in channels}
+    for cls in classes.values():
+        cls.check(settings)  # a bad configuration stops here, before any connection
     await ensure_topics(settings)
     producer = make_producer(settings)
     await producer.start()
@@ -697,35 +705,34 @@ async def serve(settings: Settings, channel: str) -> None:
         record = ProviderHealthV1(**change)
         await producer.send_and_wait(Topics.PROVIDER_HEALTH, record.to_bytes(), key=record.identity.encode())
 
-    provider = await provider_class.open(settings, publish_health)
-    consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
+    providers = {channel: await cls.open(settings, publish_health) for channel, cls in classes.items()}
     redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
     ledger = Ledger(settings.redis_url.get_secret_value())
     ledger.start()
     await ledger.wait_connected(5)
-    await consumer.start()
-    runner = SenderRunner(settings, channel, provider, consumer, producer, redis, ledger)
-
-    async def kafka_ready() -> None:
-        if not consumer.assignment():
-            raise RuntimeError("no partitions assigned")
+    runners: list[SenderRunner] = []
+    checks: dict[str, Any] = {}
+    for channel, provider in providers.items():
+        consumer = make_consumer(settings, [Topics.dispatch(channel)], group_id=f"herald-sender-{channel}")
+        await consumer.start()
+        runners.append(SenderRunner(settings, channel, provider, consumer, producer, redis, ledger))
+        suffix = "" if len(providers) == 1 else f":{channel}"
+        checks[f"kafka{suffix}"] = _assigned(consumer)
+        checks[f"provider{suffix}"] = provider.ready
 
     async def redis_ready() -> None:
         await redis.ping()
 
-    health = HealthServer(
-        "0.0.0.0",
-        settings.sender_http_port,
-        {"kafka": kafka_ready, "redis": redis_ready, "provider": provider.ready},
-    )
+    health = HealthServer("0.0.0.0", settings.sender_http_port, {**checks, "redis": redis_ready})
     await health.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runner.stop)
-    log.info("sender for %s started (provider %s)", channel, provider.name)
+        loop.add_signal_handler(sig, lambda: [r.stop() for r in runners])
+    for channel, provider in providers.items():
+        log.info("sender for %s started (provider %s)", channel, provider.name)
     keeper = asyncio.create_task(keep_topics(settings))
     try:
-        await runner.run()
+        await asyncio.gather(*(r.run() for r in runners))
     finally:
         keeper.cancel()
         await health.stop()
@@ -734,13 +741,21 @@ async def serve(settings: Settings, channel: str) -> None:
         # A record not flushed is not lost: its dispatch's outcome is recorded and its offset
         # not committed, so the next owner publishes it again.
         await asyncio.gather(
-            stop_quietly(consumer, 3),
+            *(stop_quietly(r.consumer, 3) for r in runners),
             stop_quietly(producer, 3),
-            _closed(provider.close(), 3, "provider"),
+            *(_closed(p.close(), 3, f"{c} provider") for c, p in providers.items()),
         )
         await ledger.close()
         await redis.aclose()
-    log.info("sender for %s stopped", channel)
+    log.info("senders for %s stopped", ", ".join(channels))
+
+
+def _assigned(consumer: AIOKafkaConsumer) -> Any:
+    async def check() -> None:
+        if not consumer.assignment():
+            raise RuntimeError("no partitions assigned")
+
+    return check
 
 
 async def _closed(coro: Any, timeout: float, what: str) -> None:

@@ -6,22 +6,32 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, EmailStr, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, EmailStr, Field
 
 from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
-from services.ingest.dedup import fingerprint_of, request_hash
+from services.ingest.dedup import request_hash
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import JSONResponse, envelope, iso_z, json_body_schema, parse_body
-from services.ingest.limits import QuotaExceeded
-from services.ingest.publish import NewRecord
+from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
 from services.ingest.routes.templates import resolve as resolve_template
-from services.ingest.sends import LOCALE, content_mode_error, due_time, idempotency_key, missing_variable
+from services.ingest.sends import (
+    LOCALE,
+    accept,
+    answer,
+    content_mode_error,
+    due_time,
+    idempotency_key,
+    keyed,
+    missing_variable,
+    replay,
+)
+from shared.channels import AddressError, check_address
+from shared.channels import spec as channel_spec
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
-    SEED_STATUS,
+    Card,
     Category,
     Channel,
     ContentType,
@@ -49,7 +59,7 @@ class EmailSendRequest(BaseModel):
     bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
     subject: str | None = Field(default=None, min_length=1, max_length=998, pattern=NO_NEWLINES)
     content: str | None = Field(default=None, min_length=1)
-    content_type: ContentType = ContentType.HTML
+    content_type: Literal[ContentType.HTML, ContentType.TEXT] = ContentType.HTML
     text_content: str | None = Field(
         default=None, min_length=1, description="Plain-text alternative of an HTML body; derived when absent"
     )
@@ -87,6 +97,73 @@ class EmailSendRequest(BaseModel):
     @property
     def to_list(self) -> list[str]:
         return [self.to] if isinstance(self.to, str) else list(self.to)
+
+
+class EmailFields(BaseModel):
+    """Email-only fields of a generic send (attachments: ``/messages/email/send``)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    cc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    bcc: list[EmailStr] = Field(default_factory=list, max_length=100)
+    from_name: str | None = Field(default=None, max_length=100, pattern=NO_NEWLINES)
+    reply_to: EmailStr | None = None
+    text_content: str | None = Field(default=None, min_length=1)
+
+
+_Recipient = Annotated[str, Field(min_length=1, max_length=320)]
+
+
+class SendRequest(BaseModel):
+    """Body of ``POST /api/v1/messages/send``: one message on any channel."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, populate_by_name=True)
+
+    channel: Channel | None = Field(
+        default=None, description="the channel; required until routing rules choose one (issue 10)", examples=["sms"]
+    )
+    to: _Recipient | list[_Recipient] = Field(
+        description="the recipient in the channel's form (GET /api/v1/providers/catalogue): an E.164 number, a chat "
+        "id, a device token; on bot and webhook channels the configured provider's name. Email: up to "
+        "max_recipients addresses; other channels: one",
+        examples=["+8613800138000"],
+    )
+    provider: str | None = Field(
+        default=None, max_length=64, description="a configured provider's name; default: the first by priority"
+    )
+    subject: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=998,
+        pattern=NO_NEWLINES,
+        validation_alias=AliasChoices("subject", "title"),
+        description="subject (email) or title (push, IM); alias title",
+    )
+    content: str | None = Field(default=None, min_length=1)
+    content_type: ContentType | None = Field(default=None, description="default: html for email, text otherwise")
+    card: Card | None = Field(default=None, description="with content_type card: rendered natively by IM channels")
+    options: dict[str, Any] | None = Field(
+        default=None, description="the channel's own fields (SMS template_code and params, WeChat MP data, ...)"
+    )
+    email: EmailFields | None = None
+    template_id: int | None = Field(default=None, ge=1)
+    template_name: str | None = Field(default=None, min_length=1, max_length=100)
+    template_version: int | None = Field(default=None, ge=1)
+    template_vars: dict[str, Any] | None = None
+    locale: str | None = Field(default=None, max_length=35, pattern=LOCALE)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
+    dedup: bool = True
+    scheduled_time: str | None = None
+    delay: str | int | None = None
+    timezone: str | None = Field(default=None, max_length=64)
+    category: Category | None = None
+
+    @property
+    def to_list(self) -> list[str]:
+        return [self.to] if isinstance(self.to, str) else list(self.to)
+
+    @property
+    def text_content(self) -> str | None:  # what content_mode_error reads
+        return self.email.text_content if self.email else None
 
 
 class BatchQuery(BaseModel):
@@ -135,6 +212,146 @@ async def send_email_scheduled(request: Request):
     return await _send_email(request, schedule_required=True)
 
 
+@router.post(
+    "/send", status_code=202, summary="Send a message on any channel", openapi_extra=json_body_schema(SendRequest)
+)
+async def send(request: Request):
+    """Accept one message for delivery on ``channel`` through the tenant's configured providers
+    (``/api/v1/providers``); 202 with its ``message_id``. Content or a template (with a variant
+    for the channel); scheduling, idempotency, dedup and categories as for email."""
+    services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
+    body = await parse_body(request, SendRequest)
+    settings = services.settings
+    if body.channel is None:
+        raise HeraldError(
+            ErrorCode.INVALID_PARAMS, "field required (routing rules that choose the channel come later)",
+            field="channel",
+        )  # fmt: skip
+    channel = body.channel
+    templated = body.template_id is not None or body.template_name is not None
+    if (error := _generic_mode_error(body, channel, templated)) is not None:
+        raise error
+    key = idempotency_key(body.idempotency_key, request)
+    digest = request_hash(body.model_dump(mode="json", by_alias=True))
+    if key is not None and (remembered := await services.guard.recall(tenant_id, key)) is not None:
+        return replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
+    try:
+        scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC))
+    except HeraldError:
+        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
+            return replay(first["message_id"], first["request_hash"], digest,
+                          answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
+        raise
+    to = _addresses(body, channel, settings.max_recipients)
+    if channel is not Channel.EMAIL:
+        await _provider_configured(services.pool, tenant_id, channel, body.provider, to[0])
+    template = await _template_ref(request, tenant_id, body, channel.value) if templated else None
+    now = datetime.now(UTC)
+    trace = Trace(request.state.request_id, request.state.traceparent)
+    email = body.email
+    req = RequestV1(
+        message_id=new_message_id(now),
+        tenant_id=tenant_id,
+        channel=channel,
+        to=to,
+        subject=body.subject,
+        content=body.content or "",
+        content_type=body.content_type or (ContentType.HTML if channel is Channel.EMAIL else ContentType.TEXT),
+        template=template,
+        email=EmailOptions(cc=email.cc, bcc=email.bcc, from_name=email.from_name, reply_to=email.reply_to,
+                           text=email.text_content) if email else None,  # fmt: skip
+        card=body.card,
+        options=body.options,
+        provider=body.provider,
+        idempotency_key=key,
+        request_id=trace.request_id,
+        accepted_at=now,
+        recorded=True,
+        scheduled_at=scheduled_at,
+        category=body.category,
+    )
+    recipients = {"to": req.to, **({"cc": list(email.cc), "bcc": list(email.bcc)} if email else {})}
+    return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,
+                        dedup=body.dedup)  # fmt: skip
+
+
+def _generic_mode_error(body: SendRequest, channel: Channel, templated: bool) -> HeraldError | None:
+    """Email follows seed 004's rules (subject and content, or a template); other channels
+    need content, a card, or a template, and a content type the channel takes."""
+    if channel is Channel.EMAIL:
+        if (error := content_mode_error(body)) is not None:
+            return error
+    else:
+        if body.email is not None:
+            return HeraldError(ErrorCode.INVALID_PARAMS, f"only for email, not {channel.value}", field="email")
+        if body.template_id is not None and body.template_name is not None:
+            return HeraldError(
+                ErrorCode.INVALID_PARAMS, "give template_id or template_name, not both", field="template_name"
+            )
+        if templated and body.content is not None:
+            return HeraldError(ErrorCode.INVALID_PARAMS, "content and template_id are mutually exclusive",
+                               field="content")  # fmt: skip
+        if not templated:
+            if body.content is None and body.card is None:
+                return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id or card",
+                                   field="content")  # fmt: skip
+            for name in ("template_vars", "template_version", "locale"):
+                if getattr(body, name) is not None:
+                    return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
+    formats = channel_spec(channel).formats
+    content_type = body.content_type or (ContentType.CARD if body.card is not None and body.content is None else None)
+    if content_type is not None and content_type.value not in formats:
+        return HeraldError(ErrorCode.INVALID_PARAMS, f"{channel.value} takes {', '.join(sorted(formats))}",
+                           field="content_type")  # fmt: skip
+    if content_type is ContentType.CARD and body.card is None:
+        return HeraldError(ErrorCode.INVALID_PARAMS, "field required with content_type card", field="card")
+    if body.card is not None and content_type is not ContentType.CARD:
+        return HeraldError(ErrorCode.INVALID_PARAMS, 'only with "content_type": "card"', field="card")
+    if body.content_type is None and content_type is ContentType.CARD:
+        body.content_type = ContentType.CARD
+    return None
+
+
+def _addresses(body: SendRequest, channel: Channel, max_recipients: int) -> list[str]:
+    """The recipients in the channel's form (normalised), or 1001 naming the first bad one."""
+    to = body.to_list
+    if not to:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
+    if channel is Channel.EMAIL:
+        extra = len(body.email.cc) + len(body.email.bcc) if body.email else 0
+        if len(to) + extra > max_recipients:
+            raise HeraldError(ErrorCode.INVALID_PARAMS, f"at most {max_recipients} recipients in to, cc and bcc",
+                              field="to")  # fmt: skip
+    elif len(to) > 1:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, f"one recipient per message on {channel.value}", field="to")
+    out = []
+    for i, address in enumerate(to):
+        try:
+            out.append(check_address(channel, address))
+        except AddressError as exc:
+            raise HeraldError(ErrorCode.INVALID_PARAMS, str(exc), field="to" if len(to) == 1 else f"to.{i}") from None
+    return out
+
+
+async def _provider_configured(pool: Any, tenant_id: str, channel: Channel, name: str | None, to: str) -> None:
+    """A message nobody could deliver is refused now (2011), not failed later: the provider
+    the send names (on bot and webhook channels, ``to``) or, else, any, must be configured
+    and active."""
+    endpoint = channel_spec(channel).endpoint
+    wanted, field = (to, "to") if endpoint else (name, "provider")
+    found = await pool.fetchval(
+        """SELECT count(*) FROM providers WHERE tenant_id = $1 AND channel = $2 AND is_active
+           AND deleted_at IS NULL AND ($3::text IS NULL OR name = $3)""",
+        tenant_id,
+        channel.value,
+        wanted,
+    )
+    if not found:
+        what = f"no active {channel.value} provider" + (f" named {wanted!r}" if wanted else "")
+        raise HeraldError(ErrorCode.PROVIDER_NOT_CONFIGURED, f"{what} (configure one with POST /api/v1/providers)",
+                          field=field if wanted else "channel")  # fmt: skip
+
+
 async def _send_email(request: Request, *, schedule_required: bool):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     body = await parse_body(request, EmailSendRequest)
@@ -146,14 +363,14 @@ async def _send_email(request: Request, *, schedule_required: bool):
     digest = request_hash(body.model_dump(mode="json", by_alias=True))
     guard = services.guard
     if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
-        return _replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
+        return replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
     try:
         scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
                                 required=schedule_required)  # fmt: skip
     except HeraldError:
-        if key is not None and (first := await _keyed(services.pool, tenant_id, key)) is not None:
-            return _replay(first["message_id"], first["request_hash"], digest,
-                           _answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
+        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
+            return replay(first["message_id"], first["request_hash"], digest,
+                           answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
         raise
     to = body.to_list
     if not to:
@@ -200,90 +417,23 @@ async def _send_email(request: Request, *, schedule_required: bool):
         scheduled_at=scheduled_at,
         category=body.category,
     )
-    fp, skipped = None, False
-    tenant = await services.tenants.get(tenant_id)
-    if key is None and body.dedup:
-        fp = fingerprint_of(req)
-        window = tenant.dedup_window_s
-        earlier, skipped = await guard.claim(fp, req.message_id or "", window)
-        if earlier is not None:
-            raise HeraldError(
-                ErrorCode.DUPLICATE_REQUEST,
-                f"duplicate of {earlier}: same recipients, subject and content within "
-                f'{window} s (send with "dedup": false to force)',
-                field="content",
-            )
-    try:
-        counted = await services.quotas.take(tenant_id, "email", tenant.quotas.get("email"))
-    except QuotaExceeded as exc:
-        if fp is not None:
-            await guard.release(fp, req.message_id or "")
-        raise HeraldError(
-            ErrorCode.QUOTA_EXCEEDED,
-            f"the monthly email quota of {exc.limit} messages is used up ({exc.used} this month); "
-            f"it renews at {exc.resets_at.isoformat().replace('+00:00', 'Z')}",
-        ) from None
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
-    record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped)
-    try:
-        outcome = await services.publisher.accept(record, trace)
-    except HeraldError:
-        if counted:
-            await services.quotas.give_back(tenant_id, "email")
-        if fp is not None:
-            await guard.release(fp, req.message_id or "")
-        raise
-    if counted and not outcome.created:
-        await services.quotas.give_back(tenant_id, "email")
-    state = State(outcome.state)
-    response = _answer(outcome.message_id, state.value, scheduled_at)
-    if not outcome.created:
-        return _replay(outcome.message_id, outcome.request_hash, digest, response)
-    if key is not None:
-        await guard.remember(tenant_id, key, outcome.message_id, digest, response)
-    return envelope(response, status_code=202)
+    return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,
+                        dedup=body.dedup)  # fmt: skip
 
 
-async def _template_ref(request: Request, tenant_id: str, body: EmailSendRequest) -> TemplateRef:
+async def _template_ref(request: Request, tenant_id: str, body: Any, channel: str = "email") -> TemplateRef:
     """The template version this send uses, pinned; its declared variables must all be given
-    (2004 naming the first one missing). Answered from ingest's template store."""
+    (2004 naming the first one missing) and it needs a variant for the channel (2003).
+    Answered from ingest's template store."""
     version = await resolve_template(request, tenant_id, body.template_id, body.template_name, body.template_version)
     variables = body.template_vars or {}
     if (missing := missing_variable(version.variables, variables)) is not None:
         raise HeraldError(ErrorCode.TEMPLATE_RENDER_FAILED, missing[1], field=f"template_vars.{missing[0]}")
-    if not any(v.channel == "email" for v in version.variants):
-        raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no email variant",
+    if not any(v.channel == channel for v in version.variants):
+        raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no {channel} variant",
                           field="template_id")  # fmt: skip
     return TemplateRef(template_id=version.template_id, version=version.version, vars=variables, locale=body.locale)
-
-
-async def _keyed(pool: Any, tenant_id: str, key: str) -> Any:
-    """The message an idempotency key names in PostgreSQL (its record carries the key)."""
-    return await pool.fetchrow(
-        """SELECT message_id, state, request_hash, scheduled_at FROM message_records
-           WHERE tenant_id = $1 AND idempotency_key = $2""",
-        tenant_id,
-        key,
-    )
-
-
-def _answer(message_id: str, state: str, scheduled_at: datetime | None) -> dict[str, Any]:
-    """A send's answer (202): its id, seed status and state, and its time when scheduled."""
-    answer = {"message_id": message_id, "status": SEED_STATUS[State(state)].value, "state": state}
-    if scheduled_at is not None:
-        answer["scheduled_at"] = iso_z(scheduled_at)
-    return answer
-
-
-def _replay(message_id: str, first_hash: str | None, digest: str, response: dict) -> JSONResponse:
-    """The first response again, or 409 when the key came back with another body."""
-    if first_hash is not None and first_hash != digest:
-        raise HeraldError(
-            ErrorCode.DUPLICATE_REQUEST,
-            f"idempotency key already used for {message_id} with a different request body",
-            field="idempotency_key",
-        )
-    return envelope(response, status_code=202, headers={"Idempotent-Replayed": "true"})
 
 
 class Reschedule(BaseModel):

@@ -17,7 +17,8 @@ A plugin declares:
 - ``build(message) -> HttpCall``: render and sign one request (pure: time and nonces come from
   ``self.clock`` / ``self.nonce`` so tests can pin them); ``parse(message, response)``: the
   vendor's answer as a :class:`SendResult`, or one of the exceptions below (classification).
-  Plugins whose exchange is more than one request (an OAuth token first) override ``send``.
+  Plugins whose exchange is more than one request (an OAuth token first) override ``send``;
+- ``client_options(config)``: what its HTTP client needs (HTTP/2 for APNs).
 
 Classification of a failed attempt (``services.senders.base``):
 
@@ -46,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.senders.base import Permanent, Retryable, SendResult
 from shared.errors import ErrorCode
+from shared.events import Card, CardField  # noqa: F401 - plugins take the card from here
 
 Format = Literal["text", "markdown", "html", "card"]
 
@@ -61,25 +63,6 @@ class ProviderConfig(BaseModel):
     """Base of every plugin's configuration model."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-class CardField(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=200)
-    value: str = Field(max_length=2000)
-
-
-class Card(BaseModel):
-    """A channel-neutral card: each IM plugin renders it as its own (Feishu interactive card,
-    DingTalk actionCard, Slack blocks, Teams Adaptive Card, Discord embed ...)."""
-
-    model_config = ConfigDict(extra="forbid")
-    title: str = Field(min_length=1, max_length=200)
-    text: str = Field(default="", max_length=4000, description="markdown")
-    fields: list[CardField] = Field(default_factory=list, max_length=20)
-    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
-    button: str | None = Field(default=None, max_length=60, description="label of the link button")
-    color: Literal["blue", "green", "orange", "red", "grey"] | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +132,14 @@ class Plugin(Generic[C]):
     # number", "chat id", "device token") -- validated per channel by shared.channels.
     address: ClassVar[str] = ""
 
+    @classmethod
+    def client_options(cls, config: C) -> dict[str, Any]:
+        """Options of the HTTP client this provider needs (``http2=True``; ``verify=`` an SSL
+        context for a private CA); the sender builds one SSRF-guarded client per option set
+        and gives the plugin that one. Plugins are kept per configuration (until it changes),
+        so a token cached on the instance (OAuth) lives as long as the configuration."""
+        return {}
+
     def __init__(
         self,
         config: C,
@@ -192,7 +183,9 @@ class Plugin(Generic[C]):
                 data=call.form,
             )
         except UnsafeURL as exc:
-            raise Permanent(f"{self.name}: refused URL: {exc}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True) from None
+            raise Permanent(
+                f"{self.name}: refused URL: {exc}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
+            ) from None
         except httpx.TimeoutException:
             raise Retryable(f"{self.name}: timed out", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True) from None
         except httpx.TransportError as exc:

@@ -1,0 +1,231 @@
+"""The sender's provider for every channel but email: the tenant's configured providers of the
+channel (``providers`` rows, kept in memory, followed through NOTIFY) and their plugins.
+
+For each dispatch: choose the configured provider (endpoint channels: the one ``to`` names;
+others: the one the send named, else the tenant's first active one by priority), wait for a
+slot under its rate limits (:mod:`services.senders.pacing`), then let its plugin deliver. The
+outcome names the provider, its configuration and the message's cost. Choosing by cost and
+live quality, failover and circuit breakers are the router's (issue 10).
+
+HTTP providers cannot tell the moment a request is written from the moment it is answered, so
+no hand-off is marked: a sender killed mid-request delivers again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, ClassVar
+
+import asyncpg
+import httpx
+from redis.asyncio import Redis
+
+from services.senders.base import DeliveryError, Handoff, HealthHook, Permanent, SendResult, Unavailable
+from services.senders.pacing import Pacer
+from services.senders.plugins.base import Message, Plugin
+from services.senders.plugins.config import Configured, configured
+from shared.channels import spec
+from shared.crypto import SecretBox
+from shared.db import create_pool, follow_notifications
+from shared.errors import ErrorCode
+from shared.events import Channel, DispatchV1
+from shared.logging import log_event
+from shared.outbound import guarded_client
+from shared.settings import Settings
+
+log = logging.getLogger("herald.sender")
+
+_COLUMNS = """id, tenant_id, channel, provider, name, config, secrets, priority, weight, costs, rate_limit,
+    is_active, revision"""
+
+
+class Directory:
+    """The configured providers of one channel, by tenant (read whole: these tables are small)."""
+
+    def __init__(self, channel: str, box: SecretBox) -> None:
+        self.channel = channel
+        self.box = box
+        self.by_tenant: dict[str, list[Configured]] = {}
+        self.loaded = asyncio.Event()
+        self.broken: dict[int, str] = {}  # rows that cannot be used, and why
+
+    async def load(self, conn: asyncpg.Connection | asyncpg.Pool) -> None:
+        rows = await conn.fetch(
+            f"SELECT {_COLUMNS} FROM providers WHERE channel = $1 AND deleted_at IS NULL ORDER BY priority, id",
+            self.channel,
+        )
+        by_tenant: dict[str, list[Configured]] = {}
+        broken: dict[int, str] = {}
+        for row in rows:
+            try:
+                entry = configured(row, self.box)
+            except Exception as exc:  # a row that no longer validates or decrypts: skipped, said
+                broken[row["id"]] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+                continue
+            by_tenant.setdefault(entry.tenant_id, []).append(entry)
+        for provider_id, why in broken.items():
+            if self.broken.get(provider_id) != why:
+                log_event(log, logging.ERROR, "configured provider unusable; skipped", provider_id=provider_id,
+                          error=why)  # fmt: skip
+        self.by_tenant, self.broken = by_tenant, broken
+        self.loaded.set()
+
+    def choose(self, dispatch: DispatchV1) -> Configured:
+        """The configured provider of ``dispatch`` (Permanent 2011 when there is none)."""
+        active = [p for p in self.by_tenant.get(dispatch.tenant_id, []) if p.is_active]
+        wanted = dispatch.to[0] if spec(self.channel).endpoint else dispatch.provider
+        if wanted is not None:
+            for p in active:
+                if p.name == wanted:
+                    return p
+            raise Permanent(
+                f"no active {self.channel} provider named {wanted!r} for tenant {dispatch.tenant_id}",
+                code=ErrorCode.PROVIDER_NOT_CONFIGURED,
+            )
+        if not active:
+            raise Permanent(
+                f"no active {self.channel} provider configured for tenant {dispatch.tenant_id}",
+                code=ErrorCode.PROVIDER_NOT_CONFIGURED,
+            )
+        return active[0]  # ordered by priority, then id
+
+
+class ChannelSender:
+    """The :class:`~services.senders.base.Provider` of a plugin channel (see the module doc)."""
+
+    channel: ClassVar[str]
+    name: ClassVar[str] = "plugins"
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: Redis, box: SecretBox) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.directory = Directory(self.channel, box)
+        self.pacer = Pacer(redis)
+        self._redis = redis
+        self._plugins: dict[int, tuple[int, Plugin]] = {}  # provider id -> (revision, plugin)
+        self._clients: list[httpx.AsyncClient] = []
+        self._default_client = self._client({})
+        self._follow: asyncio.Task | None = None
+        self._reload_soon = asyncio.Event()
+        self._reloader: asyncio.Task | None = None
+
+    @classmethod
+    def bound(cls, channel: str) -> type[ChannelSender]:
+        Channel(channel)  # ValueError for an unknown channel
+        return type(f"{channel.title()}Sender", (cls,), {"channel": channel})
+
+    @classmethod
+    def check(cls, settings: Settings) -> None:
+        SecretBox.from_setting(settings.encryption_key.get_secret_value())
+
+    @classmethod
+    async def open(cls, settings: Settings, health: HealthHook) -> ChannelSender:
+        pool = await create_pool(settings, max_size=2)
+        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
+        sender = cls(settings, pool, redis, SecretBox.from_setting(settings.encryption_key.get_secret_value()))
+        await sender.directory.load(pool)
+        sender._follow = asyncio.create_task(
+            follow_notifications(
+                settings.database_url.get_secret_value(),
+                "herald_providers",
+                sender._notified,
+                sender._listening,
+                name=f"{cls.channel} providers",
+            )
+        )
+        sender._reloader = asyncio.create_task(sender._reload_loop())
+        return sender
+
+    # --- following the configuration --------------------------------------------------------
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.rpartition(" ")[2] == self.channel:
+            self._reload_soon.set()
+
+    async def _listening(self, _conn: asyncpg.Connection) -> None:
+        self._reload_soon.set()  # whatever changed while nobody listened
+
+    async def _reload_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_soon.wait(), self.settings.provider_reload_s)
+            self._reload_soon.clear()
+            try:
+                await self.directory.load(self.pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("%s providers not reloaded (%s); keeping the ones known", self.channel, exc)
+                await asyncio.sleep(1)
+
+    # --- delivering -------------------------------------------------------------------------
+
+    def _client(self, options: dict[str, Any]) -> httpx.AsyncClient:
+        client = guarded_client(
+            self.settings.outbound_allow, timeout=self.settings.provider_timeout_s, follow_redirects=False, **options
+        )
+        self._clients.append(client)
+        return client
+
+    def plugin_for(self, entry: Configured) -> Plugin:
+        """The plugin instance of a configured provider, kept until its configuration changes
+        (so tokens it caches live as long as the configuration)."""
+        known = self._plugins.get(entry.id)
+        if known is not None and known[0] == entry.revision:
+            return known[1]
+        cls = entry.plugin
+        options = cls.client_options(entry.config)
+        instance = cls(entry.config, self._client(options) if options else self._default_client)
+        self._plugins[entry.id] = (entry.revision, instance)
+        return instance
+
+    async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
+        entry = self.directory.choose(dispatch)
+        plugin = self.plugin_for(entry)
+        message = Message(
+            message_id=dispatch.message_id,
+            dispatch_id=dispatch.dispatch_id,
+            tenant_id=dispatch.tenant_id,
+            to=dispatch.to[0],
+            content=dispatch.content,
+            format=dispatch.content_type.value,  # type: ignore[arg-type]
+            title=dispatch.subject,
+            card=dispatch.card,
+            options=dict(dispatch.options or {}),
+            attempt=dispatch.attempt,
+        )
+        waited = await self.pacer.wait(entry, message.to)
+        started = time.perf_counter()
+        try:
+            result = await plugin.send(message)
+        except DeliveryError as exc:
+            exc.provider = entry.provider
+            exc.detail = {"provider_id": entry.id, "provider_name": entry.name}
+            raise
+        result.provider = entry.provider
+        result.detail = {
+            **result.detail,
+            "provider_id": entry.id,
+            "provider_name": entry.name,
+            "cost": str(entry.cost(message.to)),
+            "provider_ms": round((time.perf_counter() - started) * 1000, 1),
+            **({"paced_ms": round(waited * 1000, 1)} if waited else {}),
+        }
+        return result
+
+    async def ready(self) -> None:
+        if not self.directory.loaded.is_set():
+            raise Unavailable("providers not loaded yet")
+
+    async def close(self) -> None:
+        for task in (self._follow, self._reloader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        await self._redis.aclose()
+        await self.pool.close()
