@@ -92,6 +92,9 @@ def backing() -> Iterator[Backing]:
         "HERALD_API_SECRET_BCRYPT_ROUNDS": "4",
         "HERALD_RATE_LIMIT_TIERS": '{"tiny": "5/minute", "standard": "6000/minute", "unlimited": ""}',
         "HERALD_JWT_SECRET": TEST_JWT_SECRET,
+        # Providers reach the vendor emulators on the loopback (tests/emulators); every other
+        # private or metadata address stays refused.
+        "HERALD_OUTBOUND_ALLOW": "127.0.0.1/32",
     }
     try:
         yield b
@@ -115,7 +118,7 @@ class Pipeline:
 
 @pytest.fixture(scope="session")
 def pipeline(backing: Backing) -> Iterator[Pipeline]:
-    """The four services, started as ``make run`` starts them."""
+    """The services, started as ``make run`` starts them."""
     services = start_services(backing.env, backing.tmp)
     try:
         # The default tenant's seed quota (10,000 emails a month) is not what this suite tests;

@@ -280,6 +280,14 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("DELETE", "/api/v1/templates/{template_id}"): "templates",
     ("POST", "/api/v1/templates/preview"): "templates",
     ("GET", "/api/v1/tenants/{tenant_key}"): "read",
+    ("POST", "/api/v1/messages/send"): "send",
+    ("POST", "/api/v1/messages/wechat-mp/send"): "send",
+    ("GET", "/api/v1/providers/catalogue"): "read",
+    ("POST", "/api/v1/providers"): "config",
+    ("GET", "/api/v1/providers"): "config",
+    ("GET", "/api/v1/providers/{provider_id}"): "config",
+    ("PATCH", "/api/v1/providers/{provider_id}"): "config",
+    ("DELETE", "/api/v1/providers/{provider_id}"): "config",
     ("POST", "/api/v1/frequency-caps"): "config",
     ("GET", "/api/v1/frequency-caps"): "config",
     ("GET", "/api/v1/frequency-caps/{cap_id}"): "config",
@@ -315,7 +323,7 @@ OPEN_ROUTES = {("POST", "/api/v1/auth/token"), ("GET", "/health"), ("GET", "/hea
 PATH_VALUES = {"message_id": "msg_nothing", "letter_id": "987654321", "template_id": "987654321",
                "tenant_key": "default", "account_id": "987654321", "name": "notify.request.v1",
                "key_id": "987654321", "batch_id": "bat_nothing",
-               "cap_id": "987654321", "rule_id": "987654321"}  # fmt: skip
+               "cap_id": "987654321", "rule_id": "987654321", "provider_id": "987654321"}  # fmt: skip
 
 
 async def test_every_route_is_in_the_scope_table(client: httpx.AsyncClient) -> None:

@@ -219,8 +219,49 @@ async def send(request: Request):
     """Accept one message for delivery on ``channel`` through the tenant's configured providers
     (``/api/v1/providers``); 202 with its ``message_id``. Content or a template (with a variant
     for the channel); scheduling, idempotency, dedup and categories as for email."""
+    return await _send(request, await parse_body(request, SendRequest))
+
+
+class WeChatMpSendRequest(BaseModel):
+    """Body of seed 004 §4.2.3 ``POST /api/v1/messages/wechat-mp/send``: a template message to
+    a follower of the Official Account."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    openid: str = Field(min_length=1, max_length=64, description="the follower's OpenID")
+    template_id: str = Field(min_length=1, max_length=128, description="the template's id in the WeChat MP admin")
+    data: dict[str, Any] = Field(description='{"keyword1": {"value": "...", "color": "#173177"}, ...}')
+    url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
+    provider: str | None = Field(default=None, max_length=64, description="a configured wechat_mp provider's name")
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=NO_NEWLINES)
+    category: Category | None = None
+
+
+@router.post(
+    "/wechat-mp/send",
+    status_code=202,
+    summary="Send a WeChat Official Account template message (seed 004 §4.2.3)",
+    openapi_extra=json_body_schema(WeChatMpSendRequest),
+)
+async def send_wechat_mp(request: Request):
+    """The seed's body as a ``wechat_mp`` message of the generic send: the template's fields in
+    ``options``, their values (in order) as the message's recorded content."""
+    body = await parse_body(request, WeChatMpSendRequest)
+    values = [str(v.get("value", "")) if isinstance(v, dict) else str(v) for v in body.data.values()]
+    generic = SendRequest(
+        channel=Channel.WECHAT_MP,
+        to=body.openid,
+        provider=body.provider,
+        content="\n".join(v for v in values if v) or body.template_id,
+        options={"template_id": body.template_id, "data": body.data, **({"url": body.url} if body.url else {})},
+        idempotency_key=body.idempotency_key,
+        category=body.category,
+    )
+    return await _send(request, generic)
+
+
+async def _send(request: Request, body: SendRequest):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
-    body = await parse_body(request, SendRequest)
     settings = services.settings
     if body.channel is None:
         raise HeraldError(

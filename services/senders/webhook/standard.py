@@ -224,7 +224,9 @@ class StandardWebhook(Plugin[StandardWebhookConfig]):
         try:
             options = _Options.model_validate(message.options or {})
         except ValueError as exc:
-            raise Permanent(f"webhook: invalid option event_type: {_first_error(exc)}", code=ErrorCode.CHANNEL_SEND_FAILED)
+            raise Permanent(
+                f"webhook: invalid option event_type: {_first_error(exc)}", code=ErrorCode.CHANNEL_SEND_FAILED
+            ) from None
         card = message.card.model_dump(mode="json", exclude_none=True) if message.card is not None else None
         if self.config.body_template is None:
             data: dict[str, Any] = {
@@ -313,17 +315,25 @@ class StandardWebhook(Plugin[StandardWebhookConfig]):
             return SendResult(provider_message_id=None, detail={"status": status})
         what = f"webhook: HTTP {status}"
         if status == 410:
-            raise Permanent(f"{what}: the endpoint is gone (disable it)", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            raise Permanent(
+                f"{what}: the endpoint is gone (disable it)", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
+            )
         if status == 429:
-            raise Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 5.0), sender_fault=True)
+            raise Retryable(
+                what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 5.0), sender_fault=True
+            )
         if status in (502, 503, 504):
             raise Retryable(
                 what, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=retry_after(response, 5.0), sender_fault=True
             )
         if status >= 500 or status == 408:
-            raise Retryable(what, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=retry_after(response), sender_fault=True)
+            raise Retryable(
+                what, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=retry_after(response), sender_fault=True
+            )
         if status in (401, 403):
-            raise Permanent(f"{what}: the endpoint refused the signature", code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
+            raise Permanent(
+                f"{what}: the endpoint refused the signature", code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True
+            )
         if status == 404:
             raise Permanent(f"{what}: no such endpoint", code=ErrorCode.RECIPIENT_INVALID)
         raise Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED)

@@ -1,0 +1,118 @@
+"""Providers' rate limits on a real Redis: messages over a limit are given later slots (waited
+for, never dropped), exactly "count per window" however the messages arrive, per provider or per
+recipient, shared by every sender that uses the same Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from services.senders.pacing import Pacer, limit_key
+from services.senders.plugins.base import Costs, RateLimit
+from services.senders.plugins.config import Configured
+from services.senders.webhook.standard import StandardWebhook
+from tests.conftest import Backing
+
+
+@pytest.fixture
+async def redis(backing: Backing) -> AsyncIterator[Redis]:
+    client = Redis.from_url(backing.redis_url)
+    yield client
+    await client.aclose()
+
+
+def _entry(limit: RateLimit) -> Configured:
+    """A configured provider whose only limit is ``limit`` (a webhook: the vendor sets none)."""
+    config = StandardWebhook.Config.model_validate(
+        {"url": "https://hooks.example.org/in", "secret": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+    )
+    return Configured(
+        id=int(uuid.uuid4().int % 1_000_000_000),
+        tenant_id="default",
+        channel="webhook",
+        provider="webhook",
+        name="hook",
+        config=config,
+        priority=1,
+        weight=1,
+        costs=Costs(default=Decimal("0.001")),
+        rate_limit=limit,
+        is_active=True,
+        revision=1,
+    )
+
+
+async def _slot(pacer: Pacer, entry: Configured, to: str = "hook") -> float:
+    """The moment (epoch seconds, local clock) of the slot one message is given."""
+    wait = await _reserve(pacer, entry, to)
+    return time.time() + wait
+
+
+async def _reserve(pacer: Pacer, entry: Configured, to: str = "hook") -> float:
+    """The wait one message is given, reserved without sleeping it (the script's answer)."""
+    key_waits = []
+    for index, limit in enumerate(entry.limits()):
+        key = limit_key(entry, limit, index, to)
+        key_waits.append(
+            int(await pacer._reserve(keys=[key, f"{key}:n"], args=[round(limit.per_s * 1000), limit.count])) / 1000
+        )
+    return max(key_waits)
+
+
+async def test_a_burst_gets_count_slots_per_window_in_order(redis: Redis) -> None:
+    pacer = Pacer(redis)
+    entry = _entry(RateLimit(3, 2.0))
+    waits = [await _reserve(pacer, entry) for _ in range(8)]
+    # 3 at once, the next 3 when the first leave the 2 s window, then 2 more after another 2 s.
+    assert waits[:3] == [0, 0, 0]
+    assert all(1.9 <= w <= 2.0 for w in waits[3:6]), waits
+    assert all(3.9 <= w <= 4.0 for w in waits[6:]), waits
+
+
+async def test_no_window_ever_holds_more_than_count(redis: Redis) -> None:
+    """Reserved times from two 'senders' (two Pacers on one Redis), arriving in waves."""
+    a, b = Pacer(redis), Pacer(redis)
+    entry = _entry(RateLimit(5, 1.0))
+    slots = []
+    for wave in range(4):
+        slots += await asyncio.gather(*(_slot(p, entry) for p in [a, b] * 4))
+        await asyncio.sleep(0.3 * wave)
+    slots.sort()
+    assert len(slots) == 32  # every message has a slot: none dropped
+    for i in range(len(slots) - 5):  # (a few ms of slack: the local clock reads the answers)
+        assert slots[i + 5] - slots[i] >= 0.98, (i, slots[i : i + 6])
+    assert slots[-1] - slots[0] < 32 / 5 + 0.1  # and none later than needed
+
+
+async def test_recipient_limits_are_separate_per_recipient(redis: Redis) -> None:
+    pacer = Pacer(redis)
+    entry = _entry(RateLimit(1, 1.0, scope="recipient"))
+    first = [await _reserve(pacer, entry, to) for to in ("chat-a", "chat-b", "chat-c")]
+    again = await _reserve(pacer, entry, "chat-a")
+    assert first == [0, 0, 0]
+    assert 0.9 <= again <= 1.0
+
+
+async def test_wait_sleeps_until_the_slot(redis: Redis) -> None:
+    pacer = Pacer(redis)
+    entry = _entry(RateLimit(1, 0.4))
+    started = time.monotonic()
+    waited = [await pacer.wait(entry, "hook") for _ in range(3)]
+    elapsed = time.monotonic() - started
+    assert waited[0] == 0
+    assert 0.3 <= waited[1] <= 0.4 and 0.3 <= waited[2] <= 0.4
+    assert elapsed >= 0.7
+
+
+async def test_without_redis_messages_go_at_once() -> None:
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    try:
+        assert await Pacer(dead).wait(_entry(RateLimit(1, 60)), "hook") == 0
+    finally:
+        await dead.aclose()
