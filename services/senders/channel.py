@@ -29,7 +29,7 @@ from services.senders.plugins.base import Message, Plugin
 from services.senders.plugins.config import Configured, configured
 from shared.channels import spec
 from shared.crypto import SecretBox
-from shared.db import create_pool, follow_notifications
+from shared.db import create_pool, follow_notifications, migrate
 from shared.errors import ErrorCode
 from shared.events import Channel, DispatchV1
 from shared.logging import log_event
@@ -37,6 +37,9 @@ from shared.outbound import guarded_client
 from shared.settings import Settings
 
 log = logging.getLogger("herald.sender")
+
+# One process may run the senders of many channels: their migrations are applied once.
+_migrated = asyncio.Event()
 
 _COLUMNS = """id, tenant_id, channel, provider, name, config, secrets, priority, weight, costs, rate_limit,
     is_active, revision"""
@@ -123,6 +126,9 @@ class ChannelSender:
 
     @classmethod
     async def open(cls, settings: Settings, health: HealthHook) -> ChannelSender:
+        if settings.run_migrations and not _migrated.is_set():  # the providers table, on a first start
+            await migrate(settings)
+            _migrated.set()
         pool = await create_pool(settings, max_size=2)
         redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
         sender = cls(settings, pool, redis, SecretBox.from_setting(settings.encryption_key.get_secret_value()))
@@ -162,9 +168,9 @@ class ChannelSender:
     # --- delivering -------------------------------------------------------------------------
 
     def _client(self, options: dict[str, Any]) -> httpx.AsyncClient:
-        client = guarded_client(
-            self.settings.outbound_allow, timeout=self.settings.provider_timeout_s, follow_redirects=False, **options
-        )
+        # Redirects are not followed unless a plugin says so (a 3xx is an answer to classify).
+        options = {"timeout": self.settings.provider_timeout_s, "follow_redirects": False, **options}
+        client = guarded_client(self.settings.outbound_allow, **options)
         self._clients.append(client)
         return client
 

@@ -297,7 +297,17 @@ class SenderRunner:
         except Exception as exc:
             log.exception("unexpected failure; sending the record to the dead-letter topic")
             errors = [{"field": "body", "message": str(exc)[:200]}]
-            return _Result([await self._dead_letter(record, trace, "sender_error", errors, None)])
+            if not isinstance(parsed, DispatchV1):
+                return _Result([await self._dead_letter(record, trace, "sender_error", errors, None)])
+            # The message ends 'failed' naming the error (not 'sending' for ever); replaying the
+            # dead letter delivers it again.
+            event = self._event(parsed, State.FAILED, error_code=5000, error=f"sender error: {str(exc)[:200]}",
+                                detail={"dead_letter": "sender_error"})  # fmt: skip
+            futures = await self._publish(
+                [_Out.of(Topics.EVENTS, parsed.message_id.encode(), event.to_bytes(), trace.headers())]
+            )
+            letter = await self._dead_letter(record, trace, "sender_error", errors, parsed.message_id)
+            return _Result([*futures, letter])
         finally:
             request_id_var.reset(rid)
             traceparent_var.reset(tp)

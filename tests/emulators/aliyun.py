@@ -1,7 +1,7 @@
 """Aliyun SMS (Dysmsapi ``SendSms``, 2017-05-25, RPC style) as documented:
 
-- https://help.aliyun.com/zh/sms/developer-reference/api-dysmsapi-2017-05-25-sendsms
-- https://help.aliyun.com/document_detail/25490.html (V2 RPC request syntax and signature)
+- https://help.aliyun.com/en/sms/developer-reference/api-dysmsapi-2017-05-25-sendsms
+- https://help.aliyun.com/document_detail/25490.htm (V2 RPC request syntax and signature)
 - https://help.aliyun.com/zh/sms/developer-reference/api-error-codes
 
 ``GET`` or ``POST /`` (form body), every parameter signed with HMAC-SHA1 over

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +44,7 @@ class Call:
     problems: list[str] = field(default_factory=list)  # why a check failed
     status: int = 0  # what the emulator answered
     injected: FailureKind | None = None  # the failure a test injected, if this call got one
+    at: float = field(default_factory=time.time)  # when it arrived (epoch seconds)
 
     def json(self) -> Any:
         return orjson.loads(self.body)

@@ -21,6 +21,7 @@ INVALID_URL = "API 链接无效，请到设置页重新获取（记录 API 仅�
 DAILY_LIMIT = "今日 API 记录次数已达上限"
 TOO_FREQUENT = "操作太频繁，请稍后再试"
 NO_USER = "用户不存在"
+TOO_LONG = "内容超过 5000 字"
 
 
 class FlomoApi(Emulator):
@@ -50,6 +51,8 @@ class FlomoApi(Emulator):
         content = body.get("content") if isinstance(body, dict) else None
         if not isinstance(content, str) or not content.strip():
             return self.reject(call, "no content", 200, {"code": -1, "message": "内容不能为空"})
+        if len(content) > 5000:  # flomo's documented length limit of a memo (5000 characters)
+            return self.reject(call, "too long", 200, {"code": -1, "message": TOO_LONG})
         call.verified = True
         injected = self.injected_answer(call)
         if injected is not None:

@@ -65,7 +65,9 @@ def _card_problems(card: Any) -> list[str]:
     jumps = card.get("jump_list", [])
     if not isinstance(jumps, list) or len(jumps) > 3:
         problems.append("jump_list: at most 3 items")
-    elif not all(isinstance(j, dict) and _str(j.get("title")) and (j.get("type") != 1 or _str(j.get("url"))) for j in jumps):
+    elif not all(
+        isinstance(j, dict) and _str(j.get("title")) and (j.get("type") != 1 or _str(j.get("url"))) for j in jumps
+    ):
         problems.append("jump_list items need title (and url for type 1)")
     return problems
 

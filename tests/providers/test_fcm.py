@@ -334,6 +334,16 @@ def test_bad_argument_classification(keys):
     assert err.value.code == ErrorCode.RECIPIENT_INVALID
 
 
+def test_unauthenticated_and_third_party_auth_are_auth(keys):
+    fcm = _offline(keys)
+    for code, status in (("THIRD_PARTY_AUTH_ERROR", "UNAUTHENTICATED"), ("", "UNAUTHENTICATED")):
+        details = [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": code}] if code else []
+        body = {"error": {"code": 401, "message": "auth", "status": status, "details": details}}
+        with pytest.raises(Permanent) as err:
+            fcm.parse(message(DEVICE), httpx.Response(401, json=body))
+        assert err.value.code == ErrorCode.PROVIDER_AUTH_FAILED and err.value.sender_fault
+
+
 async def test_emulator_down_is_retryable(keys, http, clock):
     emulator = FcmEmulator(public_key_pem=keys[1], project_id=PROJECT, client_email=EMAIL, key_id=KEY_ID)
     await emulator.start()

@@ -130,7 +130,10 @@ async def test_markdown_with_mentions(http, emu):
     msg = message("ops", "> build **green**", format="markdown", title="CI", options={"mentioned_list": ["wangqing"]})
     result = await bot(http, emu).send(msg)
     assert emu.calls[0].verified and result.detail == {"msgtype": "markdown"}
-    assert emu.calls[0].json() == {"msgtype": "markdown", "markdown": {"content": "**CI**\n\n> build **green**\n<@wangqing>"}}
+    assert emu.calls[0].json() == {
+        "msgtype": "markdown",
+        "markdown": {"content": "**CI**\n\n> build **green**\n<@wangqing>"},
+    }
 
 
 CARD = Card(
@@ -163,19 +166,21 @@ async def test_card_without_url_goes_as_coloured_markdown(http, emu):
     card = Card(title="Backup done", text="nightly", fields=[CardField(title="Size", value="3 GB")], color="green")
     result = await bot(http, emu).send(message("ops", "", format="card", card=card))
     assert emu.calls[0].verified and result.detail == {"msgtype": "markdown"}
-    assert emu.calls[0].json()["markdown"]["content"] == '<font color="info">**Backup done**</font>\nnightly\n> Size: 3 GB'
+    assert (
+        emu.calls[0].json()["markdown"]["content"] == '<font color="info">**Backup done**</font>\nnightly\n> Size: 3 GB'
+    )
 
 
 async def test_card_with_seven_fields_or_mentions_goes_as_markdown(http, emu):
     many = CARD.model_copy(update={"fields": [CardField(title=f"f{i}", value=str(i)) for i in range(7)], "color": None})
     await bot(http, emu).send(message("ops", "", format="card", card=many))
-    await bot(http, emu).send(message("ops", "", format="card", card=CARD, options={"mentioned_list": ["@all"]}))
+    await bot(http, emu).send(message("ops", "", format="card", card=CARD, options={"mentioned_list": ["wangqing"]}))
     first, second = (c.json() for c in emu.calls)
     assert first["msgtype"] == "markdown" and first["markdown"]["content"].startswith("**CPU high on web-3**\n")
     assert "> f6: 6" in first["markdown"]["content"]
     assert second["markdown"]["content"] == (
         '<font color="warning">**CPU high on web-3**</font>\nLoad above 90% for 10 minutes\n> Host: web-3\n'
-        "> Load: 0.97\n[Open dashboard](https://grafana.example.com/d/abc)\n<@@all>"
+        "> Load: 0.97\n[Open dashboard](https://grafana.example.com/d/abc)\n<@wangqing>"
     )
     assert all(c.verified for c in emu.calls)
 
@@ -194,6 +199,7 @@ async def test_card_on_a_text_send_is_flattened(http, emu):
         ({"mentioned_list": ["a b"]}, "text", "mentioned_list.0"),
         ({"mentioned_mobile_list": ["phone"]}, "text", "mentioned_mobile_list.0"),
         ({"mentioned_mobile_list": ["13800001111"]}, "markdown", "mentioned_mobile_list"),
+        ({"mentioned_list": ["@all"]}, "markdown", "mentioned_list"),
     ],
 )
 async def test_invalid_options_are_refused_naming_the_option(http, emu, options, fmt, named):

@@ -334,6 +334,8 @@ def _generic_mode_error(body: SendRequest, channel: Channel, templated: bool) ->
                                field="content")  # fmt: skip
         if not templated:
             if body.content is None and body.card is None:
+                if body.content_type is ContentType.CARD:
+                    return HeraldError(ErrorCode.INVALID_PARAMS, "field required with content_type card", field="card")
                 return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id or card",
                                    field="content")  # fmt: skip
             for name in ("template_vars", "template_version", "locale"):
@@ -674,7 +676,7 @@ async def list_messages(
     ),
     start_date: str | None = Query(default=None, description="YYYY-MM-DD or ISO 8601, inclusive"),
     end_date: str | None = Query(default=None, description="YYYY-MM-DD (whole day) or ISO 8601"),
-    message_type: Literal["email"] | None = Query(default=None),
+    message_type: Channel | None = Query(default=None),
     category: str | None = Query(default=None, max_length=64),
     batch_id: str | None = Query(default=None, max_length=64),
     page: int = Query(default=1, ge=1, le=100_000),

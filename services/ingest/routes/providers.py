@@ -241,7 +241,9 @@ async def update_provider(provider_id: int, request: Request):
             current = {k: v for k, v in row["config"].items() if k != "_secrets"}
             merged = {**current, **unseal(box, provider_id, row["secrets"]), **body.config}
             public, hidden = _store(_validated(cls, merged))
-            changes["config"], changes["secrets"] = public, seal(box, provider_id, hidden)
+            changes["config"] = public
+            if secret_fields(cls.Config) & body.config.keys():  # else the stored ciphertext stays
+                changes["secrets"] = seal(box, provider_id, hidden)
             public_changes = {k: v for k, v in body.config.items() if k not in secret_fields(cls.Config)}
             public_changes.update({k: "(changed)" for k in body.config if k in secret_fields(cls.Config)})
         if not changes:

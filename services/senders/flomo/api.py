@@ -77,10 +77,9 @@ class Flomo(Plugin[FlomoConfig]):
     name: ClassVar[str] = "flomo"
     title: ClassVar[str] = "flomo"
     Config: ClassVar[type[ProviderConfig]] = FlomoConfig
-    docs: ClassVar[tuple[str, ...]] = (
-        "https://help.flomoapp.com/advance/api.html",
-        "https://flomoapp.com/mine?source=incoming_webhook",
-    )
+    # Where flomo shows the record API (URL, request format and example); its help pages on
+    # the API were not reachable when this was written, so no finer documentation is cited.
+    docs: ClassVar[tuple[str, ...]] = ("https://flomoapp.com/mine?source=incoming_webhook",)
     formats: ClassVar[frozenset[str]] = frozenset({"text", "markdown"})
     # flomo publishes no per-second limit; its daily limit is answered as a refusal (quota).
     rate_limits = ()
@@ -124,7 +123,9 @@ class Flomo(Plugin[FlomoConfig]):
         if _QUOTA.search(text):
             raise QuotaExceeded(what)
         if _THROTTLED.search(text):
-            raise Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 60.0), sender_fault=True)
+            raise Retryable(
+                what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 60.0), sender_fault=True
+            )
         if _NO_ACCOUNT.search(text):
             raise Permanent(what, code=ErrorCode.RECIPIENT_INVALID)
         if _AUTH.search(text):

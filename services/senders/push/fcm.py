@@ -25,6 +25,7 @@ import html
 import json
 import re
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Literal
 
 import httpx
@@ -64,12 +65,21 @@ def _json(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def rs256(signing_input: bytes, private_key_pem: str) -> str:
-    """RSASSA-PKCS1-v1_5 with SHA-256 (JWA ``RS256``) of the JWS signing input, base64url."""
-    key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+@lru_cache(maxsize=64)
+def rsa_key(private_key_pem: str) -> rsa.RSAPrivateKey:
+    """The parsed key (parsing checks the key, which is slow: once per key)."""
+    try:
+        key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ValueError("not a PEM private key") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError("not an RSA private key")
-    return b64url(key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256()))
+    return key
+
+
+def rs256(signing_input: bytes, private_key_pem: str) -> str:
+    """RSASSA-PKCS1-v1_5 with SHA-256 (JWA ``RS256``) of the JWS signing input, base64url."""
+    return b64url(rsa_key(private_key_pem).sign(signing_input, padding.PKCS1v15(), hashes.SHA256()))
 
 
 def jws(header: dict[str, Any], claims: dict[str, Any], private_key_pem: str) -> str:
@@ -107,11 +117,9 @@ class ServiceAccount(BaseModel):
     @classmethod
     def _rsa_pem(cls, value: str) -> str:
         try:
-            key = serialization.load_pem_private_key(value.encode(), password=None)
-        except (ValueError, TypeError):
-            raise ValueError("private_key is not a PEM private key") from None
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError("private_key is not an RSA key")
+            rsa_key(value)
+        except ValueError as exc:
+            raise ValueError(f"private_key: {exc}") from None
         return value
 
 

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -119,6 +120,9 @@ def _options(name: str, model: type[BaseModel], message: Message) -> Any:
         raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
 
 
+_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
+
+
 # --- classification --------------------------------------------------------------------------
 
 # isv.BUSINESS_LIMIT_CONTROL is the per-number frequency control (1/min, 5/h, 10/day for codes;
@@ -163,7 +167,8 @@ _MISCONFIGURED = {  # the provider's setup (signature, template, network) is wro
 
 def classify(name: str, code: str, message: str, response: httpx.Response) -> Exception:
     """The exception for an Aliyun error ``Code`` (and its ``Message``)."""
-    what = f"{name}: {code}" + (f": {message[:160]}" if message and code != "SignatureDoesNotMatch" else "")
+    shown = _NUMBERS.sub("<number>", message)[:160]  # no phone numbers in errors
+    what = f"{name}: {code}" + (f": {shown}" if message and code != "SignatureDoesNotMatch" else "")
     if code == "isv.BUSINESS_LIMIT_CONTROL":
         wait = next((s for word, s in _WINDOWS if word in message.lower()), 60.0)
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=wait, sender_fault=True)
@@ -211,8 +216,8 @@ class AliyunSms(Plugin[AliyunSmsConfig]):
     title: ClassVar[str] = "Aliyun SMS"
     Config: ClassVar[type[ProviderConfig]] = AliyunSmsConfig
     docs: ClassVar[tuple[str, ...]] = (
-        "https://help.aliyun.com/zh/sms/developer-reference/api-dysmsapi-2017-05-25-sendsms",
-        "https://help.aliyun.com/document_detail/25490.html",  # V2 RPC request syntax and signature
+        "https://help.aliyun.com/en/sms/developer-reference/api-dysmsapi-2017-05-25-sendsms",
+        "https://help.aliyun.com/document_detail/25490.htm",  # V2 RPC request syntax and signature
         "https://help.aliyun.com/zh/sms/developer-reference/api-error-codes",
         "https://help.aliyun.com/document_detail/2881383.html",  # 短信发送流控限制
     )

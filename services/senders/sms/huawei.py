@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -108,6 +109,9 @@ def _options(name: str, model: type[BaseModel], message: Message) -> Any:
         raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
 
 
+_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
+
+
 # --- classification --------------------------------------------------------------------------
 
 # E000001-E000008: the Authorization header; E000020-E000027: the X-WSSE header; E000045: AK/SK.
@@ -144,7 +148,8 @@ _RECIPIENT = {
 
 def classify(name: str, code: str, text: str, status: int) -> Exception:
     """The exception for a Huawei ``code`` (request level) or per-number ``status``."""
-    what = f"{name}: {code}" + (f": {text[:160]}" if text else "")
+    shown = _NUMBERS.sub("<number>", text)[:160]  # no phone numbers in errors
+    what = f"{name}: {code}" + (f": {shown}" if text else "")
     if code == "E200015":  # 待发送短信数量太大: normal flow control, "wait about 10 minutes"
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=600.0, sender_fault=True)
     if code in _QUOTA:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -147,6 +148,9 @@ def _options(name: str, model: type[BaseModel], message: Message) -> Any:
         raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
 
 
+_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
+
+
 # --- classification --------------------------------------------------------------------------
 
 _WAITS = {  # the per-number frequency limits and their windows
@@ -194,7 +198,8 @@ _MISCONFIGURED = {  # the provider's setup is wrong; another provider could stil
 
 def classify(name: str, code: str, text: str) -> Exception:
     """The exception for a Tencent Cloud error code (request-level or per number)."""
-    what = f"{name}: {code}" + (f": {text[:160]}" if text and not code.startswith("AuthFailure") else "")
+    shown = _NUMBERS.sub("<number>", text)[:160]  # no phone numbers in errors
+    what = f"{name}: {code}" + (f": {shown}" if text and not code.startswith("AuthFailure") else "")
     if code in _WAITS:
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=_WAITS[code], sender_fault=True)
     if code in _QUOTA:

@@ -89,7 +89,8 @@ class WeComBot(Plugin["WeComBot.Config"]):
     Options (``message.options``):
 
     - ``mentioned_list``: userids of group members to @, or ``"@all"`` (text; in markdown
-      they become ``<@userid>``);
+      and markdown cards they become ``<@userid>``, and ``"@all"`` is refused: WeCom
+      documents it for text only);
     - ``mentioned_mobile_list``: phone numbers of members to @, or ``"@all"`` (text only:
       WeCom has no mention by phone number in markdown, so other formats refuse it).
     """
@@ -145,11 +146,17 @@ class WeComBot(Plugin["WeComBot.Config"]):
             raise Permanent(
                 f"wecom: invalid option {option}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED
             ) from None
-        if opts.mentioned_mobile_list and WeComBot.msgtype(message, opts) != "text":
-            raise Permanent(
-                "wecom: invalid option mentioned_mobile_list: WeCom mentions by phone number in text messages only",
-                code=ErrorCode.CHANNEL_SEND_FAILED,
-            )
+        if WeComBot.msgtype(message, opts) != "text":
+            if opts.mentioned_mobile_list:
+                raise Permanent(
+                    "wecom: invalid option mentioned_mobile_list: WeCom mentions by phone number in text messages only",
+                    code=ErrorCode.CHANNEL_SEND_FAILED,
+                )
+            if "@all" in opts.mentioned_list:
+                raise Permanent(
+                    "wecom: invalid option mentioned_list: WeCom documents @all in text messages only",
+                    code=ErrorCode.CHANNEL_SEND_FAILED,
+                )
         return opts
 
     @staticmethod
@@ -224,7 +231,9 @@ class WeComBot(Plugin["WeComBot.Config"]):
 
     def build(self, message: Message) -> HttpCall:
         content = orjson.dumps(self.render(message, self.options(message)))
-        return HttpCall("POST", self.url(), headers={"Content-Type": "application/json; charset=utf-8"}, content=content)
+        return HttpCall(
+            "POST", self.url(), headers={"Content-Type": "application/json; charset=utf-8"}, content=content
+        )
 
     def parse(self, message: Message, response: httpx.Response) -> SendResult:
         status = response.status_code
@@ -239,7 +248,9 @@ class WeComBot(Plugin["WeComBot.Config"]):
                 f"wecom: unexpected answer (HTTP {status})", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
             )
         if code == SUCCESS and response.is_success:
-            return SendResult(provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))})
+            return SendResult(
+                provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))}
+            )
         raise self.classify(code, str(body.get("errmsg") or ""))
 
     @staticmethod
