@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import asyncpg
-import orjson
 import httpx
+import orjson
 import pytest
 
 from tests.e2e.helpers import uniq, wait_for_state
