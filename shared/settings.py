@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     # configured providers are read again besides the NOTIFY of every change.
     provider_timeout_s: float = Field(default=10.0, gt=0)
     provider_reload_s: float = Field(default=60.0, gt=0)
+    # A provider's rate limit is waited for in the sender up to this long; a longer wait goes
+    # to a retry topic (services/senders/pacing.py).
+    pacing_max_wait_s: float = Field(default=30.0, ge=0)
 
     # --- tracker --------------------------------------------------------------------------
     tracker_batch_max: int = Field(default=1000, ge=1)

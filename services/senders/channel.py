@@ -106,7 +106,7 @@ class ChannelSender:
         self.settings = settings
         self.pool = pool
         self.directory = Directory(self.channel, box)
-        self.pacer = Pacer(redis)
+        self.pacer = Pacer(redis, settings.pacing_max_wait_s)
         self._redis = redis
         self._plugins: dict[int, tuple[int, Plugin]] = {}  # provider id -> (revision, plugin)
         self._clients: list[httpx.AsyncClient] = []

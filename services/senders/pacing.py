@@ -9,6 +9,11 @@ limits' times. A burst of ``count`` goes at once, the next one when the oldest o
 the window: exactly the vendors' "N per window", which a token bucket's burst-plus-refill would
 exceed (20 at once and then one every 3 s is 40 in the first minute). Without Redis nothing can
 be counted: the message goes at once (the vendor's throttling answer is then retried).
+
+A wait longer than ``HERALD_PACING_MAX_WAIT_S`` (a daily per-number limit, a deep backlog on one
+bot) is not held in the sender (it would hold a delivery slot and outlive the dispatch's claim):
+nothing is reserved and the attempt is :class:`~services.senders.base.Retryable` (1007) with that
+wait as ``retry_after``, so the message waits on a retry topic instead.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.senders.base import Retryable
 from services.senders.plugins.base import RateLimit
 from services.senders.plugins.config import Configured
+from shared.errors import ErrorCode
 
 log = logging.getLogger("herald.sender")
 
-# KEYS[1] the reserved times (a sorted set, ms), KEYS[2] its member counter;
-# ARGV[1] the window (ms), ARGV[2] the count. Answers the wait (ms) for the reserved time.
+# KEYS[1] the reserved times (a sorted set, ms), KEYS[2] its member counter; ARGV[1] the window
+# (ms), ARGV[2] the count, ARGV[3] the longest wait worth holding (ms). Answers the wait (ms) for
+# the time it reserved, or minus the wait when that is longer than ARGV[3] (nothing reserved).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,6 +50,7 @@ if n >= count then
     local earliest = tonumber(kth[2]) + window
     if earliest > slot then slot = earliest end
 end
+if slot - now > tonumber(ARGV[3]) then return now - slot end
 local member = redis.call('INCR', KEYS[2])
 redis.call('ZADD', KEYS[1], slot, member)
 local ttl = slot - now + window + 1000
@@ -60,8 +69,9 @@ def limit_key(entry: Configured, limit: RateLimit, index: int, to: str) -> str:
 
 
 class Pacer:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, max_wait_s: float = 30.0) -> None:
         self.redis = redis
+        self.max_wait_ms = round(max_wait_s * 1000)
         self._reserve = redis.register_script(_RESERVE)
 
     async def wait(self, entry: Configured, to: str) -> float:
@@ -70,11 +80,21 @@ class Pacer:
         for index, limit in enumerate(entry.limits()):
             key = limit_key(entry, limit, index, to)
             try:
-                waited_ms = await self._reserve(keys=[key, f"{key}:n"], args=[round(limit.per_s * 1000), limit.count])
+                waited_ms = int(await self._reserve(
+                    keys=[key, f"{key}:n"], args=[round(limit.per_s * 1000), limit.count, self.max_wait_ms]
+                ))  # fmt: skip
             except RedisError as exc:
                 log.warning("rate limit of provider %s not counted (%s)", entry.id, exc.__class__.__name__)
                 continue
-            longest = max(longest, int(waited_ms) / 1000)
+            if waited_ms < 0:
+                raise Retryable(
+                    f"{entry.provider}: over its limit of {limit.count} per {limit.per_s:g} s"
+                    + (" to this recipient" if limit.scope == "recipient" else "")
+                    + f" for {-waited_ms / 1000:.0f} s more",
+                    code=ErrorCode.RATE_LIMITED,
+                    retry_after=-waited_ms / 1000,
+                )
+            longest = max(longest, waited_ms / 1000)
         if longest:
             await asyncio.sleep(longest)
         return longest

@@ -13,6 +13,7 @@ from decimal import Decimal
 import pytest
 from redis.asyncio import Redis
 
+from services.senders.base import Retryable
 from services.senders.pacing import Pacer, limit_key
 from services.senders.plugins.base import Costs, RateLimit
 from services.senders.plugins.config import Configured
@@ -59,9 +60,8 @@ async def _reserve(pacer: Pacer, entry: Configured, to: str = "hook") -> float:
     key_waits = []
     for index, limit in enumerate(entry.limits()):
         key = limit_key(entry, limit, index, to)
-        key_waits.append(
-            int(await pacer._reserve(keys=[key, f"{key}:n"], args=[round(limit.per_s * 1000), limit.count])) / 1000
-        )
+        args = [round(limit.per_s * 1000), limit.count, pacer.max_wait_ms]
+        key_waits.append(int(await pacer._reserve(keys=[key, f"{key}:n"], args=args)) / 1000)
     return max(key_waits)
 
 
@@ -116,3 +116,16 @@ async def test_without_redis_messages_go_at_once() -> None:
         assert await Pacer(dead).wait(_entry(RateLimit(1, 60)), "hook") == 0
     finally:
         await dead.aclose()
+
+
+async def test_a_wait_longer_than_the_maximum_is_retried_later_not_held(redis: Redis) -> None:
+    pacer = Pacer(redis, max_wait_s=1.0)
+    entry = _entry(RateLimit(1, 60.0))
+    assert await pacer.wait(entry, "hook") == 0
+    with pytest.raises(Retryable) as caught:
+        await pacer.wait(entry, "hook")
+    assert caught.value.code == 1007 and 58 <= caught.value.retry_after <= 60, caught.value.message
+    # Nothing was reserved for it: the next message is told the same, not a minute later still.
+    with pytest.raises(Retryable) as again:
+        await pacer.wait(entry, "hook")
+    assert again.value.retry_after <= caught.value.retry_after
