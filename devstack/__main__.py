@@ -133,6 +133,16 @@ def _banner() -> None:
         -d '{{"to": "alice@example.com", "subject": "Hello from Herald", "content": "<h1>It works</h1>"}}'
 
    Then: curl -s -H "Authorization: Bearer $TOKEN" {base}/api/v1/messages/<message_id>
+
+   Other channels (SMS, bots, push, webhooks): configure a provider, e.g. a signed webhook to the
+   local webhook sink (it prints what it receives, saved in .data/webhooks):
+
+   curl -s -X POST {base}/api/v1/providers -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+        -d '{{"channel": "webhook", "provider": "webhook", "name": "sink", "config":
+             {{"url": "http://127.0.0.1:8025/hooks", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}}}}'
+   curl -s -X POST {base}/api/v1/messages/send -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+        -d '{{"channel": "webhook", "to": "sink", "content": "Hello from Herald"}}'
+   Every channel and provider: {base}/api/v1/providers/catalogue
  Ctrl-C stops everything.
 ==========================================================================
 """,
