@@ -24,6 +24,10 @@ _PHONE = re.compile(r"(?<![\w])(\+?\d{1,3}[- ]?)?(\d{3})\d{4}(\d{4})(?!\d)")
 _BEARER = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8})[A-Za-z0-9._~+/=-]*")
 _TOKEN = re.compile(r"\b((?:whsec|noti|sk|pk|xox[bpa])_[A-Za-z0-9]{0,4})[A-Za-z0-9_.-]{4,}")
 _SECRET_KEYS = re.compile(r"(?i)password|passwd|secret|token|api_key|authorization|credential")
+# A recipient that is neither an email address nor a phone number may be a device token or a
+# push key (push, Bark, PushDeer): as good as a credential for notifying that device.
+_RECIPIENT_KEYS = frozenset({"recipient", "to"})
+_OPAQUE = re.compile(r"[A-Za-z0-9_:.\-]{20,}")
 
 
 def mask_email(address: str) -> str:
@@ -48,6 +52,8 @@ def mask_value(key: str, value: Any) -> Any:
         s = str(value)
         return "***" if "password" in key.lower() or len(s) <= 8 else s[:8] + "***"
     if isinstance(value, str):
+        if key in _RECIPIENT_KEYS and _OPAQUE.fullmatch(value):
+            return value[:6] + "***"
         return mask_text(value)
     if isinstance(value, dict):
         return {k: mask_value(str(k), v) for k, v in value.items()}

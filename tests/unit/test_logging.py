@@ -41,3 +41,13 @@ def test_json_formatter_carries_request_id_and_masks_context() -> None:
     assert entry["message"] == "sent to d***@example.com"
     assert entry["context"] == {"recipient": "d***@example.com", "password": "***"}
     assert entry["timestamp"].endswith("Z")
+
+
+def test_opaque_recipients_are_cut() -> None:
+    """Device tokens and push keys are recipients that work as credentials."""
+    token = "fcm-token:APA91bH8x7Q2vZ0LmNoPqRsTuVwXyZ0123456789abcdef"
+    assert mask_value("recipient", token) == "fcm-to***"
+    assert mask_value("context", {"to": "PDU1234abcdEFGH5678ijklMNOP"}) == {"to": "PDU123***"}
+    # Phone numbers keep the phone masking, short chat ids stay readable.
+    assert mask_value("recipient", "+8613812345678") == "+86138****5678"
+    assert mask_value("recipient", "@herald_bot") == "@herald_bot"
