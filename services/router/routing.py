@@ -132,8 +132,11 @@ def _snapshot(data: dict[str, Any], channel: str, accepted_at: datetime | None) 
 def _mode_errors(request: RequestV1) -> list[dict[str, str]]:
     """Content or a template, not both (checked before rendering)."""
     errors: list[dict[str, str]] = []
-    if request.template is None and not request.content:
-        errors.append({"field": "content", "message": "field required unless a template is given"})
+    if request.template is None and not request.content and request.card is None:
+        if request.content_type is ContentType.CARD:
+            errors.append({"field": "card", "message": "field required with content_type card"})
+        else:
+            errors.append({"field": "content", "message": "field required unless a template or a card is given"})
     if request.template is not None and (request.content or request.subject):
         field_name = "content" if request.content else "subject"
         errors.append({"field": field_name, "message": "not allowed with a template (the template provides it)"})

@@ -64,6 +64,13 @@ def test_event_ids_are_deterministic_so_a_replay_dedups() -> None:
         (raw(surprise=1), "invalid_request", "surprise"),
         (raw(schema="notify.request.v9"), "unknown_schema", "schema"),
         (raw(message_id="12345"), "invalid_request", "message_id"),
+        # Other channels (issue 9): their address forms, formats and one recipient per message.
+        (raw(channel="sms", to=["13800138000"], content="x", subject=None), "invalid_request", "to.0"),
+        (raw(channel="sms", to=["+8613800138000", "+8613800138001"], content="x"), "invalid_request", "to"),
+        (raw(channel="sms", to=["+8613800138000"], content_type="html"), "invalid_request", "content_type"),
+        (raw(channel="telegram", to=["12345"], content="", content_type="card"), "invalid_request", "card"),
+        (raw(channel="telegram", to=["12345"], email={"cc": []}), "invalid_request", "email"),
+        (raw(content_type="markdown"), "invalid_request", "content_type"),
     ],
 )
 def test_invalid_requests_are_rejected_with_reason_and_field(record: bytes, reason: str, field: str) -> None:
@@ -151,3 +158,14 @@ def test_an_unknown_version_is_rejected_only_when_it_can_never_come() -> None:
     gone = settle_unknown(Unknown(unknown.message_id, "default", 5, 3), None, synced=True,
                           templates=_store_with(deleted=True))  # fmt: skip
     assert isinstance(gone, Rejected)
+
+
+def test_a_card_alone_is_routed_with_its_card_options_and_provider() -> None:
+    card = {"title": "Deploy finished", "text": "**api** v1.4", "fields": [{"title": "took", "value": "3m"}]}
+    decision = plan(raw(channel="telegram", to=["-1001234567890"], subject=None, content="", content_type="card",
+                        card=card, options={"silent": True}, provider="ops-bot"), now=NOW)  # fmt: skip
+    assert isinstance(decision, Routed), getattr(decision, "errors", None)
+    dispatch = decision.dispatch
+    assert dispatch.channel == "telegram" and dispatch.to == ["-1001234567890"]
+    assert dispatch.card is not None and dispatch.card.fields[0].value == "3m"
+    assert dispatch.options == {"silent": True} and dispatch.provider == "ops-bot"

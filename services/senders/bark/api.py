@@ -18,23 +18,24 @@ Options (``message.options``; unknown ones are ignored): ``subtitle``, ``group``
 
 from __future__ import annotations
 
-import base64
 from decimal import Decimal
 from typing import Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
-    Card,
     HttpCall,
     Message,
     Plugin,
     ProviderConfig,
+    basic_auth,
     body_of,
+    card_body,
     http_failure,
     retry_after,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -63,29 +64,6 @@ class BarkOptions(BaseModel):
     is_archive: bool | None = None
 
 
-def _options(message: Message) -> BarkOptions:
-    try:
-        return BarkOptions.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = ".".join(str(x) for x in err["loc"]) or "options"
-        raise Permanent(f"bark: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
-def _card_lines(card: Card, *, markdown: bool) -> list[str]:
-    """A card below its title (the notification's title): text, fields, link."""
-    lines = [card.text] if card.text else []
-    if markdown:
-        lines += [f"- **{f.title}**: {f.value}" for f in card.fields]
-        if card.url:
-            lines.append(f"[{card.button or card.url}]({card.url})")
-    else:
-        lines += [f"{f.title}: {f.value}" for f in card.fields]
-        if card.url:
-            lines.append(card.url)
-    return lines
-
-
 # APNs reasons bark-server passes on ("push failed: APNS push failed: <reason>").
 _APNS_RECIPIENT = ("BadDeviceToken", "Unregistered", "DeviceTokenNotForTopic", "ExpiredToken")
 _APNS_THROTTLED = ("TooManyRequests",)
@@ -110,14 +88,14 @@ class Bark(Plugin[BarkConfig]):
     address = "a Bark device key"
 
     def build(self, message: Message) -> HttpCall:
-        options = _options(message)
+        options = self.read_options(BarkOptions, message)
         payload: dict[str, Any] = {"device_key": message.to}
         if message.card is not None:
             card = message.card
             payload["title"] = card.title
-            payload["body"] = "\n".join(_card_lines(card, markdown=False)) or card.title
-            if card.text or card.fields or card.url:
-                payload["markdown"] = "\n\n".join(_card_lines(card, markdown=True))
+            payload["body"] = card_body(card) or card.title
+            if markdown := card_body(card, markdown=True):
+                payload["markdown"] = markdown
             if card.url and not options.url:
                 payload["url"] = card.url
         else:
@@ -134,8 +112,7 @@ class Bark(Plugin[BarkConfig]):
             payload["isArchive"] = "1" if options.is_archive else "0"
         headers = {}
         if self.config.username and self.config.password is not None:
-            pair = f"{self.config.username}:{self.config.password.get_secret_value()}".encode()
-            headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["authorization"] = basic_auth(self.config.username, self.config.password.get_secret_value())
         return HttpCall("POST", f"{self.config.server.rstrip('/')}/push", headers=headers, json=payload)
 
     def parse(self, message: Message, response: httpx.Response) -> SendResult:
@@ -144,7 +121,7 @@ class Bark(Plugin[BarkConfig]):
         text = str(body.get("message") or "")
         if status == 200 and body.get("code") == 200:
             return SendResult(detail={"timestamp": body.get("timestamp")})
-        what = f"bark: HTTP {status}" + (f": {text[:200]}" if text else "")
+        what = f"bark: HTTP {status}" + (f": {vendor_text(text, 200)}" if text else "")
         if status in (401, 418):  # 418: bark-server's answer to failed basic auth
             raise Permanent(what, code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
         if any(reason in text for reason in _APNS_RECIPIENT) or status == 400 and "device" in text.lower():
@@ -155,4 +132,4 @@ class Bark(Plugin[BarkConfig]):
             )
         if status == 200:  # 200 with another code: not a success
             raise Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED)
-        raise http_failure("bark", response, text[:200])
+        raise http_failure("bark", response, vendor_text(text, 200))

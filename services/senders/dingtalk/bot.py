@@ -18,20 +18,11 @@ import hmac
 import re
 from decimal import Decimal
 from typing import Annotated, Any
-from urllib.parse import parse_qs, quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus
 
 import httpx
 import orjson
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    StringConstraints,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator, model_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -44,6 +35,9 @@ from services.senders.plugins.base import (
     as_text,
     body_of,
     http_failure,
+    result_code,
+    vendor_text,
+    webhook_shape,
 )
 from shared.errors import ErrorCode
 
@@ -144,30 +138,22 @@ class DingTalkBot(Plugin["DingTalkBot.Config"]):
     rate_limits = (RateLimit(20, 60.0, "provider", source=f"{DOCS_BOT} (每个机器人每分钟最多发送20条)"),)
     default_cost = Decimal("0")
     address = "the configured DingTalk robot's name (its webhook is the destination)"
+    option_error = "{name}: invalid option {path}: {problem}"
 
     class Config(ProviderConfig):
         model_config = ConfigDict(hide_input_in_errors=True)
 
         endpoint: str = Field(default="https://oapi.dingtalk.com/robot/send", pattern=r"^https?://[^?#\s]+$")
         access_token: SecretStr | None = Field(default=None, description="the robot's access_token")
-        webhook_url: SecretStr | None = Field(
+        webhook_url: Annotated[
+            SecretStr | None,
+            webhook_shape("https://oapi.dingtalk.com/robot/send?access_token=...", token="access_token"),
+        ] = Field(
             default=None,
             description="instead of access_token: the whole webhook, "
             "https://oapi.dingtalk.com/robot/send?access_token=...",
         )
         secret: SecretStr | None = Field(default=None, description='the "加签" secret (SEC...), when enabled')
-
-        @field_validator("webhook_url")
-        @classmethod
-        def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
-            if value is None:
-                return value
-            parts = urlsplit(value.get_secret_value())
-            if parts.scheme not in ("https", "http") or not parts.netloc or parts.fragment:
-                raise ValueError("expected https://oapi.dingtalk.com/robot/send?access_token=...")
-            if not parse_qs(parts.query).get("access_token"):
-                raise ValueError("the webhook URL has no access_token")
-            return value
 
         @field_validator("secret")
         @classmethod
@@ -184,16 +170,8 @@ class DingTalkBot(Plugin["DingTalkBot.Config"]):
 
     # --- rendering ----------------------------------------------------------------------
 
-    @staticmethod
-    def options(message: Message) -> DingTalkOptions:
-        try:
-            return DingTalkOptions.model_validate(message.options or {})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            option = ".".join(str(p) for p in err["loc"]) or "options"
-            raise Permanent(
-                f"dingtalk: invalid option {option}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+    def options(self, message: Message) -> DingTalkOptions:
+        return self.read_options(DingTalkOptions, message)
 
     @staticmethod
     def msgtype(message: Message, opts: DingTalkOptions) -> str:
@@ -271,13 +249,7 @@ class DingTalkBot(Plugin["DingTalkBot.Config"]):
         if status == 429 or status >= 500:
             raise http_failure(self.name, response)
         body = body_of(response)
-        code = body.get("errcode")
-        if not isinstance(code, int):
-            if status >= 400:
-                raise http_failure(self.name, response)
-            raise Retryable(
-                f"dingtalk: unexpected answer (HTTP {status})", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
-            )
+        code = result_code(self.name, response, body, "errcode")
         if code == SUCCESS and response.is_success:
             return SendResult(
                 provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))}
@@ -285,7 +257,7 @@ class DingTalkBot(Plugin["DingTalkBot.Config"]):
         raise self.classify(code, str(body.get("errmsg") or ""))
 
     def classify(self, code: int, msg: str) -> Exception:
-        what = f"dingtalk: errcode {code}: {msg[:200]}"
+        what = f"dingtalk: errcode {code}: {vendor_text(msg, 200)}"
         if code == SECURITY:
             if "keyword" in msg.lower():  # the robot's keyword filter: its configuration
                 return Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -26,6 +26,8 @@ from services.senders.plugins.base import (
     body_of,
     http_failure,
     retry_after,
+    secret_matching,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -57,16 +59,15 @@ def _cut(text: str, limit: int) -> str:
 
 
 class DiscordConfig(ProviderConfig):
-    webhook_url: SecretStr = Field(description="https://discord.com/api/webhooks/{id}/{token}")
+    webhook_url: Annotated[
+        SecretStr,
+        secret_matching(
+            r"https?://[^/\s]+(/.*)?/webhooks/\d+/[A-Za-z0-9_\-]+/?(\?.*)?",
+            "not a Discord webhook URL (.../api/webhooks/{id}/{token})",
+        ),
+    ] = Field(description="https://discord.com/api/webhooks/{id}/{token}")
     username: str | None = Field(default=None, min_length=1, max_length=80)
     avatar_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://")
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _url(cls, value: SecretStr) -> SecretStr:
-        if not re.match(r"^https?://[^/\s]+(/.*)?/webhooks/\d+/[A-Za-z0-9_\-]+/?(\?.*)?$", value.get_secret_value()):
-            raise ValueError("not a Discord webhook URL (.../api/webhooks/{id}/{token})")
-        return value
 
     @field_validator("username")
     @classmethod
@@ -116,6 +117,7 @@ class DiscordWebhook(Plugin[DiscordConfig]):
     )
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a configured Discord webhook's name"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     def payload(self, message: Message, options: _Options) -> dict[str, Any]:
         body: dict[str, Any] = {}
@@ -162,14 +164,7 @@ class DiscordWebhook(Plugin[DiscordConfig]):
         return body
 
     def build(self, message: Message) -> HttpCall:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-            raise Permanent(
-                f"discord: invalid option {where}: {first.get('msg')}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         url = httpx.URL(self.config.webhook_url.get_secret_value())
         params = dict(url.params)
         params["wait"] = "true"
@@ -186,7 +181,7 @@ class DiscordWebhook(Plugin[DiscordConfig]):
         if status == 204:  # no wait=true (a URL configured with wait=false)
             return SendResult(provider_message_id=None, detail={})
         code = body.get("code")
-        what = f"discord: HTTP {status}" + (f" {code} {str(body.get('message', ''))[:160]}" if body else "")
+        what = f"discord: HTTP {status}" + (f" {code} {vendor_text(str(body.get('message', '')))}" if body else "")
         if status == 429:
             after = body.get("retry_after")
             seconds = float(after) if isinstance(after, int | float) else retry_after(response, 1.0)

@@ -17,11 +17,10 @@ import hmac
 import re
 from decimal import Decimal
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -33,7 +32,10 @@ from services.senders.plugins.base import (
     as_text,
     body_of,
     http_failure,
+    result_code,
     retry_after,
+    vendor_text,
+    webhook_shape,
 )
 from shared.errors import ErrorCode
 
@@ -42,7 +44,7 @@ DOCS_CARD = "https://open.feishu.cn/document/uAjLw4CM/ukzMukzMukzM/feishu-cards/
 DOCS_POST = "https://open.feishu.cn/document/server-docs/im-v1/message-content-description/create_json"
 
 MAX_BODY = 20 * 1024  # "请求体的数据大小不能超过 20 KB"
-HOOK_PATH = re.compile(r"/open-apis/bot/v2/hook/[A-Za-z0-9_\-]{8,128}")
+HOOK_PATH = r"/open-apis/bot/v2/hook/[A-Za-z0-9_\-]{8,128}"
 
 # Answers of the webhook (custom bot guide; 11232 and 19007 as the service answers them).
 SUCCESS = 0
@@ -123,38 +125,23 @@ class FeishuBot(Plugin["FeishuBot.Config"]):
     )
     default_cost = Decimal("0")
     address = "the configured Feishu bot's name (its webhook is the destination)"
+    option_error = "{name}: invalid option {path}: {problem}"
 
     class Config(ProviderConfig):
         model_config = ConfigDict(hide_input_in_errors=True)
 
-        webhook_url: SecretStr = Field(
+        webhook_url: Annotated[
+            SecretStr, webhook_shape("https://open.feishu.cn/open-apis/bot/v2/hook/<token>", path=HOOK_PATH)
+        ] = Field(
             description="the bot's webhook, https://open.feishu.cn/open-apis/bot/v2/hook/<token> "
             "(Lark: https://open.larksuite.com/...); secret: the token is in the URL"
         )
         secret: SecretStr | None = Field(default=None, description="the signing secret (签名校验), when enabled")
 
-        @field_validator("webhook_url")
-        @classmethod
-        def _webhook(cls, value: SecretStr) -> SecretStr:
-            parts = urlsplit(value.get_secret_value())
-            if parts.scheme not in ("https", "http") or not parts.netloc or not HOOK_PATH.fullmatch(parts.path):
-                raise ValueError("expected https://open.feishu.cn/open-apis/bot/v2/hook/<token>")
-            if parts.query or parts.fragment:
-                raise ValueError("the webhook URL takes no query or fragment")
-            return value
-
     # --- rendering ----------------------------------------------------------------------
 
-    @staticmethod
-    def options(message: Message) -> FeishuOptions:
-        try:
-            return FeishuOptions.model_validate(message.options or {})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            option = ".".join(str(p) for p in err["loc"]) or "options"
-            raise Permanent(
-                f"feishu: invalid option {option}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+    def options(self, message: Message) -> FeishuOptions:
+        return self.read_options(FeishuOptions, message)
 
     @staticmethod
     def msg_type(message: Message) -> str:
@@ -261,19 +248,13 @@ class FeishuBot(Plugin["FeishuBot.Config"]):
         if status >= 500:
             raise http_failure(self.name, response)
         body = body_of(response)
-        code = body.get("code", body.get("StatusCode"))
-        if not isinstance(code, int):
-            if status >= 400:
-                raise http_failure(self.name, response)
-            raise Retryable(
-                f"feishu: unexpected answer (HTTP {status})", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
-            )
+        code = result_code(self.name, response, body, "code", "StatusCode")
         if code == SUCCESS and response.is_success:
             return SendResult(provider_message_id=None, detail={"msg_type": self.msg_type(message)})
         raise self.classify(code, str(body.get("msg") or body.get("StatusMessage") or ""), response)
 
     def classify(self, code: int, msg: str, response: httpx.Response) -> Exception:
-        what = f"feishu: code {code}: {msg[:200]}"
+        what = f"feishu: code {code}: {vendor_text(msg, 200)}"
         if code in AUTH_CODES:
             return Permanent(what, code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
         if code == KEYWORDS_NOT_FOUND:  # the bot's keyword filter: its configuration, not the message
@@ -281,7 +262,7 @@ class FeishuBot(Plugin["FeishuBot.Config"]):
         if code == BOT_NOT_ENABLED:
             return Permanent(what, code=ErrorCode.RECIPIENT_INVALID)
         if code == FREQUENCY_LIMITED or (code == BAD_REQUEST and "too many" in msg.lower()):
-            return self._throttled(response, f"code {code}: {msg[:200]}")
+            return self._throttled(response, f"code {code}: {vendor_text(msg, 200)}")
         return Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED)
 
     def _throttled(self, response: httpx.Response, what: str) -> Retryable:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -30,6 +30,8 @@ from services.senders.plugins.base import (
     body_of,
     http_failure,
     retry_after,
+    secret_matching,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -41,14 +43,13 @@ _TAG = re.compile(r"^[^\s#]{1,60}$")
 
 
 class FlomoConfig(ProviderConfig):
-    api_url: SecretStr = Field(description="the record API URL from flomo's settings: https://flomoapp.com/iwh/.../")
-
-    @field_validator("api_url")
-    @classmethod
-    def _url(cls, value: SecretStr) -> SecretStr:
-        if not re.match(r"^https?://[^/\s]+/iwh/[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+/?$", value.get_secret_value()):
-            raise ValueError("not a flomo record API URL (https://flomoapp.com/iwh/<id>/<token>/)")
-        return value
+    api_url: Annotated[
+        SecretStr,
+        secret_matching(
+            r"https?://[^/\s]+/iwh/[A-Za-z0-9_\-]+/[A-Za-z0-9_\-]+/?",
+            "not a flomo record API URL (https://flomoapp.com/iwh/<id>/<token>/)",
+        ),
+    ] = Field(description="the record API URL from flomo's settings: https://flomoapp.com/iwh/.../")
 
 
 class _Options(ProviderConfig):
@@ -85,6 +86,7 @@ class Flomo(Plugin[FlomoConfig]):
     rate_limits = ()
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a configured flomo account's name"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     def content(self, message: Message, tags: list[str]) -> str:
         text = as_markdown(message) if message.format == "markdown" or message.card is not None else as_text(message)
@@ -93,14 +95,7 @@ class Flomo(Plugin[FlomoConfig]):
         return text
 
     def build(self, message: Message) -> HttpCall:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-            raise Permanent(
-                f"flomo: invalid option {where}: {first.get('msg')}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         content = self.content(message, options.tags)
         if not content.strip():
             raise Permanent("flomo: empty memo", code=ErrorCode.CHANNEL_SEND_FAILED)
@@ -114,12 +109,12 @@ class Flomo(Plugin[FlomoConfig]):
                                 sender_fault=True)  # fmt: skip
             raise http_failure("flomo", response)
         code = body.get("code")
-        text = str(body.get("message") or "")[:200]
+        text = str(body.get("message") or "")
         if code == 0:
             memo = body.get("memo") or {}
             slug = memo.get("slug")
             return SendResult(provider_message_id=str(slug) if slug else None, detail={"tags": memo.get("tags", [])})
-        what = f"flomo: code {code}: {text}"
+        what = f"flomo: code {code}: {vendor_text(text, 200)}"
         if _QUOTA.search(text):
             raise QuotaExceeded(what)
         if _THROTTLED.search(text):

@@ -21,10 +21,19 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.senders.base import Permanent, SendResult
-from services.senders.plugins.base import HttpCall, Message, Plugin, ProviderConfig, as_markdown, body_of, http_failure
+from services.senders.plugins.base import (
+    HttpCall,
+    Message,
+    Plugin,
+    ProviderConfig,
+    body_of,
+    card_body,
+    http_failure,
+    vendor_text,
+)
 from shared.errors import ErrorCode
 
 
@@ -38,15 +47,6 @@ class GotifyOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     priority: int | None = Field(default=None, ge=0, le=10, strict=True)
     click_url: str | None = Field(default=None, max_length=2000, pattern=r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-
-
-def _options(message: Message) -> GotifyOptions:
-    try:
-        return GotifyOptions.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = ".".join(str(x) for x in err["loc"]) or "options"
-        raise Permanent(f"gotify: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
 
 
 class Gotify(Plugin[GotifyConfig]):
@@ -68,15 +68,13 @@ class Gotify(Plugin[GotifyConfig]):
     address = "a configured Gotify application's name"
 
     def build(self, message: Message) -> HttpCall:
-        options = _options(message)
+        options = self.read_options(GotifyOptions, message)
         extras: dict[str, Any] = {}
         payload: dict[str, Any] = {}
         click = options.click_url
         if message.card is not None:
             payload["title"] = message.card.title
-            full, head = as_markdown(message), f"**{message.card.title}**"
-            payload["message"] = full[len(head) :].lstrip("\n") if full.startswith(head) else full
-            payload["message"] = payload["message"] or message.card.title
+            payload["message"] = card_body(message.card, markdown=True) or message.card.title
             click = click or message.card.url
         else:
             if message.title:
@@ -97,7 +95,7 @@ class Gotify(Plugin[GotifyConfig]):
         status = response.status_code
         if status == 200 and body.get("id") is not None:
             return SendResult(provider_message_id=str(body["id"]), detail={"appid": body.get("appid")})
-        text = str(body.get("errorDescription") or body.get("error") or "")[:200]
+        text = vendor_text(str(body.get("errorDescription") or body.get("error") or ""), 200)
         if status == 200:
             raise Permanent("gotify: no message id in the answer", code=ErrorCode.CHANNEL_SEND_FAILED)
         raise http_failure("gotify", response, text)  # 401/403 credentials, 400 rejected, 5xx transient

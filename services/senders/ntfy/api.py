@@ -21,12 +21,11 @@ card's link by default), ``icon`` (JPEG/PNG URL).
 
 from __future__ import annotations
 
-import base64
 from decimal import Decimal
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -36,10 +35,12 @@ from services.senders.plugins.base import (
     ProviderConfig,
     QuotaExceeded,
     RateLimit,
-    as_markdown,
+    basic_auth,
     body_of,
+    card_body,
     http_failure,
     retry_after,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -87,15 +88,6 @@ class NtfyOptions(BaseModel):
         return value
 
 
-def _options(message: Message) -> NtfyOptions:
-    try:
-        return NtfyOptions.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = ".".join(str(x) for x in err["loc"]) or "options"
-        raise Permanent(f"ntfy: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
 _QUOTA = {42905, 42908}  # daily attachment bandwidth, daily message limit
 _TOPIC = {40009, 40010}  # topic invalid, topic disallowed
 
@@ -125,11 +117,11 @@ class Ntfy(Plugin[NtfyConfig]):
     address = "an ntfy topic"
 
     def build(self, message: Message) -> HttpCall:
-        options = _options(message)
+        options = self.read_options(NtfyOptions, message)
         payload: dict[str, Any] = {"topic": message.to}
         if message.card is not None:
             payload["title"] = message.card.title
-            payload["message"] = _card_markdown(message) or message.card.title
+            payload["message"] = card_body(message.card, markdown=True) or message.card.title
             payload["markdown"] = True
             if message.card.url and not options.click:
                 payload["click"] = message.card.url
@@ -151,8 +143,7 @@ class Ntfy(Plugin[NtfyConfig]):
         if self.config.token is not None:
             headers["authorization"] = f"Bearer {self.config.token.get_secret_value()}"
         elif self.config.username and self.config.password is not None:
-            pair = f"{self.config.username}:{self.config.password.get_secret_value()}".encode()
-            headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
+            headers["authorization"] = basic_auth(self.config.username, self.config.password.get_secret_value())
         return HttpCall("POST", f"{self.config.server.rstrip('/')}/", headers=headers, json=payload)
 
     def parse(self, message: Message, response: httpx.Response) -> SendResult:
@@ -163,9 +154,8 @@ class Ntfy(Plugin[NtfyConfig]):
                 provider_message_id=str(body["id"]), detail={"topic": body.get("topic"), "time": body.get("time")}
             )
         code = body.get("code") if isinstance(body.get("code"), int) else 0
-        what = (
-            f"ntfy: HTTP {status}" + (f" {code}" if code else "") + (f": {body['error']}" if body.get("error") else "")
-        )
+        error = vendor_text(str(body.get("error") or ""), 200)
+        what = f"ntfy: HTTP {status}" + (f" {code}" if code else "") + (f": {error}" if error else "")
         if status in (401, 403):
             raise Permanent(what, code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
         if code in _QUOTA:
@@ -179,11 +169,4 @@ class Ntfy(Plugin[NtfyConfig]):
             raise Permanent(what, code=ErrorCode.RECIPIENT_INVALID)
         if status == 200:
             raise Permanent(what + ": no message id in the answer", code=ErrorCode.CHANNEL_SEND_FAILED)
-        raise http_failure("ntfy", response, str(body.get("error") or ""))
-
-
-def _card_markdown(message: Message) -> str:
-    """The card below its title (sent as the notification title)."""
-    full = as_markdown(message)
-    head = f"**{message.card.title}**" if message.card else ""
-    return full[len(head) :].lstrip("\n") if head and full.startswith(head) else full
+        raise http_failure("ntfy", response, error)

@@ -20,6 +20,13 @@ A plugin declares:
   Plugins whose exchange is more than one request (an OAuth token first) override ``send``;
 - ``client_options(config)``: what its HTTP client needs (HTTP/2 for APNs).
 
+What several plugins need is here, once: :meth:`Plugin.read_options` (a message's options as a
+model, a bad one named by its path), :func:`vendor_text` (a vendor's words quoted in an error),
+:func:`http_failure` / :func:`result_code` / :func:`unexpected_answer` (classification without
+a vendor code), :func:`secret_matching` / :func:`webhook_shape` (configured secrets checked
+without echoing them), :func:`basic_auth`, :func:`as_text` / :func:`as_markdown` /
+:func:`card_body`, and :class:`TemplateOptions` (a templated SMS).
+
 Classification of a failed attempt (``services.senders.base``):
 
 - :class:`Retryable` -- transient: network, 5xx, vendor throttling (``retry_after`` honoured);
@@ -34,16 +41,18 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
 from services.senders.base import Permanent, Retryable, SendResult
 from shared.errors import ErrorCode
@@ -117,6 +126,7 @@ class Costs(BaseModel):
 
 
 C = TypeVar("C", bound=ProviderConfig)
+M = TypeVar("M", bound=BaseModel)
 
 
 class Plugin(Generic[C]):
@@ -131,6 +141,9 @@ class Plugin(Generic[C]):
     # The recipient's address form on this provider, for the API catalogue ("E.164 phone
     # number", "chat id", "device token") -- validated per channel by shared.channels.
     address: ClassVar[str] = ""
+    # How :meth:`invalid_option` words a refused option (``path`` dotted: ``data.n``); the chat
+    # plugins keep their own "invalid option data.n:".
+    option_error: ClassVar[str] = "{name}: option '{path}': {problem}"
 
     @classmethod
     def client_options(cls, config: C) -> dict[str, Any]:
@@ -162,6 +175,20 @@ class Plugin(Generic[C]):
         raise NotImplementedError
 
     # --- shared behaviour -------------------------------------------------------------------
+
+    def read_options(self, model: type[M], message: Message) -> M:
+        """``message.options`` as ``model``. A bad option is the message's fault, not the
+        provider's: :class:`Permanent` naming the option's path, before any request."""
+        options = message.options or {}
+        try:
+            return model.model_validate(options)
+        except ValidationError as exc:
+            raise self.invalid_option(*first_error(exc, options)) from None
+
+    def invalid_option(self, path: str, problem: str) -> Permanent:
+        """The refusal of an option (also one the model accepts but this send cannot use)."""
+        text = self.option_error.format(name=self.name, path=path or "options", problem=problem)
+        return Permanent(text, code=ErrorCode.CHANNEL_SEND_FAILED)
 
     async def send(self, message: Message) -> SendResult:
         call = self.build(message)
@@ -241,6 +268,33 @@ def http_failure(name: str, response: httpx.Response, detail: str = "") -> Excep
     return Permanent(what, code=ErrorCode.CHANNEL_SEND_FAILED)
 
 
+def unexpected_answer(name: str, response: httpx.Response) -> Retryable:
+    """A success status without the vendor's documented answer (a proxy's page, a changed API):
+    tried again, and the provider's fault rather than the message's."""
+    what = f"{name}: unexpected answer (HTTP {response.status_code})"
+    return Retryable(what, code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+
+
+def result_code(name: str, response: httpx.Response, body: dict[str, Any], *keys: str) -> int:
+    """The vendor's integer result code, the first of ``keys`` in a JSON answer. Without one the
+    answer is not the vendor's: an error status classifies it, a success status is unexpected."""
+    code = next((body[key] for key in keys if key in body), None)
+    if isinstance(code, int):
+        return code
+    if response.status_code >= 400:
+        raise http_failure(name, response)
+    raise unexpected_answer(name, response)
+
+
+_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
+
+
+def vendor_text(text: str, limit: int = 160) -> str:
+    """A vendor's own words as an error quotes them: clipped, and phone numbers replaced (SMS
+    vendors quote the recipient's), since errors are stored, logged and shown to the tenant."""
+    return _NUMBERS.sub("<number>", text)[:limit]
+
+
 def body_of(response: httpx.Response) -> dict[str, Any]:
     """The response's JSON object, or {} when it is not one."""
     try:
@@ -250,15 +304,83 @@ def body_of(response: httpx.Response) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def basic_auth(user: str, password: str) -> str:
+    """``Authorization: Basic base64(user:password)`` (RFC 7617, UTF-8)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def first_error(exc: ValidationError, data: Any) -> tuple[str, str]:
+    """(dotted path, message) of the first error of validating ``data``. The path follows the
+    data: the union member pydantic also names (``params.list[str]``) means nothing to whoever
+    wrote it, so a step that is not in the data is left out, except a missing field's name."""
+    err = exc.errors()[0]
+    loc, value, path = err["loc"], data, []
+    for i, step in enumerate(loc):
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and isinstance(step, int) and 0 <= step < len(value):
+            value = value[step]
+        elif not (err["type"] == "missing" and i == len(loc) - 1):
+            continue
+        path.append(str(step))
+    return ".".join(path), err["msg"]
+
+
+def secret_matching(pattern: str, problem: str) -> AfterValidator:
+    """The check of a secret field (``Annotated[SecretStr, secret_matching(...)]``): the whole
+    value matches ``pattern``, else ``problem``, which says what is expected without the value."""
+    regex = re.compile(pattern)
+
+    def check(value: SecretStr) -> SecretStr:
+        if not regex.fullmatch(value.get_secret_value()):
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
+def webhook_shape(example: str, *, path: str | None = None, token: str | None = None) -> AfterValidator:
+    """The check of a vendor's webhook URL (a secret, ``Annotated[SecretStr | None, ...]``): http(s),
+    a host, the vendor's ``path`` (a pattern), and its token either in the path (no query) or in
+    the ``token`` query parameter; the errors show ``example``, never the value."""
+    shape = re.compile(path) if path else None
+
+    def check(value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value())
+        wrong = parts.scheme not in ("https", "http") or not parts.netloc or (shape and not shape.fullmatch(parts.path))
+        if wrong or (token is not None and parts.fragment):
+            raise ValueError(f"expected {example}")
+        if token is None and (parts.query or parts.fragment):
+            raise ValueError("the webhook URL takes no query or fragment")
+        if token is not None and not parse_qs(parts.query).get(token):
+            raise ValueError(f"the webhook URL has no {token}")
+        return value
+
+    return AfterValidator(check)
+
+
+def card_body(card: Card, *, markdown: bool = False) -> str:
+    """A card below its title, for vendors whose notification carries the title apart: the
+    text, the fields and the link, as plain text or as markdown ('' for a bare title)."""
+    lines = [card.text] if card.text else []
+    if markdown:
+        lines += [f"- **{f.title}**: {f.value}" for f in card.fields]
+        if card.url:
+            lines.append(f"[{card.button or card.url}]({card.url})")
+        return "\n\n".join(lines)
+    lines += [f"{f.title}: {f.value}" for f in card.fields]
+    if card.url:
+        lines.append(card.url)
+    return "\n".join(lines)
+
+
 def as_text(message: Message) -> str:
     """The message as plain text (a card flattened: title, text, fields, link)."""
     if message.card is not None:
-        card = message.card
-        lines = [card.title, card.text] if card.text else [card.title]
-        lines += [f"{f.title}: {f.value}" for f in card.fields]
-        if card.url:
-            lines.append(card.url)
-        return "\n".join(lines)
+        body = card_body(message.card)
+        return f"{message.card.title}\n{body}" if body else message.card.title
     if message.title and message.format != "card":
         return f"{message.title}\n{message.content}" if message.content else message.title
     return message.content
@@ -267,14 +389,8 @@ def as_text(message: Message) -> str:
 def as_markdown(message: Message) -> str:
     """The message as markdown (a card: bold title, text, fields as a list, link)."""
     if message.card is not None:
-        card = message.card
-        lines = [f"**{card.title}**"]
-        if card.text:
-            lines.append(card.text)
-        lines += [f"- **{f.title}**: {f.value}" for f in card.fields]
-        if card.url:
-            lines.append(f"[{card.button or card.url}]({card.url})")
-        return "\n\n".join(lines) if len(lines) > 1 else lines[0]
+        title, body = f"**{message.card.title}**", card_body(message.card, markdown=True)
+        return f"{title}\n\n{body}" if body else title
     body = message.content
     if message.title:
         return f"**{message.title}**\n\n{body}" if body else f"**{message.title}**"
@@ -283,3 +399,43 @@ def as_markdown(message: Message) -> str:
 
 def random_token(n: int = 16) -> str:
     return base64.urlsafe_b64encode(os.urandom(n)).decode().rstrip("=")
+
+
+# --- SMS templates -----------------------------------------------------------------------------
+
+TemplateValue = str | int | float
+
+
+def template_values(value: Any) -> Any:
+    """Template variables (a list, or a mapping's values) are strings or numbers: a bool or a
+    null would reach the text as "True"/"None"."""
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    if any(isinstance(v, bool) or v is None for v in values):
+        raise ValueError("template params must be strings or numbers")
+    return value
+
+
+# The variables in order: a list, or a mapping taken in order.
+OrderedParams = Annotated[list[TemplateValue] | dict[str, TemplateValue], BeforeValidator(template_values)]
+
+
+class TemplateOptions(BaseModel):
+    """The options of an SMS through a vendor-approved template (how a Chinese mainland SMS is
+    sent): the template and the signature; a provider adds how it takes the variables and
+    narrows the limits to its vendor's."""
+
+    model_config = ConfigDict(extra="ignore")  # options meant for other SMS providers are not ours
+    template_code: str = Field(min_length=1, max_length=100)
+    sign_name: str | None = Field(default=None, min_length=1, max_length=100)
+
+
+class OrderedTemplateOptions(TemplateOptions):
+    """Variables in order (Tencent Cloud, Huawei Cloud): ``params``, and with ``with_content``
+    the message's text as the last one."""
+
+    params: OrderedParams = Field(default_factory=list, max_length=50)
+    with_content: bool = False
+
+    def template_params(self, message: Message) -> list[str]:
+        values = self.params.values() if isinstance(self.params, dict) else self.params
+        return [str(v) for v in values] + ([as_text(message)] if self.with_content else [])

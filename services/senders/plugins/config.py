@@ -30,9 +30,11 @@ def secret_fields(model: type[BaseModel]) -> frozenset[str]:
     names = set()
     for name, info in model.model_fields.items():
         annotation = info.annotation
-        args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(
-            annotation
-        ) is typing.Union else ()
+        args = (
+            typing.get_args(annotation)
+            if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+            else ()
+        )
         if annotation is SecretStr or SecretStr in args:
             names.add(name)
     return frozenset(names)

@@ -38,7 +38,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import HttpCall, Message, Plugin, ProviderConfig, body_of, http_failure, retry_after
-from services.senders.push.fcm import b64url, notification_text, push_options
+from services.senders.push.fcm import PushOptions, b64url, notification_text
 from shared.errors import ErrorCode
 
 TOKEN_PERIOD_S = 1800  # provider tokens are issued at the start of each half hour ...
@@ -172,7 +172,7 @@ class Apns(Plugin[ApnsConfig]):
         return self._token
 
     def build(self, message: Message) -> HttpCall:
-        options = push_options(self.name, message)
+        options = self.read_options(PushOptions, message)
         if not _HEX.match(message.to):
             raise Permanent("apns: the address is not an APNs device token (hex)", code=ErrorCode.RECIPIENT_INVALID)
         title, body = notification_text(message)

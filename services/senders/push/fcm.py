@@ -41,8 +41,10 @@ from services.senders.plugins.base import (
     ProviderConfig,
     RateLimit,
     body_of,
+    first_error,
     http_failure,
     retry_after,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -131,9 +133,8 @@ def _service_account(secret: SecretStr) -> ServiceAccount:
     try:
         return ServiceAccount.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "service_account"
-        raise ValueError(f"service_account.{where}: {err['msg']}") from None
+        where, problem = first_error(exc, raw)
+        raise ValueError(f"service_account{'.' + where if where else ''}: {problem}") from None
 
 
 class FcmConfig(ProviderConfig):
@@ -166,15 +167,6 @@ class PushOptions(BaseModel):
             if not key or key in {"from", "gcm", "message_type", "notification", "aps"} or key.startswith("google"):
                 raise ValueError(f"reserved data key {key!r}")
         return value
-
-
-def push_options(name: str, message: Message) -> PushOptions:
-    try:
-        return PushOptions.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = ".".join(str(x) for x in err["loc"]) or "options"
-        raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
 
 
 # --- rendering: push notifications are plain text -------------------------------------------
@@ -306,7 +298,7 @@ class Fcm(Plugin[FcmConfig]):
     # --- the message -------------------------------------------------------------------------
 
     def build(self, message: Message) -> HttpCall:
-        options = push_options(self.name, message)
+        options = self.read_options(PushOptions, message)
         title, body = notification_text(message)
         notification = {"title": title, "body": body} if title else {"body": body}
         fcm: dict[str, Any] = {"token": message.to, "notification": notification}
@@ -338,7 +330,7 @@ class Fcm(Plugin[FcmConfig]):
         )
 
     async def send(self, message: Message) -> SendResult:
-        push_options(self.name, message)  # a bad option fails before any request
+        self.read_options(PushOptions, message)  # a bad option fails before any request
         await self.access_token()
         response = await self.request(self.build(message))
         if response.status_code == 401 and _fcm_error(body_of(response))[1] != "THIRD_PARTY_AUTH_ERROR":
@@ -352,7 +344,7 @@ class Fcm(Plugin[FcmConfig]):
         if status == 200 and body.get("name"):
             return SendResult(provider_message_id=str(body["name"]), detail={"project_id": self.account.project_id})
         rpc_status, code, text, details = _fcm_error(body)
-        what = f"fcm: {code or rpc_status or f'HTTP {status}'}" + (f": {text[:200]}" if text else "")
+        what = f"fcm: {code or rpc_status or f'HTTP {status}'}" + (f": {vendor_text(text, 200)}" if text else "")
         if code in _RECIPIENT_CODES or status == 404 and rpc_status == "NOT_FOUND":
             raise Permanent(what, code=ErrorCode.RECIPIENT_INVALID)
         if code == "INVALID_ARGUMENT" or rpc_status == "INVALID_ARGUMENT":
@@ -370,4 +362,4 @@ class Fcm(Plugin[FcmConfig]):
             raise Retryable(
                 what, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=retry_after(response), sender_fault=True
             )
-        raise http_failure("fcm", response, code or rpc_status or text[:200])
+        raise http_failure("fcm", response, code or rpc_status or vendor_text(text, 200))

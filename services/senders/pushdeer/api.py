@@ -30,10 +30,11 @@ from services.senders.plugins.base import (
     Plugin,
     ProviderConfig,
     RateLimit,
-    as_markdown,
     body_of,
+    card_body,
     http_failure,
     retry_after,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -71,11 +72,9 @@ class PushDeer(Plugin[PushDeerConfig]):
     def build(self, message: Message) -> HttpCall:
         form = {"pushkey": message.to}
         if message.card is not None:
-            full, head = as_markdown(message), f"**{message.card.title}**"
             form["text"] = message.card.title
-            rest = full[len(head) :].lstrip("\n") if full.startswith(head) else full
-            if rest:
-                form["desp"] = rest
+            if desp := card_body(message.card, markdown=True):
+                form["desp"] = desp
             form["type"] = "markdown"
         else:
             if message.title and message.content:
@@ -89,10 +88,11 @@ class PushDeer(Plugin[PushDeerConfig]):
         body = body_of(response)
         status = response.status_code
         if status != 200 or "code" not in body:
-            raise http_failure("pushdeer", response, str(body.get("message") or body.get("error") or "")[:200])
+            detail = str(body.get("message") or body.get("error") or "")
+            raise http_failure("pushdeer", response, vendor_text(detail, 200))
         code = body.get("code")
-        error = str(body.get("error") or "")[:200]
-        what = f"pushdeer: code {code}" + (f": {error}" if error else "")
+        error = str(body.get("error") or "")
+        what = f"pushdeer: code {code}" + (f": {vendor_text(error, 200)}" if error else "")
         if code == 0:
             content = body.get("content") if isinstance(body.get("content"), dict) else {}
             result = content.get("result")

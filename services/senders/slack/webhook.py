@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -28,6 +27,7 @@ from services.senders.plugins.base import (
     as_text,
     http_failure,
     retry_after,
+    webhook_shape,
 )
 from shared.errors import ErrorCode
 
@@ -37,7 +37,7 @@ DOCS_LIMITS = "https://docs.slack.dev/apis/web-api/rate-limits"
 DOCS_BLOCKS = "https://docs.slack.dev/reference/block-kit/blocks"
 DOCS_MRKDWN = "https://docs.slack.dev/messaging/formatting-message-text"
 
-HOOK_PATH = re.compile(r"/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")
+HOOK_PATH = r"/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+"
 
 # Block Kit limits.
 HEADER_MAX = 150
@@ -135,36 +135,19 @@ class SlackWebhook(Plugin["SlackWebhook.Config"]):
     )
     default_cost = Decimal("0")
     address = "the configured Slack webhook's name (the webhook's channel is the destination)"
+    option_error = "{name}: invalid option {path}: {problem}"
 
     class Config(ProviderConfig):
         model_config = ConfigDict(hide_input_in_errors=True)
 
-        webhook_url: SecretStr = Field(
-            description="the incoming webhook, https://hooks.slack.com/services/T.../B.../... (secret)"
-        )
-
-        @field_validator("webhook_url")
-        @classmethod
-        def _webhook(cls, value: SecretStr) -> SecretStr:
-            parts = urlsplit(value.get_secret_value())
-            if parts.scheme not in ("https", "http") or not parts.netloc or not HOOK_PATH.fullmatch(parts.path):
-                raise ValueError("expected https://hooks.slack.com/services/T.../B.../...")
-            if parts.query or parts.fragment:
-                raise ValueError("the webhook URL takes no query or fragment")
-            return value
+        webhook_url: Annotated[
+            SecretStr, webhook_shape("https://hooks.slack.com/services/T.../B.../...", path=HOOK_PATH)
+        ] = Field(description="the incoming webhook, https://hooks.slack.com/services/T.../B.../... (secret)")
 
     # --- rendering ----------------------------------------------------------------------
 
-    @staticmethod
-    def options(message: Message) -> SlackOptions:
-        try:
-            return SlackOptions.model_validate(message.options or {})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            option = ".".join(str(p) for p in err["loc"]) or "options"
-            raise Permanent(
-                f"slack: invalid option {option}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+    def options(self, message: Message) -> SlackOptions:
+        return self.read_options(SlackOptions, message)
 
     @staticmethod
     def kind(message: Message) -> str:

@@ -13,15 +13,14 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Annotated, ClassVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, SecretStr
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -31,9 +30,14 @@ from services.senders.plugins.base import (
     ProviderConfig,
     QuotaExceeded,
     RateLimit,
+    TemplateOptions,
+    TemplateValue,
     as_text,
     body_of,
     http_failure,
+    template_values,
+    unexpected_answer,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -53,9 +57,7 @@ def percent_encode(value: str) -> str:
 def canonical_query(params: Mapping[str, str]) -> str:
     """The canonicalized query string: parameters (``Signature`` excluded) sorted by name, names
     and values percent-encoded, joined with ``=`` and ``&``."""
-    return "&".join(
-        f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params.items()) if k != "Signature"
-    )
+    return "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params.items()) if k != "Signature")
 
 
 def string_to_sign(method: str, params: Mapping[str, str]) -> str:
@@ -95,32 +97,11 @@ class AliyunSmsConfig(ProviderConfig):
     endpoint: str = Field(default="https://dysmsapi.aliyuncs.com/", pattern=r"^https?://", max_length=2000)
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # options meant for other SMS providers are not ours
-
-    template_code: str = Field(min_length=1, max_length=100)
-    sign_name: str | None = Field(default=None, min_length=1, max_length=100)
-    params: dict[str, str | int | float] = Field(default_factory=dict, max_length=50)
+class _Options(TemplateOptions):
+    params: Annotated[dict[str, TemplateValue], BeforeValidator(template_values)] = Field(
+        default_factory=dict, max_length=50
+    )
     content_param: str | None = Field(default=None, min_length=1, max_length=100)
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        if isinstance(value, dict) and any(isinstance(v, bool) or v is None for v in value.values()):
-            raise ValueError("template params must be strings or numbers")
-        return value
-
-
-def _options(name: str, model: type[BaseModel], message: Message) -> Any:
-    try:
-        return model.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = str(err["loc"][0]) if err["loc"] else "options"
-        raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
-_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
 
 
 # --- classification --------------------------------------------------------------------------
@@ -167,7 +148,7 @@ _MISCONFIGURED = {  # the provider's setup (signature, template, network) is wro
 
 def classify(name: str, code: str, message: str, response: httpx.Response) -> Exception:
     """The exception for an Aliyun error ``Code`` (and its ``Message``)."""
-    shown = _NUMBERS.sub("<number>", message)[:160]  # no phone numbers in errors
+    shown = vendor_text(message)
     what = f"{name}: {code}" + (f": {shown}" if message and code != "SignatureDoesNotMatch" else "")
     if code == "isv.BUSINESS_LIMIT_CONTROL":
         wait = next((s for word, s in _WINDOWS if word in message.lower()), 60.0)
@@ -239,7 +220,7 @@ class AliyunSms(Plugin[AliyunSmsConfig]):
 
     def build(self, message: Message) -> HttpCall:
         config: AliyunSmsConfig = self.config
-        options: _Options = _options(self.name, _Options, message)
+        options = self.read_options(_Options, message)
         variables = {k: str(v) for k, v in options.params.items()}
         if options.content_param:
             variables[options.content_param] = as_text(message)
@@ -277,7 +258,5 @@ class AliyunSms(Plugin[AliyunSmsConfig]):
         if code:
             raise classify(self.name, code, str(body.get("Message") or ""), response)
         if response.status_code == 200:  # 200 but not the documented answer
-            raise Retryable(f"{self.name}: unexpected answer", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            raise unexpected_answer(self.name, response)
         raise http_failure(self.name, response)
-
-

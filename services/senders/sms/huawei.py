@@ -12,25 +12,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
     HttpCall,
     Message,
+    OrderedParams,
+    OrderedTemplateOptions,
     Plugin,
     ProviderConfig,
     QuotaExceeded,
     RateLimit,
-    as_text,
     body_of,
     http_failure,
+    unexpected_answer,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -76,40 +78,9 @@ class HuaweiSmsConfig(ProviderConfig):
     )
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # options meant for other SMS providers are not ours
-
-    template_code: str = Field(min_length=1, max_length=32)
-    sign_name: str | None = Field(default=None, min_length=1, max_length=100)
-    params: list[str | int | float] | dict[str, str | int | float] = Field(default_factory=list, max_length=20)
-    with_content: bool = False
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        if any(isinstance(v, bool) or v is None for v in values):
-            raise ValueError("template params must be strings or numbers")
-        return value
-
-    def template_params(self, message: Message) -> list[str]:
-        values = list(self.params.values()) if isinstance(self.params, dict) else list(self.params)
-        out = [str(v) for v in values]
-        if self.with_content:
-            out.append(as_text(message))
-        return out
-
-
-def _options(name: str, model: type[BaseModel], message: Message) -> Any:
-    try:
-        return model.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = str(err["loc"][0]) if err["loc"] else "options"
-        raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
-_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
+class _Options(OrderedTemplateOptions):
+    template_code: str = Field(min_length=1, max_length=32)  # templateId
+    params: OrderedParams = Field(default_factory=list, max_length=20)
 
 
 # --- classification --------------------------------------------------------------------------
@@ -148,8 +119,7 @@ _RECIPIENT = {
 
 def classify(name: str, code: str, text: str, status: int) -> Exception:
     """The exception for a Huawei ``code`` (request level) or per-number ``status``."""
-    shown = _NUMBERS.sub("<number>", text)[:160]  # no phone numbers in errors
-    what = f"{name}: {code}" + (f": {shown}" if text else "")
+    what = f"{name}: {code}" + (f": {vendor_text(text)}" if text else "")
     if code == "E200015":  # 待发送短信数量太大: normal flow control, "wait about 10 minutes"
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=600.0, sender_fault=True)
     if code in _QUOTA:
@@ -210,7 +180,7 @@ class HuaweiSms(Plugin[HuaweiSmsConfig]):
 
     def build(self, message: Message) -> HttpCall:
         config: HuaweiSmsConfig = self.config
-        options: _Options = _options(self.name, _Options, message)
+        options = self.read_options(_Options, message)
         form = {"from": config.sender, "to": message.to, "templateId": options.template_code}
         params = options.template_params(message)
         if params:
@@ -243,5 +213,5 @@ class HuaweiSms(Plugin[HuaweiSmsConfig]):
         if first.get("status") and first["status"] != "000000":
             raise classify(self.name, str(first["status"]), "", response.status_code)
         if response.status_code == 200:
-            raise Retryable(f"{self.name}: unexpected answer", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            raise unexpected_answer(self.name, response)
         raise http_failure(self.name, response)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,19 +18,21 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
     HttpCall,
     Message,
+    OrderedTemplateOptions,
     Plugin,
     ProviderConfig,
     QuotaExceeded,
     RateLimit,
-    as_text,
     body_of,
     http_failure,
+    unexpected_answer,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -115,42 +116,6 @@ class TencentSmsConfig(ProviderConfig):
     endpoint: str = Field(default="https://sms.tencentcloudapi.com", pattern=r"^https?://", max_length=2000)
 
 
-class _Options(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # options meant for other SMS providers are not ours
-
-    template_code: str = Field(min_length=1, max_length=100)
-    sign_name: str | None = Field(default=None, min_length=1, max_length=100)
-    params: list[str | int | float] | dict[str, str | int | float] = Field(default_factory=list, max_length=50)
-    with_content: bool = False
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _no_bools(cls, value: Any) -> Any:
-        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-        if any(isinstance(v, bool) or v is None for v in values):
-            raise ValueError("template params must be strings or numbers")
-        return value
-
-    def template_params(self, message: Message) -> list[str]:
-        values = list(self.params.values()) if isinstance(self.params, dict) else list(self.params)
-        out = [str(v) for v in values]
-        if self.with_content:
-            out.append(as_text(message))
-        return out
-
-
-def _options(name: str, model: type[BaseModel], message: Message) -> Any:
-    try:
-        return model.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = str(err["loc"][0]) if err["loc"] else "options"
-        raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
-_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
-
-
 # --- classification --------------------------------------------------------------------------
 
 _WAITS = {  # the per-number frequency limits and their windows
@@ -198,8 +163,7 @@ _MISCONFIGURED = {  # the provider's setup is wrong; another provider could stil
 
 def classify(name: str, code: str, text: str) -> Exception:
     """The exception for a Tencent Cloud error code (request-level or per number)."""
-    shown = _NUMBERS.sub("<number>", text)[:160]  # no phone numbers in errors
-    what = f"{name}: {code}" + (f": {shown}" if text and not code.startswith("AuthFailure") else "")
+    what = f"{name}: {code}" + (f": {vendor_text(text)}" if text and not code.startswith("AuthFailure") else "")
     if code in _WAITS:
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=_WAITS[code], sender_fault=True)
     if code in _QUOTA:
@@ -265,7 +229,7 @@ class TencentSms(Plugin[TencentSmsConfig]):
 
     def build(self, message: Message) -> HttpCall:
         config: TencentSmsConfig = self.config
-        options: _Options = _options(self.name, _Options, message)
+        options = self.read_options(OrderedTemplateOptions, message)
         body: dict[str, Any] = {
             "PhoneNumberSet": [message.to],
             "SmsSdkAppId": config.sdk_app_id,
@@ -299,7 +263,7 @@ class TencentSms(Plugin[TencentSmsConfig]):
             raise classify(self.name, str(error.get("Code") or "Error"), str(error.get("Message") or ""))
         statuses = answer.get("SendStatusSet")
         if not isinstance(statuses, list) or not statuses or not isinstance(statuses[0], dict):
-            raise Retryable(f"{self.name}: unexpected answer", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            raise unexpected_answer(self.name, response)
         status = statuses[0]
         code = str(status.get("Code") or "")
         if code == "Ok":

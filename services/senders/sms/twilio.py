@@ -8,13 +8,11 @@ is ``{"code", "message", "more_info", "status"}`` with the HTTP status.
 
 from __future__ import annotations
 
-import base64
-import re
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -25,19 +23,17 @@ from services.senders.plugins.base import (
     QuotaExceeded,
     RateLimit,
     as_text,
+    basic_auth,
     body_of,
     http_failure,
     retry_after,
+    unexpected_answer,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
 API_VERSION = "2010-04-01"
 MAX_BODY = 1600  # characters, after which Twilio refuses the message (21617)
-
-
-def basic_auth(account_sid: str, auth_token: str) -> str:
-    """``Authorization: Basic base64(AccountSid:AuthToken)``."""
-    return "Basic " + base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
 
 
 class TwilioSmsConfig(ProviderConfig):
@@ -66,18 +62,8 @@ class _Options(BaseModel):
     status_callback: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
 
 
-def _options(name: str, model: type[BaseModel], message: Message) -> Any:
-    try:
-        return model.model_validate(message.options or {})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        option = str(err["loc"][0]) if err["loc"] else "options"
-        raise Permanent(f"{name}: option {option!r}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED) from None
-
-
 # --- classification --------------------------------------------------------------------------
 
-_NUMBERS = re.compile(r"\+?\d[\d ()-]{5,}\d")
 _RATE = {20429, 21611, 30001, 14107}  # too many requests; From's queue full; queue overflow; rate exceeded
 _QUOTA = {20005, 10001}  # account not active: "potentially because you ran out of funds"
 _AUTH = {20003, 20404, 20006, 20008}  # authenticate; account/resource not found; access denied; test creds
@@ -102,7 +88,7 @@ _MISCONFIGURED = {
 
 
 def classify(name: str, code: int | None, text: str, response: httpx.Response) -> Exception:
-    text = _NUMBERS.sub("<number>", text)[:160]  # Twilio's messages quote the phone numbers
+    text = vendor_text(text)  # Twilio's messages quote the phone numbers
     what = f"{name}: HTTP {response.status_code}" + (f" {code}" if code else "") + (f": {text}" if text else "")
     if response.status_code == 429 or code in _RATE:
         return Retryable(what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 1.0), sender_fault=True)
@@ -159,7 +145,7 @@ class TwilioSms(Plugin[TwilioSmsConfig]):
 
     def build(self, message: Message) -> HttpCall:
         config: TwilioSmsConfig = self.config
-        options: _Options = _options(self.name, _Options, message)
+        options = self.read_options(_Options, message)
         text = as_text(message)
         if not text.strip():
             raise Permanent(f"{self.name}: the message is empty", code=ErrorCode.CHANNEL_SEND_FAILED)
@@ -197,5 +183,5 @@ class TwilioSms(Plugin[TwilioSmsConfig]):
         code = body.get("code")
         code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
         if response.status_code < 300:
-            raise Retryable(f"{self.name}: unexpected answer", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            raise unexpected_answer(self.name, response)
         raise classify(self.name, code, str(body.get("message") or ""), response)

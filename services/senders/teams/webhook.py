@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -33,6 +33,8 @@ from services.senders.plugins.base import (
     RateLimit,
     body_of,
     retry_after,
+    secret_matching,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -60,14 +62,9 @@ def teams_markdown(text: str) -> str:
 
 
 class TeamsConfig(ProviderConfig):
-    webhook_url: SecretStr = Field(description="the Workflows trigger URL or the connector's webhook URL")
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _url(cls, value: SecretStr) -> SecretStr:
-        if not re.match(r"^https?://[^/\s]+/\S+$", value.get_secret_value()):
-            raise ValueError("must be an https:// URL")
-        return value
+    webhook_url: Annotated[SecretStr, secret_matching(r"https?://[^/\s]+/\S+", "must be an https:// URL")] = Field(
+        description="the Workflows trigger URL or the connector's webhook URL"
+    )
 
 
 class _Options(ProviderConfig):
@@ -101,6 +98,7 @@ class TeamsWebhook(Plugin[TeamsConfig]):
     )
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a configured Teams webhook's name"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     def card(self, message: Message, options: _Options) -> dict[str, Any]:
         body: list[dict[str, Any]] = []
@@ -144,14 +142,7 @@ class TeamsWebhook(Plugin[TeamsConfig]):
         return content
 
     def build(self, message: Message) -> HttpCall:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-            raise Permanent(
-                f"teams: invalid option {where}: {first.get('msg')}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         payload = {
             "type": "message",
             "attachments": [
@@ -169,10 +160,10 @@ class TeamsWebhook(Plugin[TeamsConfig]):
         if 200 <= status < 300:
             if text in ("", "1") or not re.search(r"error|fail", text, re.IGNORECASE):
                 return SendResult(provider_message_id=None, detail={"status": status})
-            raise Permanent(f"teams: HTTP {status}: {text[:200]}", code=ErrorCode.CHANNEL_SEND_FAILED)
+            raise Permanent(f"teams: HTTP {status}: {vendor_text(text, 200)}", code=ErrorCode.CHANNEL_SEND_FAILED)
         error = body_of(response).get("error")
         code = error.get("code", "") if isinstance(error, dict) else ""
-        what = f"teams: HTTP {status}" + (f" {code}" if code else f": {text[:160]}" if text else "")
+        what = f"teams: HTTP {status}" + (f" {code}" if code else f": {vendor_text(text)}" if text else "")
         if status == 429:
             raise Retryable(
                 what, code=ErrorCode.RATE_LIMITED, retry_after=retry_after(response, 1.0), sender_fault=True

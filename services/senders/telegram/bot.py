@@ -13,10 +13,10 @@ from __future__ import annotations
 import html
 import re
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -27,6 +27,8 @@ from services.senders.plugins.base import (
     RateLimit,
     body_of,
     http_failure,
+    secret_matching,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -139,15 +141,13 @@ def markdown_to_html(text: str) -> str:
 
 
 class TelegramConfig(ProviderConfig):
-    bot_token: SecretStr = Field(description="the token @BotFather gave: 123456789:AA...")
+    bot_token: Annotated[
+        SecretStr,
+        secret_matching(
+            r"\d{3,20}:[A-Za-z0-9_-]{30,64}", "not a bot token (digits:characters, as @BotFather gives it)"
+        ),
+    ] = Field(description="the token @BotFather gave: 123456789:AA...")
     api_base: str = Field(default="https://api.telegram.org", max_length=500)
-
-    @field_validator("bot_token")
-    @classmethod
-    def _token(cls, value: SecretStr) -> SecretStr:
-        if not re.fullmatch(r"\d{3,20}:[A-Za-z0-9_-]{30,64}", value.get_secret_value()):
-            raise ValueError("not a bot token (digits:characters, as @BotFather gives it)")
-        return value
 
     @field_validator("api_base")
     @classmethod
@@ -193,6 +193,7 @@ class TelegramBot(Plugin[TelegramConfig]):
     )
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a chat id (-1001234567890) or @channelusername"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     def render(self, message: Message) -> tuple[str, dict[str, Any] | None]:
         """(HTML text, reply_markup) of a message."""
@@ -213,12 +214,7 @@ class TelegramBot(Plugin[TelegramConfig]):
         return body, None
 
     def build(self, message: Message) -> HttpCall:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValidationError as exc:
-            raise Permanent(
-                f"telegram: invalid option {_option_error(exc)}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         text, markup = self.render(message)
         if not text.strip():
             raise Permanent("telegram: empty message", code=ErrorCode.CHANNEL_SEND_FAILED)
@@ -252,9 +248,9 @@ class TelegramBot(Plugin[TelegramConfig]):
                 detail={"chat_type": chat.get("type")} if chat.get("type") else {},
             )
         code = body.get("error_code") or response.status_code
-        description = str(body.get("description") or "")[:200]
+        description = str(body.get("description") or "")
         parameters = body.get("parameters") or {}
-        what = f"telegram: {code} {description}".rstrip()
+        what = f"telegram: {code} {vendor_text(description, 200)}".rstrip()
         if not body:
             raise http_failure("telegram", response)
         if code == 429:
@@ -283,9 +279,3 @@ class TelegramBot(Plugin[TelegramConfig]):
 # 400 answers about the chat rather than the message.
 _RECIPIENT = re.compile(r"chat not found|user not found|peer_id_invalid|chat_id is empty|group chat was deactivated"
                         r"|have no rights to send|not enough rights to send|need administrator rights")  # fmt: skip
-
-
-def _option_error(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-    return f"{where}: {first.get('msg', 'invalid')}"

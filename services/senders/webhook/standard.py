@@ -208,6 +208,7 @@ class StandardWebhook(Plugin[StandardWebhookConfig]):
     rate_limits = ()  # the receiver's own; it answers 429 with Retry-After
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a configured webhook endpoint's name"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     @classmethod
     def client_options(cls, config: StandardWebhookConfig) -> dict[str, Any]:
@@ -221,12 +222,7 @@ class StandardWebhook(Plugin[StandardWebhookConfig]):
     # --- the body -----------------------------------------------------------------------------
 
     def body(self, message: Message, timestamp: int) -> Any:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValueError as exc:
-            raise Permanent(
-                f"webhook: invalid option event_type: {_first_error(exc)}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         card = message.card.model_dump(mode="json", exclude_none=True) if message.card is not None else None
         if self.config.body_template is None:
             data: dict[str, Any] = {
@@ -341,11 +337,3 @@ class StandardWebhook(Plugin[StandardWebhookConfig]):
 
 def _iso(timestamp: int) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        return str(first.get("msg", exc))
-    return str(exc)

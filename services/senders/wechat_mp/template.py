@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -34,7 +34,10 @@ from services.senders.plugins.base import (
     RateLimit,
     as_text,
     body_of,
+    first_error,
     http_failure,
+    secret_matching,
+    vendor_text,
 )
 from shared.errors import ErrorCode
 
@@ -68,16 +71,11 @@ _TEMPLATE_SEND = "https://developers.weixin.qq.com/doc/offiaccount/Message_Manag
 
 class WeChatConfig(ProviderConfig):
     app_id: str = Field(pattern=r"^wx[0-9a-f]{16}$", description="the Official Account's AppID")
-    app_secret: SecretStr = Field(description="the AppSecret")
+    app_secret: Annotated[
+        SecretStr, secret_matching(r"[A-Za-z0-9]{16,64}", "not an AppSecret (32 letters and digits)")
+    ] = Field(description="the AppSecret")
     api_base: str = Field(default="https://api.weixin.qq.com", max_length=500)
     default_template_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")
-
-    @field_validator("app_secret")
-    @classmethod
-    def _secret(cls, value: SecretStr) -> SecretStr:
-        if not re.fullmatch(r"[A-Za-z0-9]{16,64}", value.get_secret_value()):
-            raise ValueError("not an AppSecret (32 letters and digits)")
-        return value
 
     @field_validator("api_base")
     @classmethod
@@ -115,12 +113,12 @@ class _Options(BaseModel):
         for key, item in value.items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", key):
                 raise ValueError(f"{key!r} is not a template keyword name")
+            data = {"value": item} if isinstance(item, str) else item
             try:
-                out[key] = _Value(value=item) if isinstance(item, str) else _Value.model_validate(item)
+                out[key] = _Value.model_validate(data)
             except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first.get("loc", ())) or "value"
-                raise ValueError(f"{key}.{where}: {first.get('msg')}") from None
+                where, problem = first_error(exc, data)
+                raise ValueError(f"{key}.{where or 'value'}: {problem}") from None
         return out
 
 
@@ -154,6 +152,7 @@ class WeChatTemplate(Plugin[WeChatConfig]):
     )
     default_cost: ClassVar[Decimal] = Decimal("0")
     address: ClassVar[str] = "a follower's OpenID"
+    option_error: ClassVar[str] = "{name}: invalid option {path}: {problem}"
 
     def __init__(self, config: WeChatConfig, http: httpx.AsyncClient, **kwargs: Any) -> None:
         super().__init__(config, http, **kwargs)
@@ -200,20 +199,10 @@ class WeChatTemplate(Plugin[WeChatConfig]):
     # --- the message -----------------------------------------------------------------------------
 
     def payload(self, message: Message) -> dict[str, Any]:
-        try:
-            options = _Options.model_validate(message.options or {})
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "options"
-            raise Permanent(
-                f"wechat_mp: invalid option {where}: {first.get('msg')}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
+        options = self.read_options(_Options, message)
         template_id = options.template_id or self.config.default_template_id
         if not template_id:
-            raise Permanent(
-                "wechat_mp: invalid option template_id: required (no default_template_id configured)",
-                code=ErrorCode.CHANNEL_SEND_FAILED,
-            )
+            raise self.invalid_option("template_id", "required (no default_template_id configured)")
         if options.data is not None:
             data = {key: v.model_dump(exclude_none=True) for key, v in options.data.items()}
         else:
@@ -262,7 +251,7 @@ class WeChatTemplate(Plugin[WeChatConfig]):
         code = body.get("errcode")
         errmsg = str(body.get("errmsg") or "")
         # errmsg ends with a request id ("rid: ..."), kept for WeChat support; no secrets in it.
-        text = f"wechat_mp {what}: errcode {code}: {errmsg[:160]}"
+        text = f"wechat_mp {what}: errcode {code}: {vendor_text(errmsg)}"
         if code == -1:  # system busy
             return Retryable(text, code=ErrorCode.CHANNEL_SEND_FAILED, retry_after=1.0, sender_fault=True)
         if code in _QUOTA:

@@ -10,20 +10,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from typing import Annotated, Any
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 import orjson
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    StringConstraints,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 
 from services.senders.base import Permanent, Retryable, SendResult
 from services.senders.plugins.base import (
@@ -36,6 +27,9 @@ from services.senders.plugins.base import (
     as_text,
     body_of,
     http_failure,
+    result_code,
+    vendor_text,
+    webhook_shape,
 )
 from shared.errors import ErrorCode
 
@@ -103,6 +97,7 @@ class WeComBot(Plugin["WeComBot.Config"]):
     rate_limits = (RateLimit(20, 60.0, "provider", source=f"{DOCS_BOT} (每个机器人发送的消息不能超过20条/分钟)"),)
     default_cost = Decimal("0")
     address = "the configured WeCom robot's name (its webhook is the destination)"
+    option_error = "{name}: invalid option {path}: {problem}"
 
     class Config(ProviderConfig):
         model_config = ConfigDict(hide_input_in_errors=True)
@@ -111,22 +106,12 @@ class WeComBot(Plugin["WeComBot.Config"]):
             default="https://qyapi.weixin.qq.com/cgi-bin/webhook/send", pattern=r"^https?://[^?#\s]+$"
         )
         key: SecretStr | None = Field(default=None, description="the robot's webhook key")
-        webhook_url: SecretStr | None = Field(
+        webhook_url: Annotated[
+            SecretStr | None, webhook_shape("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...", token="key")
+        ] = Field(
             default=None,
             description="instead of key: the whole webhook, https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...",
         )
-
-        @field_validator("webhook_url")
-        @classmethod
-        def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
-            if value is None:
-                return value
-            parts = urlsplit(value.get_secret_value())
-            if parts.scheme not in ("https", "http") or not parts.netloc or parts.fragment:
-                raise ValueError("expected https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...")
-            if not parse_qs(parts.query).get("key"):
-                raise ValueError("the webhook URL has no key")
-            return value
 
         @model_validator(mode="after")
         def _one_key(self) -> WeComBot.Config:
@@ -136,27 +121,15 @@ class WeComBot(Plugin["WeComBot.Config"]):
 
     # --- rendering ----------------------------------------------------------------------
 
-    @staticmethod
-    def options(message: Message) -> WeComOptions:
-        try:
-            opts = WeComOptions.model_validate(message.options or {})
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            option = ".".join(str(p) for p in err["loc"]) or "options"
-            raise Permanent(
-                f"wecom: invalid option {option}: {err['msg']}", code=ErrorCode.CHANNEL_SEND_FAILED
-            ) from None
-        if WeComBot.msgtype(message, opts) != "text":
+    def options(self, message: Message) -> WeComOptions:
+        opts = self.read_options(WeComOptions, message)
+        if self.msgtype(message, opts) != "text":
             if opts.mentioned_mobile_list:
-                raise Permanent(
-                    "wecom: invalid option mentioned_mobile_list: WeCom mentions by phone number in text messages only",
-                    code=ErrorCode.CHANNEL_SEND_FAILED,
+                raise self.invalid_option(
+                    "mentioned_mobile_list", "WeCom mentions by phone number in text messages only"
                 )
             if "@all" in opts.mentioned_list:
-                raise Permanent(
-                    "wecom: invalid option mentioned_list: WeCom documents @all in text messages only",
-                    code=ErrorCode.CHANNEL_SEND_FAILED,
-                )
+                raise self.invalid_option("mentioned_list", "WeCom documents @all in text messages only")
         return opts
 
     @staticmethod
@@ -240,13 +213,7 @@ class WeComBot(Plugin["WeComBot.Config"]):
         if status == 429 or status >= 500:
             raise http_failure(self.name, response)
         body = body_of(response)
-        code = body.get("errcode")
-        if not isinstance(code, int):
-            if status >= 400:
-                raise http_failure(self.name, response)
-            raise Retryable(
-                f"wecom: unexpected answer (HTTP {status})", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
-            )
+        code = result_code(self.name, response, body, "errcode")
         if code == SUCCESS and response.is_success:
             return SendResult(
                 provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))}
@@ -256,7 +223,7 @@ class WeComBot(Plugin["WeComBot.Config"]):
     @staticmethod
     def classify(code: int, msg: str) -> Exception:
         # errmsg carries "hint: [...], from ip: ..., more info at ...": keep the first part.
-        what = f"wecom: errcode {code}: {msg.split(',')[0][:200]}"
+        what = f"wecom: errcode {code}: {vendor_text(msg.split(',')[0], 200)}"
         if code == INVALID_WEBHOOK:
             return Permanent(what, code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)
         if code in RECIPIENT_CODES:
