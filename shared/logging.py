@@ -23,6 +23,8 @@ _EMAIL = re.compile(r"(?<![\w.+-])([\w.+-])[\w.+-]*@([\w-]+(?:\.[\w-]+)+)")
 _PHONE = re.compile(r"(?<![\w])(\+?\d{1,3}[- ]?)?(\d{3})\d{4}(\d{4})(?!\d)")
 _BEARER = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8})[A-Za-z0-9._~+/=-]*")
 _TOKEN = re.compile(r"\b((?:whsec|noti|sk|pk|xox[bpa])_[A-Za-z0-9]{0,4})[A-Za-z0-9_.-]{4,}")
+# Credentials in URLs' query strings (?access_token=…, &sign=…, ?key=…).
+_URL_SECRET = re.compile(r"(?i)([?&](?:access_token|token|key|sign|sig|secret|signature|password|apikey)=)[^&\s\"']+")
 _SECRET_KEYS = re.compile(r"(?i)password|passwd|secret|token|api_key|authorization|credential")
 # A recipient that is neither an email address nor a phone number may be a device token or a
 # push key (push, Bark, PushDeer): as good as a credential for notifying that device.
@@ -38,6 +40,7 @@ def mask_email(address: str) -> str:
 def mask_text(text: str) -> str:
     """Mask every e-mail address, phone number and token found in free text."""
     text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _URL_SECRET.sub(lambda m: f"{m.group(1)}***", text)
     text = _TOKEN.sub(lambda m: f"{m.group(1)}***", text)
     text = _EMAIL.sub(lambda m: f"{m.group(1)}***@{m.group(2)}", text)
     text = _PHONE.sub(lambda m: f"{m.group(1) or ''}{m.group(2)}****{m.group(3)}", text)
@@ -113,7 +116,9 @@ def setup_logging(service: str, level: str = "INFO", json_logs: bool = True) -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiokafka", "kafka", "faust", "mode", "aiohttp.access", "uvicorn.access"):
+    # httpx logs every request's URL at INFO: providers' URLs carry their credentials (bot
+    # tokens, webhook keys, access tokens), so its lines are kept to warnings.
+    for noisy in ("aiokafka", "kafka", "faust", "mode", "aiohttp.access", "uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -68,8 +68,9 @@ FCM_EMAIL = "herald-sender@herald-channels.iam.gserviceaccount.com"
 FCM_DEVICE = "fGx7Yt3qR0e:APA91bH-channels_registration-token.0123456789"
 APNS_TEAM, APNS_KEY, APNS_BUNDLE = "DEF123GHIJ", "ABC123DEFG", "app.herald.channels"
 APNS_DEVICE = "b4f1c09b7e5d4a2b8c6e0f1d2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5e"
-WECHAT_APP, WECHAT_SECRET, WECHAT_OPENID = "wx1234567890abcdef", "0123456789abcdef0123456789abcdef", \
-    "oABCD1234efgh5678ijkl9012mnop"  # fmt: skip
+WECHAT_APP, WECHAT_SECRET = "wx1234567890abcdef", "e2eChannelsWeChatAppSecret042"
+WECHAT_OPENID = "oABCD1234efgh5678ijkl9012mnop"  # a follower of the emulated account
+FLOMO_TOKEN = "e2e-channels-flomo-token-7f3a"
 BARK_KEY, BARK_USER, BARK_PASSWORD = "Hx7Yt3qR0eB4k9Lm", "herald", "e2e-channels-bark-password"
 NTFY_TOKEN, NTFY_TOPIC = "tk_e2echannels0123456789abcdef", "herald-alerts"
 GOTIFY_TOKEN, GOTIFY_APP_ID = "AbCdEf.gotify-channels", 7
@@ -117,12 +118,14 @@ async def vendors() -> AsyncIterator[Vendors]:
         "teams": TeamsWebhookApi(),
         "discord": DiscordWebhookApi(),
         "telegram": TelegramBotApi(TELEGRAM_TOKEN),
-        "flomo": FlomoApi(),
+        "flomo": FlomoApi(token=FLOMO_TOKEN),
         "webhook": WebhookReceiver(WEBHOOK_SECRET),
-        "fcm": FcmEmulator(public_key_pem=_public_pem(rsa_key), project_id=FCM_PROJECT, client_email=FCM_EMAIL,
-                           key_id=FCM_KEY_ID),  # fmt: skip
-        "apns": ApnsEmulator(team_id=APNS_TEAM, key_id=APNS_KEY, public_key_pem=_public_pem(ec_key),
-                             bundle_id=APNS_BUNDLE),  # fmt: skip
+        "fcm": FcmEmulator(
+            public_key_pem=_public_pem(rsa_key), project_id=FCM_PROJECT, client_email=FCM_EMAIL, key_id=FCM_KEY_ID
+        ),
+        "apns": ApnsEmulator(
+            team_id=APNS_TEAM, key_id=APNS_KEY, public_key_pem=_public_pem(ec_key), bundle_id=APNS_BUNDLE
+        ),
         "wechat_mp": WeChatMpApi(WECHAT_APP, WECHAT_SECRET),
         "bark": BarkEmulator(device_keys={BARK_KEY}, username=BARK_USER, password=BARK_PASSWORD),
         "ntfy": NtfyEmulator(tokens={NTFY_TOKEN}, protected={NTFY_TOPIC}),
@@ -575,7 +578,7 @@ async def test_a_card_is_rendered_as_the_vendors_card(
     # Telegram paces one message a second per chat: the card goes to another chat than the text.
     to = {"telegram": "123456789"}.get(case.provider, case.to)
     card_case = Case(case.channel, case.provider, case.config, check, to=to)
-    # With a plain-text fallback beside the card (a card alone: the last test of the module).
+    # With a plain-text fallback beside the card (a card alone: test_a_card_alone_is_delivered).
     fallback = f"Deploy {token}: all checks passed"
     body = {"content_type": "card", "card": _card(token), "content": fallback}
     call, sent = await _deliver(client, db, vendors, card_case, body, token, fallback)
@@ -601,7 +604,7 @@ async def test_a_vendors_refusal_fails_the_message_naming_the_vendors_reason(
     try:
         message_id = await _accepted(client, {"channel": "dingtalk", "to": provider["name"], "title": TITLE,
                                               "content": _markdown(uniq()), "content_type": "markdown"})  # fmt: skip
-        record = await wait_for_state(client, message_id, "failed", timeout=30)
+        await wait_for_state(client, message_id, "failed", timeout=30)
     finally:
         emu.recover()
     r = await client.get(f"/api/v1/messages/{message_id}")
@@ -617,6 +620,18 @@ async def test_a_vendors_refusal_fails_the_message_naming_the_vendors_reason(
     states = [row["state"] for row in await db.fetch("SELECT state FROM message_events WHERE message_id = $1",
                                                      message_id)]  # fmt: skip
     assert "sent" not in states and "retrying" not in states, states
+
+
+# --- a card alone -----------------------------------------------------------------------------
+
+
+async def test_a_card_alone_is_delivered(client: httpx.AsyncClient, db: asyncpg.Pool, vendors: Vendors) -> None:
+    """Ingest accepts a card without content (``SendRequest``: content, a card or a template);
+    the pipeline must deliver it as such."""
+    token = uniq()
+    case = Case("feishu", "feishu", BY_PROVIDER["feishu"].config, _feishu_card)
+    call, sent = await _deliver(client, db, vendors, case, {"content_type": "card", "card": _card(token)}, token, "")
+    _feishu_card(call, sent)
 
 
 # --- the credentials stay out of the logs -----------------------------------------------------
@@ -641,7 +656,7 @@ def test_no_provider_credential_reaches_the_services_logs(pipeline: Pipeline, ve
         "teams sig": emus["teams"].sig,
         "discord webhook token": emus["discord"].token,
         "telegram bot_token": TELEGRAM_TOKEN,
-        "flomo token": emus["flomo"].token,
+        "flomo token": FLOMO_TOKEN,
         "webhook secret": WEBHOOK_SECRET,
         "wechat_mp app_secret": WECHAT_SECRET,
         "wechat_mp access_token": emus["wechat_mp"].token,
@@ -653,16 +668,3 @@ def test_no_provider_credential_reaches_the_services_logs(pipeline: Pipeline, ve
     leaked = {what: [line[:400] for line in lines if value in line][:2] for what, value in credentials.items()}
     leaked = {what: found for what, found in leaked.items() if found}
     assert not leaked, "credentials in the logs:\n" + "\n".join(f"{w}: {found[0]}" for w, found in leaked.items())
-
-
-# --- a card alone -----------------------------------------------------------------------------
-
-
-async def test_a_card_alone_is_delivered(client: httpx.AsyncClient, db: asyncpg.Pool, vendors: Vendors) -> None:
-    """Ingest accepts a card without content (``SendRequest``: content, a card or a template);
-    the pipeline must deliver it as such."""
-    token = uniq()
-    case = Case("feishu", "feishu", BY_PROVIDER["feishu"].config, _feishu_card)
-    call, sent = await _deliver(client, db, vendors, case, {"content_type": "card", "card": _card(token)}, token, "")
-    _feishu_card(call, sent)
-

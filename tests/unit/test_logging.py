@@ -51,3 +51,11 @@ def test_opaque_recipients_are_cut() -> None:
     # Phone numbers keep the phone masking, short chat ids stay readable.
     assert mask_value("recipient", "+8613812345678") == "+86138****5678"
     assert mask_value("recipient", "@herald_bot") == "@herald_bot"
+
+
+def test_credentials_in_url_queries_are_masked() -> None:
+    line = "POST https://oapi.dingtalk.com/robot/send?access_token=5b1e0c7d2a9f&timestamp=1&sign=OoYz%3D ok"
+    assert mask_text(line) == "POST https://oapi.dingtalk.com/robot/send?access_token=***&timestamp=1&sign=*** ok"
+    assert mask_text("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6") == (
+        "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=***"
+    )
