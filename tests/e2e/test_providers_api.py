@@ -6,6 +6,7 @@ failed, named); a tenant's own rate limit waited for, never dropping a message."
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -13,6 +14,8 @@ import httpx
 import orjson
 import pytest
 
+from devstack import access
+from tests.conftest import Pipeline
 from tests.e2e.helpers import uniq, wait_for_state
 from tests.emulators.aliyun import AliyunSmsEmulator
 from tests.emulators.webhook import WebhookReceiver
@@ -29,6 +32,17 @@ WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 async def aliyun() -> AsyncIterator[AliyunSmsEmulator]:
     async with AliyunSmsEmulator(KEY_ID, SECRET) as emu:
         yield emu  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+async def fresh_tenant(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
+    """A tenant with no provider configured (the suite configures the default tenant's)."""
+    tenant = uniq("pv-")
+    env = pipeline.backing.env
+    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Providers {tenant}")
+    headers = await asyncio.to_thread(access.admin_headers, pipeline.backing.env, pipeline.ingest_url, tenant=tenant)
+    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers) as c:
+        yield c
 
 
 async def _aliyun_provider(client: httpx.AsyncClient, emu: AliyunSmsEmulator, **extra: object) -> dict:
@@ -52,9 +66,17 @@ async def _sent_through(client: httpx.AsyncClient, body: dict) -> str:
 
 
 async def test_a_provider_is_stored_with_its_secret_encrypted_and_never_shown(
-    client: httpx.AsyncClient, db: asyncpg.Pool, aliyun: AliyunSmsEmulator
+    client: httpx.AsyncClient, fresh_tenant: httpx.AsyncClient, db: asyncpg.Pool, aliyun: AliyunSmsEmulator
 ) -> None:
     created = await _aliyun_provider(client, aliyun, costs={"default": "0.05", "by_country": {"86": "0.045"}})
+    # Another tenant neither sees, changes nor sends through it.
+    for method, body in (("GET", None), ("PATCH", {"priority": 1}), ("DELETE", None)):
+        r = await fresh_tenant.request(method, f"{PROVIDERS}/{created['id']}", json=body)
+        assert (r.status_code, r.json()["code"]) == (404, 1004), (method, r.text)
+    assert created["name"] not in (await fresh_tenant.get(PROVIDERS)).text
+    r = await fresh_tenant.post(SEND, json={"channel": "sms", "to": "+8613800138000", "content": "x",
+                                            "provider": created["name"]})  # fmt: skip
+    assert (r.status_code, r.json()["code"]) == (404, 2011), r.text
     assert created["secrets"] == {"access_key_secret": True}
     assert SECRET not in str(created) and created["config"]["access_key_id"] == KEY_ID
     row = await db.fetchrow("SELECT config::text AS config, secrets FROM providers WHERE id = $1", created["id"])
@@ -139,10 +161,10 @@ async def test_the_catalogue_lists_every_provider_with_its_schema(client: httpx.
     ],
 )  # fmt: skip
 async def test_a_send_nobody_could_deliver_is_refused_and_not_recorded(
-    client: httpx.AsyncClient, db: asyncpg.Pool, body: dict, status: int, code: int, field: str
+    fresh_tenant: httpx.AsyncClient, db: asyncpg.Pool, body: dict, status: int, code: int, field: str
 ) -> None:
     before = await db.fetchval("SELECT count(*) FROM message_records")
-    r = await client.post(SEND, json=body)
+    r = await fresh_tenant.post(SEND, json=body)
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
     assert field in [e["field"] for e in r.json().get("errors", [])], r.text
     assert await db.fetchval("SELECT count(*) FROM message_records") == before

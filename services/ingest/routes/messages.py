@@ -219,6 +219,7 @@ async def send(request: Request):
     """Accept one message for delivery on ``channel`` through the tenant's configured providers
     (``/api/v1/providers``); 202 with its ``message_id``. Content or a template (with a variant
     for the channel); scheduling, idempotency, dedup and categories as for email."""
+    tenant_of(request, Scope.SEND)  # the scope before the body: a key without it learns nothing more
     return await _send(request, await parse_body(request, SendRequest))
 
 
@@ -246,6 +247,7 @@ class WeChatMpSendRequest(BaseModel):
 async def send_wechat_mp(request: Request):
     """The seed's body as a ``wechat_mp`` message of the generic send: the template's fields in
     ``options``, their values (in order) as the message's recorded content."""
+    tenant_of(request, Scope.SEND)
     body = await parse_body(request, WeChatMpSendRequest)
     values = [str(v.get("value", "")) if isinstance(v, dict) else str(v) for v in body.data.values()]
     generic = SendRequest(
