@@ -57,6 +57,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from services.senders.base import Permanent, Retryable, SendResult
 from shared.errors import ErrorCode
 from shared.events import Card, CardField  # noqa: F401 - plugins take the card from here
+from shared.ssrf import UnsafeURL
 
 Format = Literal["text", "markdown", "html", "card"]
 
@@ -198,8 +199,6 @@ class Plugin(Generic[C]):
     async def request(self, call: HttpCall) -> httpx.Response:
         """Send ``call``; a network failure is :class:`Retryable`, a refused address (SSRF
         guard) :class:`Permanent` with ``sender_fault`` (the provider's URL is at fault)."""
-        from shared.ssrf import UnsafeURL
-
         try:
             return await self.http.request(
                 call.method,
