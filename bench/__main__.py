@@ -15,13 +15,18 @@ Phases (each on servers this run starts; nothing is shared with a running ``make
    seconds of every process.
 3. baseline peer: the same N messages sent directly with Apprise (``json://`` to the webhook sink).
 4. one sender process against a bare aiosmtplib loop.
+6. webhook channel (issue 9): BENCH_WEBHOOK_N messages (N) through ``POST /api/v1/messages/send``
+   on the ``webhook`` channel (a configured Standard Webhooks provider: signed, SSRF-guarded, paced)
+   to the same webhook sink as phase 3; rate from first POST to last 'sent', lost and duplicated at
+   the sink; ratio against Apprise's direct ``json://`` posts (phase 3).
 5. scheduled: BENCH_SCHEDULED_N messages (5000) all scheduled for one instant a few seconds after
    they are posted: how late the scheduler released them (p50/p99/max of executed_at -
    scheduled_time), how late they were sent, and the rate of that burst from its time to the last
    'sent' against the rate of phase 2 (the same pipeline with messages sent at once).
 
 Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200"),
-BENCH_BASE_REF (f705016; "" skips it), BENCH_SCHEDULED_N (5000; 0 skips phase 5).
+BENCH_BASE_REF (f705016; "" skips it), BENCH_SCHEDULED_N (5000; 0 skips phase 5), BENCH_WEBHOOK_N (N;
+0 skips phase 6).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ DURATION = int(os.environ.get("BENCH_DURATION", "10"))
 LEVELS = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "50,200").split(",")]
 BASE_REF = os.environ.get("BENCH_BASE_REF", "f705016")
 SCHEDULED_N = int(os.environ.get("BENCH_SCHEDULED_N", "5000"))
+WEBHOOK_N = int(os.environ.get("BENCH_WEBHOOK_N", str(N)))
 
 
 def log(text: str) -> None:
@@ -272,10 +278,10 @@ class Sampler:
 
 
 async def post_all(
-    url: str, n: int, token: str, concurrency: int = 64, extra: dict | None = None
+    url: str, n: int, token: str, concurrency: int = 64, extra: dict | None = None, body_of=None
 ) -> tuple[float, list[str], int]:
-    """POST n distinct messages (``extra`` fields in each body); returns (time of first POST,
-    accepted ids, failures)."""
+    """POST n distinct messages (``extra`` fields in each body, or ``body_of(i)``); returns (time
+    of first POST, accepted ids, failures)."""
     ids: list[str] = []
     failures = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -292,8 +298,10 @@ async def post_all(
                     i = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                body = {"to": f"e2e-{i}@example.com", "subject": f"e2e {i}", "content": f"<p>message {i}</p>",
-                        **(extra or {})}  # fmt: skip
+                body = body_of(i) if body_of else {
+                    "to": f"e2e-{i}@example.com", "subject": f"e2e {i}", "content": f"<p>message {i}</p>",
+                    **(extra or {}),
+                }  # fmt: skip
                 for _ in range(3):
                     try:
                         async with session.post(url, json=body) as resp:
@@ -428,6 +436,61 @@ async def phase_scheduled(tmp: Path, env: dict[str, str]) -> dict:
             "sent_late_p99_s": round(row["s99"], 3) if row["s99"] is not None else None,
             "burst_seconds": round(span, 2) if span else None,
             "burst_rate_per_s": round(row["n"] / span, 1) if span else None,
+        }
+    finally:
+        await pool.close()
+        stop_services(services)
+
+
+# --- phase 6: the webhook channel through the pipeline ---------------------------------------
+
+
+async def phase_webhook(tmp: Path, env: dict[str, str], sink_url: str) -> dict:
+    """Signed webhooks (a configured ``webhook`` provider) to the sink Apprise posts to."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.post(f"{sink_url}/reset")
+    services = start_services(env, tmp)
+    pool = await asyncpg.create_pool(env["HERALD_DATABASE_URL"], min_size=1, max_size=2)
+    try:
+        url = services["ingest"].url
+        token = access.token_for(url, *access.new_key(env, tier="unlimited", name="bench-webhook"))
+        # The sink counts deliveries by a top-level "title": the body template puts it there.
+        config = {"url": f"{sink_url}/hook", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                  "body_template": {"title": "{{ title }}", "message_id": "{{ message_id }}", "body": "{{ content }}"}}
+        async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
+            r = await client.post(f"{url}/api/v1/providers", json={"channel": "webhook", "provider": "webhook",
+                                                                   "name": "bench-sink", "config": config})
+            r.raise_for_status()
+        log(f"webhook: posting {WEBHOOK_N} messages")
+
+        def body_of(i: int) -> dict:
+            return {"channel": "webhook", "to": "bench-sink", "title": f"herald {i}", "content": f"message {i}"}
+
+        first, ids, failures = await post_all(f"{url}/api/v1/messages/send", WEBHOOK_N, token, body_of=body_of)
+        log(f"webhook: {len(ids)} accepted ({failures} failed); waiting for delivery")
+        await wait_sent(pool, len(ids), "message_type = 'webhook'")
+        row = await pool.fetchrow(
+            """SELECT count(*) AS sent, max(sent_at) AS last_sent,
+                      percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) AS p50,
+                      percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM sent_at - created_at)) AS p99
+               FROM message_records WHERE state = 'sent' AND message_type = 'webhook'"""
+        )
+        async with httpx.AsyncClient(timeout=30) as client:
+            stats = (await client.get(f"{sink_url}/stats")).json()["webhook"]
+        expected = {f"herald {i}" for i in range(WEBHOOK_N)}
+        elapsed = row["last_sent"].timestamp() - first if row["last_sent"] else None
+        return {
+            "messages": WEBHOOK_N,
+            "accepted": len(ids),
+            "post_failures": failures,
+            "sent_records": row["sent"],
+            "seconds": round(elapsed, 2) if elapsed else None,
+            "rate_per_s": round(row["sent"] / elapsed, 1) if elapsed else None,
+            "latency_p50_ms": round(row["p50"] * 1000, 1) if row["p50"] is not None else None,
+            "latency_p99_ms": round(row["p99"] * 1000, 1) if row["p99"] is not None else None,
+            "sink_received": stats["received"],
+            "lost": len(expected - set(stats["ids"])),
+            "duplicated": stats["duplicates"],
         }
     finally:
         await pool.close()
@@ -585,6 +648,14 @@ def summary(result: dict) -> str:
         f"| lost / duplicated at the sink | {e['lost']} / {e['duplicated']} "
         f"| Apprise {a['lost']} / {a['duplicated']} | |"
     )
+    w = result.get("webhook")
+    if w:
+        ratio = round(w["rate_per_s"] / a["rate_per_s"], 2) if w.get("rate_per_s") and a["rate_per_s"] else None
+        lines.append(f"| webhook channel end to end messages/s (N={w['messages']}, signed, through the pipeline) "
+                     f"| {w['rate_per_s']} | Apprise direct {a['rate_per_s']} | {ratio} |")  # fmt: skip
+        lines.append(f"| webhook: sent_at - accepted_at p50 / p99 ms; lost / duplicated at the sink "
+                     f"| {w['latency_p50_ms']} / {w['latency_p99_ms']}; {w['lost']} / {w['duplicated']} "
+                     "| | |")  # fmt: skip
     s = result.get("sender")
     if s:
         lines.append(
@@ -642,6 +713,7 @@ async def run() -> dict:
         "HERALD_DATA_DIR": str(tmp / "data"),
         "HERALD_LOG_LEVEL": "WARNING",
         "HERALD_RATE_LIMIT_TIERS": '{"unlimited": "", "limited": "100000000/minute"}',
+        "HERALD_OUTBOUND_ALLOW": "127.0.0.1/32",  # the webhook sink of phase 6
     }
     result: dict = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -660,6 +732,10 @@ async def run() -> dict:
         result["e2e"] = await phase_e2e(tmp, env, backing, sink_url)
         log(f"apprise: {N} messages")
         result["apprise"] = phase_apprise(sink_url)
+        if WEBHOOK_N:
+            backing["tansu"].stop()
+            backing["tansu"] = servers.start_tansu(kafka_port, tmp / "tansu.log")
+            result["webhook"] = await phase_webhook(tmp, env, sink_url)
         log("sender: one sender process vs a bare aiosmtplib loop")
         result["sender"] = await phase_sender(tmp, env, sink_url, smtp_port)
         if SCHEDULED_N:
