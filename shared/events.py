@@ -312,6 +312,9 @@ class DispatchV1(_Event):
     # A retry waits on a notify.retry.* topic until this moment, then goes back to dispatch.
     not_before: datetime | None = None
     last_error: str | None = None
+    # How many times this attempt waited for a provider's rate limit (each a new dispatch id,
+    # "<message>:<attempt>.<n>", the same attempt).
+    deferrals: int = Field(default=0, ge=0)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -95,6 +95,8 @@ def backing() -> Iterator[Backing]:
         # Providers reach the vendor emulators on the loopback (tests/emulators); every other
         # private or metadata address stays refused.
         "HERALD_OUTBOUND_ALLOW": "127.0.0.1/32",
+        # Rate-limit waits over 2 s are deferred through the retry topics (tests see both paths).
+        "HERALD_PACING_MAX_WAIT_S": "2",
     }
     try:
         yield b

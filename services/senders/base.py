@@ -4,6 +4,7 @@ Exception tree::
 
     DeliveryError(message, code)
      ├── Retryable(retry_after)   -- try again later (network, 4xx SMTP, throttling)
+     │    └── Deferred            -- not attempted: wait for a rate limit's slot (not an attempt)
      └── Permanent                -- never retry (bad address, rejected content, auth)
 
     Unavailable                   -- the sender's own dependency is down: no attempt was made
@@ -43,6 +44,12 @@ class Retryable(DeliveryError):
 
 class Permanent(DeliveryError):
     pass
+
+
+class Deferred(Retryable):
+    """Not attempted: the provider's rate limit has no slot for ``retry_after`` seconds. The
+    dispatch waits on a retry topic and comes back as the same attempt (a deferral is not a
+    failure, so it never uses up the message's retries)."""
 
 
 class Unavailable(Exception):

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -54,7 +55,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.senders import registry
-from services.senders.base import DeliveryError, Permanent, Provider, Retryable, Unavailable
+from services.senders.base import Deferred, DeliveryError, Permanent, Provider, Retryable, Unavailable
 from services.senders.ledger import Ledger
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, DispatchV1, EventV1, ProviderHealthV1, State, event_id, utcnow
@@ -421,7 +422,8 @@ class SenderRunner:
                 await _settled(marks)
                 elapsed = time.perf_counter() - started
                 SEND_DURATION.labels(self.channel, exc.provider or provider_name).observe(elapsed)
-                MESSAGES_SENT.labels(self.channel, "failed", exc.provider or provider_name).inc()
+                outcome = "deferred" if isinstance(exc, Deferred) else "failed"
+                MESSAGES_SENT.labels(self.channel, outcome, exc.provider or provider_name).inc()
                 return self._failure(dispatch, exc, elapsed, headers)
         elapsed = time.perf_counter() - started
         provider_name = result.provider or provider_name
@@ -443,8 +445,39 @@ class SenderRunner:
         event = self._event(dispatch, State.SENT, detail=detail, provider=provider_name)
         return [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]
 
+    def _deferral(self, dispatch: DispatchV1, exc: Deferred, headers: list) -> list[_Out]:
+        """The same attempt again after ``exc.retry_after`` (a rate limit's wait), through the
+        shortest retry tier that covers it (a record due before the tier's delay never holds up
+        the tier's partition; a longer wait comes back at the tier's delay and waits again),
+        spread by up to 10 % so a backlog does not come back at once."""
+        delays = self.settings.retry_delays[: len(Topics.RETRY)]
+        tier = next((i for i, d in enumerate(delays) if d >= exc.retry_after), len(delays) - 1)
+        wait = min(delays[tier], (exc.retry_after or 0) * random.uniform(1.0, 1.1))
+        due = utcnow() + timedelta(seconds=wait)
+        n = dispatch.deferrals + 1
+        later = dispatch.model_copy(update={"dispatch_id": f"{dispatch.message_id}:{dispatch.attempt}.{n}",
+                                            "deferrals": n, "not_before": due, "last_error": exc.message})  # fmt: skip
+        topic = Topics.RETRY[tier]
+        log_event(log, logging.INFO, "provider rate limit: dispatch deferred", message_id=dispatch.message_id,
+                  wait_s=round(wait, 1), deferrals=n)  # fmt: skip
+        event = self._event(
+            dispatch,
+            State.RETRYING,
+            provider=exc.provider,
+            error_code=exc.code,
+            error=exc.message,
+            detail={**exc.detail, "deferred": True, "deferrals": n, "next_attempt_at": due.isoformat(),
+                    "retry_topic": topic},  # fmt: skip
+        )
+        return [
+            _Out.of(Topics.EVENTS, dispatch.message_id.encode(), event.to_bytes(), headers),
+            _Out.of(topic, message_key(dispatch.tenant_id, dispatch.to[0]), later.to_bytes(), headers),
+        ]
+
     def _failure(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
         """A failed attempt's records: see :func:`next_step`."""
+        if isinstance(exc, Deferred):
+            return self._deferral(dispatch, exc, headers)
         step = next_step(exc, dispatch.attempt, self.settings.retry_delays)
         detail: dict[str, Any] = {
             **exc.detail,

@@ -232,3 +232,28 @@ async def test_a_tenants_rate_limit_delays_messages_and_drops_none(client: httpx
         assert len(arrivals) == 6
         # Never more than 2 in any second: the 3rd and 5th waited for the window.
         assert arrivals[2] - arrivals[0] >= 0.95 and arrivals[4] - arrivals[2] >= 0.95, arrivals
+
+
+async def test_a_long_rate_limit_wait_is_deferred_as_the_same_attempt(
+    client: httpx.AsyncClient, db: asyncpg.Pool
+) -> None:
+    """One message per 6 s and waits over 2 s deferred (the suite's HERALD_PACING_MAX_WAIT_S): the
+    second message goes through a retry topic, comes back as attempt 1, and is sent 6 s after the
+    first; its retries are untouched."""
+    async with WebhookReceiver(WEBHOOK_SECRET) as hook:
+        name = uniq("slow-")
+        r = await client.post(PROVIDERS, json={
+            "channel": "webhook", "provider": "webhook", "name": name,
+            "config": {"url": hook.endpoint, "secret": WEBHOOK_SECRET}, "rate_limit": {"count": 1, "per_s": 6},
+        })  # fmt: skip
+        assert r.status_code == 201, r.text
+        ids = [await _sent_through(client, {"channel": "webhook", "to": name, "content": f"slow {i}", "dedup": False})
+               for i in range(2)]  # fmt: skip
+        records = [await wait_for_state(client, message_id, "sent", timeout=30) for message_id in ids]
+        assert [r["attempt"] for r in records] == [1, 1]
+        arrivals = sorted(c.at for c in hook.calls if c.verified)
+        assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 5.9, arrivals
+        deferred = await db.fetch(
+            "SELECT detail FROM message_events WHERE message_id = ANY($1::text[]) AND state = 'retrying'", ids
+        )
+        assert deferred and all(orjson.loads(d["detail"])["deferred"] for d in deferred)

@@ -13,7 +13,8 @@ from decimal import Decimal
 import pytest
 from redis.asyncio import Redis
 
-from services.senders.base import Retryable
+from services.senders.base import Deferred
+from services.senders.feishu.bot import FeishuBot
 from services.senders.pacing import Pacer, limit_key
 from services.senders.plugins.base import Costs, RateLimit
 from services.senders.plugins.config import Configured
@@ -28,16 +29,22 @@ async def redis(backing: Backing) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def _entry(limit: RateLimit) -> Configured:
-    """A configured provider whose only limit is ``limit`` (a webhook: the vendor sets none)."""
-    config = StandardWebhook.Config.model_validate(
-        {"url": "https://hooks.example.org/in", "secret": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
-    )
+def _entry(limit: RateLimit | None, channel: str = "webhook") -> Configured:
+    """A configured provider with the tenant's own ``limit`` on top of the vendor's (a webhook:
+    the vendor sets none; Feishu: 100 a minute and 5 a second)."""
+    if channel == "feishu":
+        config = FeishuBot.Config.model_validate(
+            {"webhook_url": "https://open.feishu.cn/open-apis/bot/v2/hook/0b1c2d3e-4f5a-6b7c-8d9e-0f1a2b3c4d5e"}
+        )
+    else:
+        config = StandardWebhook.Config.model_validate(
+            {"url": "https://hooks.example.org/in", "secret": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}
+        )
     return Configured(
         id=int(uuid.uuid4().int % 1_000_000_000),
         tenant_id="default",
-        channel="webhook",
-        provider="webhook",
+        channel=channel,
+        provider=channel,
         name="hook",
         config=config,
         priority=1,
@@ -51,18 +58,12 @@ def _entry(limit: RateLimit) -> Configured:
 
 async def _slot(pacer: Pacer, entry: Configured, to: str = "hook") -> float:
     """The moment (epoch seconds, local clock) of the slot one message is given."""
-    wait = await _reserve(pacer, entry, to)
-    return time.time() + wait
+    return time.time() + await pacer.reserve(entry, to)
 
 
 async def _reserve(pacer: Pacer, entry: Configured, to: str = "hook") -> float:
-    """The wait one message is given, reserved without sleeping it (the script's answer)."""
-    key_waits = []
-    for index, limit in enumerate(entry.limits()):
-        key = limit_key(entry, limit, index, to)
-        args = [round(limit.per_s * 1000), limit.count, pacer.max_wait_ms]
-        key_waits.append(int(await pacer._reserve(keys=[key, f"{key}:n"], args=args)) / 1000)
-    return max(key_waits)
+    """The wait one message is given, reserved without sleeping it."""
+    return await pacer.reserve(entry, to)
 
 
 async def test_a_burst_gets_count_slots_per_window_in_order(redis: Redis) -> None:
@@ -122,10 +123,33 @@ async def test_a_wait_longer_than_the_maximum_is_retried_later_not_held(redis: R
     pacer = Pacer(redis, max_wait_s=1.0)
     entry = _entry(RateLimit(1, 60.0))
     assert await pacer.wait(entry, "hook") == 0
-    with pytest.raises(Retryable) as caught:
+    with pytest.raises(Deferred) as caught:
         await pacer.wait(entry, "hook")
     assert caught.value.code == 1007 and 58 <= caught.value.retry_after <= 60, caught.value.message
     # Nothing was reserved for it: the next message is told the same, not a minute later still.
-    with pytest.raises(Retryable) as again:
+    with pytest.raises(Deferred) as again:
         await pacer.wait(entry, "hook")
     assert again.value.retry_after <= caught.value.retry_after
+
+
+async def test_several_limits_are_reserved_together_and_each_holds(redis: Redis) -> None:
+    """Feishu's 100 a minute and 5 a second: 120 messages at once get times (reserved, not
+    slept) that keep both, each at the latest time its limits allow and in both logs."""
+    pacer = Pacer(redis, max_wait_s=120)
+    entry = _entry(None, "feishu")
+    slots = sorted([await _slot(pacer, entry) for _ in range(120)])
+    for i in range(len(slots) - 5):
+        assert slots[i + 5] - slots[i] >= 0.99, (i, slots[i : i + 6])
+    for i in range(len(slots) - 100):
+        assert slots[i + 100] - slots[i] >= 59.9, i
+    assert 19 <= slots[99] - slots[0] <= 20.5  # 5 a second: the 100th after ~19 s, not later
+
+
+async def test_a_deferred_message_reserves_in_no_log(redis: Redis) -> None:
+    pacer = Pacer(redis, max_wait_s=0.5)
+    entry = _entry(RateLimit(2, 60.0), "feishu")  # Feishu's two limits and the tenant's 2 a minute
+    assert [await pacer.reserve(entry, "bot") for _ in range(2)] == [0, 0]
+    with pytest.raises(Deferred):
+        await pacer.reserve(entry, "bot")  # the tenant's limit has no slot within 0.5 s
+    logs = [limit_key(entry, limit, i, "bot") for i, limit in enumerate(entry.limits())]
+    assert [await redis.zcard(key) for key in logs] == [2, 2, 2]
