@@ -46,7 +46,8 @@ def fingerprint(tenant_id: str, channel: str, recipients: list[str], subject: st
 def fingerprint_of(request: RequestV1) -> str:
     """A request's fingerprint, the same whichever endpoint accepted it (a batch item and a single
     send of the same email are duplicates of each other): every recipient, the subject, and the
-    content, or for a template send the template, version, variables and locale."""
+    content, or for a template send the template, version, variables and locale; and the card,
+    the channel options and the named provider when there are some."""
     email = request.email
     recipients = [*request.to, *(email.cc if email else []), *(email.bcc if email else [])]
     template = request.template
@@ -55,6 +56,12 @@ def fingerprint_of(request: RequestV1) -> str:
         if template is None
         else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
     )
+    # Other channels: two cards, two SMS with other template parameters, or the same text through
+    # two named providers are different messages.
+    extra = {k: v for k, v in (("card", request.card.model_dump(mode="json") if request.card else None),
+                               ("options", request.options), ("provider", request.provider)) if v}  # fmt: skip
+    if extra:
+        content += "\x1f" + orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode()
     return fingerprint(request.tenant_id, request.channel.value, recipients, request.subject, content)
 
 

@@ -66,7 +66,7 @@ class Directory:
             try:
                 entry = configured(row, self.box)
             except Exception as exc:  # a row that no longer validates or decrypts: skipped, said
-                broken[row["id"]] = f"{exc.__class__.__name__}: {str(exc)[:200]}"
+                broken[row["id"]] = _why(exc)
                 continue
             by_tenant.setdefault(entry.tenant_id, []).append(entry)
         for provider_id, why in broken.items():
@@ -75,6 +75,14 @@ class Directory:
                           error=why)  # fmt: skip
         self.by_tenant, self.broken = by_tenant, broken
         self.loaded.set()
+
+    def has(self, dispatch: DispatchV1) -> bool:
+        """Whether :meth:`choose` would find a provider (else the rows are read again first)."""
+        try:
+            self.choose(dispatch)
+        except Permanent:
+            return False
+        return True
 
     def choose(self, dispatch: DispatchV1) -> Configured:
         """The configured provider of ``dispatch`` (Permanent 2011 when there is none)."""
@@ -94,6 +102,15 @@ class Directory:
                 code=ErrorCode.PROVIDER_NOT_CONFIGURED,
             )
         return active[0]  # ordered by priority, then id
+
+
+def _why(exc: Exception) -> str:
+    """Why a row is unusable, without its values (a validation error quotes its input: secrets)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        found = errors(include_input=False)
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['type']}" for e in found)
+    return exc.__class__.__name__
 
 
 class ChannelSender:
@@ -163,6 +180,7 @@ class ChannelSender:
                 await self.directory.load(self.pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("%s providers not reloaded (%s); keeping the ones known", self.channel, exc)
+                self._reload_soon.set()  # the change that asked for it is still to be read
                 await asyncio.sleep(1)
 
     # --- delivering -------------------------------------------------------------------------
@@ -187,6 +205,13 @@ class ChannelSender:
         return instance
 
     async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
+        if not self.directory.has(dispatch):
+            # Configured a moment ago (ingest saw it; its NOTIFY may not have arrived): read the
+            # rows once more before failing the message for want of a provider.
+            try:
+                await self.directory.load(self.pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise Unavailable(f"providers could not be read: {exc.__class__.__name__}") from None
         entry = self.directory.choose(dispatch)
         plugin = self.plugin_for(entry)
         message = Message(
@@ -201,9 +226,10 @@ class ChannelSender:
             options=dict(dispatch.options or {}),
             attempt=dispatch.attempt,
         )
-        waited = await self.pacer.wait(entry, message.to)
         started = time.perf_counter()
         try:
+            waited = await self.pacer.wait(entry, message.to)
+            started = time.perf_counter()
             result = await plugin.send(message)
         except DeliveryError as exc:
             exc.provider = entry.provider

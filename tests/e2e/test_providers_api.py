@@ -94,6 +94,14 @@ async def test_a_provider_is_stored_with_its_secret_encrypted_and_never_shown(
     audit = await db.fetch("SELECT details::text AS d FROM audit_log WHERE target_type = 'provider' AND target_id = $1",
                            str(created["id"]))  # fmt: skip
     assert len(audit) == 3 and not any(SECRET in a["d"] or "rotated-Zq82" in a["d"] for a in audit)
+    # Pointing it elsewhere needs the secret again: the stored one never follows a new endpoint.
+    r = await client.patch(f"{PROVIDERS}/{created['id']}", json={"config": {"endpoint": "https://collect.example.com/"}})
+    assert (r.status_code, r.json()["code"]) == (400, 1001), r.text
+    assert r.json()["errors"][0]["field"] == "config.access_key_secret"
+    assert (await client.get(f"{PROVIDERS}/{created['id']}")).json()["data"]["config"]["endpoint"] == aliyun.url + "/"
+    # Nulls are refused, not stored.
+    r = await client.patch(f"{PROVIDERS}/{created['id']}", json={"priority": None})
+    assert (r.status_code, r.json()["errors"][0]["field"]) == (400, "priority"), r.text
     listed = (await client.get(PROVIDERS, params={"channel": "sms"})).json()["data"]["records"]
     assert created["id"] in [p["id"] for p in listed] and "rotated" not in str(listed)
     assert (await client.delete(f"{PROVIDERS}/{created['id']}")).status_code == 200
@@ -158,6 +166,7 @@ async def test_the_catalogue_lists_every_provider_with_its_schema(client: httpx.
         ({"to": "+8613800138000", "content": "x"}, 400, 1001, "channel"),
         ({"channel": "sms", "to": "+8613800138000", "content": "x", "email": {"cc": ["a@b.org"]}}, 400, 1001, "email"),
         ({"channel": "sms", "to": "+8613800138000"}, 400, 1001, "content"),
+        ({"channel": "sms", "to": "+8613800138000", "content": "x" * 1001}, 400, 1001, "content"),
     ],
 )  # fmt: skip
 async def test_a_send_nobody_could_deliver_is_refused_and_not_recorded(

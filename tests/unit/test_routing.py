@@ -169,3 +169,10 @@ def test_a_card_alone_is_routed_with_its_card_options_and_provider() -> None:
     assert dispatch.channel == "telegram" and dispatch.to == ["-1001234567890"]
     assert dispatch.card is not None and dispatch.card.fields[0].value == "3m"
     assert dispatch.options == {"silent": True} and dispatch.provider == "ops-bot"
+
+
+def test_a_direct_publishers_phone_number_is_normalised_for_the_providers() -> None:
+    decision = plan(raw(channel="sms", to=["+86 138-0013-8000"], subject=None, content="x", content_type="text"),
+                    now=NOW)  # fmt: skip
+    assert isinstance(decision, Routed), getattr(decision, "errors", None)
+    assert decision.dispatch.to == ["+8613800138000"]

@@ -343,7 +343,14 @@ def _generic_mode_error(body: SendRequest, channel: Channel, templated: bool) ->
             for name in ("template_vars", "template_version", "locale"):
                 if getattr(body, name) is not None:
                     return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
-    formats = channel_spec(channel).formats
+    limits = channel_spec(channel)
+    if body.content is not None and len(body.content) > limits.content_max:
+        return HeraldError(ErrorCode.INVALID_PARAMS, f"at most {limits.content_max} characters on {channel.value}",
+                           field="content")  # fmt: skip
+    if body.subject is not None and len(body.subject) > limits.title_max:
+        return HeraldError(ErrorCode.INVALID_PARAMS, f"at most {limits.title_max} characters on {channel.value}",
+                           field="subject")  # fmt: skip
+    formats = limits.formats
     content_type = body.content_type or (ContentType.CARD if body.card is not None and body.content is None else None)
     if content_type is not None and content_type.value not in formats:
         return HeraldError(ErrorCode.INVALID_PARAMS, f"{channel.value} takes {', '.join(sorted(formats))}",

@@ -7,6 +7,7 @@ Email's providers are the mailbox pool (``/api/v1/email-accounts``)."""
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -23,12 +24,15 @@ from services.senders.plugins import CATALOGUE, plugin
 from services.senders.plugins.base import Costs
 from services.senders.plugins.config import seal, secret_fields, split, unseal
 from shared.channels import CHANNELS, PROVIDER_NAME
+from shared.crypto import DecryptError
 from shared.errors import ErrorCode, HeraldError
 from shared.events import Channel
 
 router = APIRouter(prefix="/api/v1/providers", tags=["providers"])
 
 _TEXT = r"^[^\r\n\x00]*$"
+# Configuration fields that say where a provider's requests (and so its secrets) go.
+_ENDPOINT = re.compile(r"(?i)endpoint|url|server|api_base|host|uri")
 _COLUMNS = """id, tenant_id, channel, provider, name, config, secrets, priority, weight, costs, rate_limit,
     is_active, description, revision, created_at, updated_at"""
 
@@ -227,6 +231,9 @@ async def update_provider(provider_id: int, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, ProviderPatch)
     given = body.model_dump(exclude_unset=True)
+    for name in ("name", "config", "priority", "weight", "is_active"):
+        if name in given and given[name] is None:
+            raise HeraldError(ErrorCode.INVALID_PARAMS, "may not be null", field=name)
     box = request.app.state.secret_box
     async with services.pool.acquire() as conn, conn.transaction():
         row = await _fetch(conn, tenant_id, provider_id, lock=True)
@@ -238,14 +245,24 @@ async def update_provider(provider_id: int, request: Request):
         public_changes: dict[str, Any] = {}
         if body.config is not None:
             cls = plugin(row["channel"], row["provider"])
+            secrets = secret_fields(cls.Config)
             current = {k: v for k, v in row["config"].items() if k != "_secrets"}
-            merged = {**current, **unseal(box, provider_id, row["secrets"]), **body.config}
+            stored = _stored_secrets(box, row, secrets, body.config)
+            # Where the secrets go may only change with the secrets: a new endpoint, server or
+            # URL with the stored secrets kept would send them to whoever the caller names.
+            was = {**current, **stored}
+            moved = [k for k, v in body.config.items() if _ENDPOINT.search(k) and was.get(k) != v]
+            missing = [n for n in sorted(stored) if n not in body.config] if moved else []
+            if missing:
+                raise HeraldError(ErrorCode.INVALID_PARAMS, f"changing {moved[0]} needs the secrets again "
+                                  f"({', '.join(missing)})", field=f"config.{missing[0]}")  # fmt: skip
+            merged = {**current, **stored, **body.config}
             public, hidden = _store(_validated(cls, merged))
             changes["config"] = public
-            if secret_fields(cls.Config) & body.config.keys():  # else the stored ciphertext stays
+            if moved or secrets & body.config.keys():  # else the stored ciphertext stays
                 changes["secrets"] = seal(box, provider_id, hidden)
-            public_changes = {k: v for k, v in body.config.items() if k not in secret_fields(cls.Config)}
-            public_changes.update({k: "(changed)" for k in body.config if k in secret_fields(cls.Config)})
+            public_changes = {k: v for k, v in body.config.items() if k not in secrets}
+            public_changes.update({k: "(changed)" for k in body.config if k in secrets})
         if not changes:
             return envelope(_out(row))
         sets = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, start=3))
@@ -280,6 +297,19 @@ async def delete_provider(provider_id: int, request: Request):
         )
         await audit.record(conn, request, "provider.delete", "provider", provider_id)
     return envelope({"id": provider_id, "deleted": True})
+
+
+def _stored_secrets(box: Any, row: asyncpg.Record, secrets: frozenset[str], given: dict[str, Any]) -> dict[str, str]:
+    """The row's secrets, decrypted; none needed when the change gives them all (so a row whose
+    ciphertext no longer decrypts, after a key change, can be repaired by giving them again)."""
+    if secrets <= given.keys():
+        return {}
+    try:
+        return unseal(box, row["id"], row["secrets"])
+    except DecryptError:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "the stored secrets cannot be decrypted (was the encryption "
+                          f"key changed?): give them all again ({', '.join(sorted(secrets))})",
+                          field="config") from None  # fmt: skip
 
 
 def _jsonable(value: Any) -> Any:

@@ -123,7 +123,9 @@ class Costs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     default: Decimal | None = Field(default=None, ge=0)
-    by_country: dict[str, Decimal] = Field(default_factory=dict)
+    by_country: dict[Annotated[str, Field(pattern=r"^[1-9][0-9]{0,3}$")], Annotated[Decimal, Field(ge=0)]] = Field(
+        default_factory=dict, description="calling code (86, 1, 1242) -> price"
+    )
 
 
 C = TypeVar("C", bound=ProviderConfig)
