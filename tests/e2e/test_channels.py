@@ -13,6 +13,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -389,7 +390,7 @@ CASES = [
          delivery_path=f"/v1/projects/{FCM_PROJECT}/messages:send"),
     Case("push", "apns", lambda v: {"team_id": APNS_TEAM, "key_id": APNS_KEY, "private_key": v.apns_private_pem,
                                     "bundle_id": APNS_BUNDLE, "endpoint": v.emus["apns"].url,
-                                    "ca_file": v.emus["apns"].ca_file},
+                                    "ca_pem": Path(v.emus["apns"].ca_file).read_text()},
          _apns, to=APNS_DEVICE, markdown=False, title="Order shipped"),
     Case("wechat_mp", "wechat_mp", lambda v: {"app_id": WECHAT_APP, "app_secret": WECHAT_SECRET,
                                               "api_base": v.emus["wechat_mp"].url,

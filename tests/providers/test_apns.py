@@ -7,6 +7,7 @@ import json
 import ssl
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import jwt
@@ -78,7 +79,7 @@ def config(emu: ApnsEmulator, private_pem: str) -> ApnsConfig:
         private_key=SecretStr(private_pem),
         bundle_id=BUNDLE,
         endpoint=emu.url,
-        ca_file=emu.ca_file,
+        ca_pem=Path(emu.ca_file).read_text(),
     )
 
 
@@ -358,3 +359,9 @@ def test_config_wants_a_p256_key(keys):
     with pytest.raises(ValidationError) as err:
         ApnsConfig(team_id=TEAM, key_id=KEY, private_key=SecretStr(rsa_pem.decode()), bundle_id=BUNDLE)
     assert "EC P-256" in str(err.value) and "PRIVATE KEY" not in str(err.value)
+
+
+def test_the_private_ca_is_pem_content_never_a_path_on_the_senders_host(keys):
+    for not_pem in ("/etc/hostname", "/etc/ssl/certs/ca-certificates.crt", "-----BEGIN CERTIFICATE-----\nnope"):
+        with pytest.raises(ValidationError):
+            ApnsConfig(team_id=TEAM, key_id=KEY, private_key=SecretStr(keys[0]), bundle_id=BUNDLE, ca_pem=not_pem)

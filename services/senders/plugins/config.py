@@ -26,7 +26,8 @@ def purpose(provider_id: int) -> str:
 
 @cache
 def secret_fields(model: type[BaseModel]) -> frozenset[str]:
-    """The fields of ``model`` typed ``SecretStr`` (also ``SecretStr | None``)."""
+    """The fields of ``model`` typed ``SecretStr`` (also ``SecretStr | None``), and those marked
+    ``json_schema_extra={"secret": True}`` (a webhook's custom headers)."""
     names = set()
     for name, info in model.model_fields.items():
         annotation = info.annotation
@@ -35,28 +36,31 @@ def secret_fields(model: type[BaseModel]) -> frozenset[str]:
             if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
             else ()
         )
-        if annotation is SecretStr or SecretStr in args:
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if annotation is SecretStr or SecretStr in args or extra.get("secret"):
             names.add(name)
     return frozenset(names)
 
 
-def split(config: ProviderConfig) -> tuple[dict[str, Any], dict[str, str]]:
+def split(config: ProviderConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """(public JSON, secret values) of a validated configuration."""
     secrets = secret_fields(type(config))
     public = config.model_dump(mode="json", exclude=set(secrets))
     hidden = {}
     for name in secrets:
         value = getattr(config, name)
-        if value is not None:
+        if isinstance(value, SecretStr):
             hidden[name] = value.get_secret_value()
+        elif value:  # a field marked secret (json_schema_extra={"secret": True}): its JSON value
+            hidden[name] = value
     return public, hidden
 
 
-def seal(box: SecretBox, provider_id: int, secrets: dict[str, str]) -> str:
+def seal(box: SecretBox, provider_id: int, secrets: dict[str, Any]) -> str:
     return box.encrypt(orjson.dumps(secrets).decode(), purpose(provider_id)) if secrets else ""
 
 
-def unseal(box: SecretBox, provider_id: int, stored: str) -> dict[str, str]:
+def unseal(box: SecretBox, provider_id: int, stored: str) -> dict[str, Any]:
     return orjson.loads(box.decrypt(stored, purpose(provider_id))) if stored else {}
 
 

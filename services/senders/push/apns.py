@@ -88,7 +88,18 @@ class ApnsConfig(ProviderConfig):
     private_key: SecretStr = Field(description="the .p8 key (PEM, EC P-256)")
     bundle_id: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9\-.]+$", description="apns-topic")
     endpoint: str = Field(default="https://api.push.apple.com", pattern=r"^https://", max_length=2000)
-    ca_file: str | None = Field(default=None, max_length=4096, description="PEM file of a private CA (gateways, tests)")
+    # The CA's PEM itself, not a path: a tenant must not name files on the sender's host.
+    ca_pem: str | None = Field(default=None, max_length=65536, description="PEM of a private CA (gateways, tests)")
+
+    @field_validator("ca_pem")
+    @classmethod
+    def _pem(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ssl.create_default_context(cadata=value)
+            except (ssl.SSLError, ValueError):
+                raise ValueError("ca_pem is not a PEM certificate") from None
+        return value
 
     @field_validator("private_key")
     @classmethod
@@ -103,9 +114,9 @@ class ApnsConfig(ProviderConfig):
 
 
 @lru_cache(maxsize=32)
-def _ssl_context(ca_file: str) -> ssl.SSLContext:
-    """One context per CA file, so the sender's per-option-set client is shared."""
-    return ssl.create_default_context(cafile=ca_file)
+def _ssl_context(ca_pem: str) -> ssl.SSLContext:
+    """One context per CA, so the sender's per-option-set client is shared."""
+    return ssl.create_default_context(cadata=ca_pem)
 
 
 # --- classification --------------------------------------------------------------------------
@@ -149,8 +160,8 @@ class Apns(Plugin[ApnsConfig]):
     @classmethod
     def client_options(cls, config: ApnsConfig) -> dict[str, Any]:
         options: dict[str, Any] = {"http2": True}
-        if config.ca_file:
-            options["verify"] = _ssl_context(config.ca_file)
+        if config.ca_pem:
+            options["verify"] = _ssl_context(config.ca_pem)
         return options
 
     def __init__(self, config: ApnsConfig, http: httpx.AsyncClient, **kwargs: Any) -> None:

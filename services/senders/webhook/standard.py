@@ -108,7 +108,11 @@ def _leaves(value: Any, path: str = "$") -> list[tuple[str, str]]:
 class StandardWebhookConfig(ProviderConfig):
     url: str = Field(max_length=2000, description="the endpoint (http or https)")
     secret: SecretStr = Field(description="whsec_ followed by base64 of 24 to 64 random bytes")
-    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers")
+    # Secret as a whole: custom headers are where receivers' API keys and Authorization go.
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra request headers (stored encrypted, never shown)",
+        json_schema_extra={"secret": True, "writeOnly": True},
+    )
     body_template: Any = Field(
         default=None,
         description="a JSON value whose string leaves are Jinja2 templates (sandboxed); default: the standard body",
