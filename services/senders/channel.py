@@ -210,6 +210,8 @@ class ChannelSender:
                 log.warning("%s providers not reloaded (%s); keeping the ones known", self.channel, exc)
                 self._reload_soon.set()  # the change that asked for it is still to be read
                 await asyncio.sleep(1)
+                continue
+            self.forget_removed()
 
     # --- delivering -------------------------------------------------------------------------
 
@@ -226,11 +228,28 @@ class ChannelSender:
         known = self._plugins.get(entry.id)
         if known is not None and known[0] == entry.revision:
             return known[1]
+        if known is not None:
+            self._retire(known[1])
         cls = entry.plugin
         options = cls.client_options(entry.config)
         instance = cls(entry.config, self._client(options) if options else self._default_client)
         self._plugins[entry.id] = (entry.revision, instance)
         return instance
+
+    def forget_removed(self) -> None:
+        """Drop the plugins of providers no longer configured (deleted, after a reload)."""
+        live = {p.id for entries in self.directory.by_tenant.values() for p in entries}
+        for provider_id in [i for i in self._plugins if i not in live]:
+            self._retire(self._plugins.pop(provider_id)[1])
+
+    def _retire(self, plugin: Plugin) -> None:
+        """A replaced plugin's own HTTP client (APNs's HTTP/2 one) is closed once the requests it
+        may still be serving are over (a minute: six provider timeouts)."""
+        if plugin.http is self._default_client or plugin.http not in self._clients:
+            return
+        self._clients.remove(plugin.http)
+        loop = asyncio.get_running_loop()
+        loop.call_later(60, lambda c=plugin.http: asyncio.ensure_future(c.aclose()))
 
     async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
         if not self.directory.has(dispatch):

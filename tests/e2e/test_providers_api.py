@@ -266,3 +266,13 @@ async def test_a_long_rate_limit_wait_is_deferred_as_the_same_attempt(
             "SELECT detail FROM message_events WHERE message_id = ANY($1::text[]) AND state = 'retrying'", ids
         )
         assert deferred and all(orjson.loads(d["detail"])["deferred"] for d in deferred)
+
+
+async def test_seed_wechat_mp_send_names_the_seeds_fields(fresh_tenant: httpx.AsyncClient, db: asyncpg.Pool) -> None:
+    before = await db.fetchval("SELECT count(*) FROM message_records")
+    body = {"openid": "o6_bmjrPTlm6_2sgVt7hMZOPfL2M", "template_id": "TM0001", "data": {"keyword1": {"value": "x"}}}
+    r = await fresh_tenant.post("/api/v1/messages/wechat-mp/send", json={**body, "openid": "x!"})
+    assert (r.status_code, r.json()["errors"][0]["field"]) == (400, "openid"), r.text
+    r = await fresh_tenant.post("/api/v1/messages/wechat-mp/send", json=body)  # no provider configured
+    assert (r.status_code, r.json()["code"], r.json()["errors"][0]["field"]) == (404, 2011, "channel"), r.text
+    assert await db.fetchval("SELECT count(*) FROM message_records") == before

@@ -259,7 +259,11 @@ async def send_wechat_mp(request: Request):
         idempotency_key=body.idempotency_key,
         category=body.category,
     )
-    return await _send(request, generic)
+    try:
+        return await _send(request, generic)
+    except HeraldError as exc:  # name the seed's fields, not the generic send's
+        exc.field = {"to": "openid", "provider": "provider"}.get(exc.field or "", exc.field)
+        raise
 
 
 async def _send(request: Request, body: SendRequest):
