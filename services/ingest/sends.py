@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import Request
 
-from services.ingest.dedup import fingerprint_of
+from services.ingest.dedup import fingerprint_of, request_hash
 from services.ingest.http import JSONResponse, envelope, iso_z
 from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
@@ -177,3 +178,33 @@ async def accept(
     if key is not None:
         await guard.remember(tenant_id, key, outcome.message_id, digest, response)
     return envelope(response, status_code=202)
+
+
+@dataclass(slots=True)
+class Opening:
+    """The start of a single send: its idempotency key and body hash, and either the answer to
+    replay (a key seen before) or when the message is due (None: now)."""
+
+    key: str | None
+    digest: str
+    replayed: JSONResponse | None = None
+    scheduled_at: datetime | None = None
+
+
+async def open_send(services: Any, request: Request, tenant_id: str, body: Any, *, required: bool) -> Opening:
+    """A retry with its key replays the first answer, even once a time it named has passed (the
+    schedule check would refuse it now); else the send's due time, or 1001 naming the field."""
+    key = idempotency_key(body.idempotency_key, request)
+    digest = request_hash(body.model_dump(mode="json", by_alias=True))
+    if key is not None and (remembered := await services.guard.recall(tenant_id, key)) is not None:
+        return Opening(key, digest, replay(remembered.message_id, remembered.request_hash, digest,
+                                           remembered.response))  # fmt: skip
+    try:
+        scheduled_at = due_time(services.settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
+                                required=required)  # fmt: skip
+    except HeraldError:
+        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
+            response = answer(first["message_id"], first["state"], first["scheduled_at"])
+            return Opening(key, digest, replay(first["message_id"], first["request_hash"], digest, response))
+        raise
+    return Opening(key, digest, scheduled_at=scheduled_at)

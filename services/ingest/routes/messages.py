@@ -11,20 +11,16 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, EmailStr, Field
 from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
-from services.ingest.dedup import request_hash
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
 from services.ingest.routes.templates import resolve as resolve_template
 from services.ingest.sends import (
     LOCALE,
     accept,
-    answer,
     content_mode_error,
     due_time,
-    idempotency_key,
-    keyed,
     missing_variable,
-    replay,
+    open_send,
 )
 from shared.channels import AddressError, check_address
 from shared.channels import spec as channel_spec
@@ -278,17 +274,10 @@ async def _send(request: Request, body: SendRequest):
     templated = body.template_id is not None or body.template_name is not None
     if (error := _generic_mode_error(body, channel, templated)) is not None:
         raise error
-    key = idempotency_key(body.idempotency_key, request)
-    digest = request_hash(body.model_dump(mode="json", by_alias=True))
-    if key is not None and (remembered := await services.guard.recall(tenant_id, key)) is not None:
-        return replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
-    try:
-        scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC))
-    except HeraldError:
-        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
-            return replay(first["message_id"], first["request_hash"], digest,
-                          answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
-        raise
+    opening = await open_send(services, request, tenant_id, body, required=False)
+    if opening.replayed is not None:
+        return opening.replayed
+    key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
     to = _addresses(body, channel, settings.max_recipients)
     if channel is not Channel.EMAIL:
         await _provider_configured(services.pool, tenant_id, channel, body.provider, to[0])
@@ -414,20 +403,10 @@ async def _send_email(request: Request, *, schedule_required: bool):
     settings = services.settings
     if (error := body.mode_error()) is not None:
         raise error
-    # A retry with its key replays the first answer, even once a time it named has passed.
-    key = idempotency_key(body.idempotency_key, request)
-    digest = request_hash(body.model_dump(mode="json", by_alias=True))
-    guard = services.guard
-    if key is not None and (remembered := await guard.recall(tenant_id, key)) is not None:
-        return replay(remembered.message_id, remembered.request_hash, digest, remembered.response)
-    try:
-        scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
-                                required=schedule_required)  # fmt: skip
-    except HeraldError:
-        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
-            return replay(first["message_id"], first["request_hash"], digest,
-                           answer(first["message_id"], first["state"], first["scheduled_at"]))  # fmt: skip
-        raise
+    opening = await open_send(services, request, tenant_id, body, required=schedule_required)
+    if opening.replayed is not None:
+        return opening.replayed
+    key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
     to = body.to_list
     if not to:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
