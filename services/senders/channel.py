@@ -125,14 +125,6 @@ class Directory:
         self.by_tenant, self.broken = by_tenant, broken
         self.loaded.set()
 
-    def has(self, dispatch: DispatchV1) -> bool:
-        """Whether :meth:`choose` would find a provider (else the rows are read again first)."""
-        try:
-            self.choose(dispatch)
-        except Permanent:
-            return False
-        return True
-
     def choose(self, dispatch: DispatchV1) -> Configured:
         """The configured provider of ``dispatch`` (Permanent 2011 when there is none)."""
         active = [p for p in self.by_tenant.get(dispatch.tenant_id, []) if p.is_active]
@@ -252,14 +244,16 @@ class ChannelSender:
         loop.call_later(60, lambda c=plugin.http: asyncio.ensure_future(c.aclose()))
 
     async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
-        if not self.directory.has(dispatch):
+        try:
+            entry = self.directory.choose(dispatch)
+        except Permanent:
             # Configured a moment ago (ingest saw it; its NOTIFY may not have arrived): read the
             # rows once more before failing the message for want of a provider.
             try:
                 await self.directory.load(self.pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise Unavailable(f"providers could not be read: {exc.__class__.__name__}") from None
-        entry = self.directory.choose(dispatch)
+            entry = self.directory.choose(dispatch)
         plugin = self.plugin_for(entry)
         message = Message(
             message_id=dispatch.message_id,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -170,6 +170,20 @@ class Emulator:
             return response
 
         return handle
+
+
+def texts(value: Any, skip: frozenset[str]) -> Iterator[str]:
+    """Every string of a JSON body outside the keys in ``skip`` (URLs, ids, types): what a bot's
+    keyword filter reads (DingTalk, Feishu)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k not in skip:
+                yield from texts(v, skip)
+    elif isinstance(value, list):
+        for v in value:
+            yield from texts(v, skip)
+    elif isinstance(value, str):
+        yield value
 
 
 @contextlib.asynccontextmanager

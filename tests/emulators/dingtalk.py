@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from tests.emulators.base import Call, Emulator, FailureKind
+from tests.emulators.base import texts as texts_of
 
 OK = {"errcode": 0, "errmsg": "ok"}
 TOKEN = {"errcode": 300001, "errmsg": "description: robot 不存在；solution:请确认 token 是否正确；"}
@@ -77,16 +78,8 @@ def body_problems(body: Any) -> tuple[list[str], dict[str, Any]]:
     return [], OK
 
 
-def _texts(value: Any) -> Iterable[str]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k not in ("messageUrl", "singleURL", "actionURL", "picURL", "msgtype"):
-                yield from _texts(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _texts(v)
-    elif isinstance(value, str):
-        yield value
+# What the keyword filter does not read.
+_NOT_TEXT = frozenset({"messageUrl", "singleURL", "actionURL", "picURL", "msgtype"})
 
 
 class DingTalkEmulator(Emulator):
@@ -149,7 +142,7 @@ class DingTalkEmulator(Emulator):
             call.problems.extend(problems)
             return web.json_response(answer)
         if self.keywords:
-            texts = " ".join(_texts(body))
+            texts = " ".join(texts_of(body, _NOT_TEXT))
             if not any(k in texts for k in self.keywords):
                 return self.reject(call, "no keyword", 200, KEYWORDS)
         call.verified = True

@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from tests.emulators.base import Call, Emulator, FailureKind
+from tests.emulators.base import texts as texts_of
 
 SUCCESS = {"StatusCode": 0, "StatusMessage": "success", "code": 0, "data": {}, "msg": "success"}
 BAD_REQUEST = {"code": 9499, "msg": "Bad Request", "data": {}}
@@ -144,17 +145,8 @@ def body_problems(body: Any) -> list[str]:
     return [f"unknown msg_type {kind!r}"]
 
 
-def _texts(value: Any, key: str = "") -> Iterable[str]:
-    """The text values a keyword filter looks at (``text``/``title``/``content``, not ``href``)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if k not in ("href", "url", "user_id", "tag", "sign", "timestamp", "msg_type", "template"):
-                yield from _texts(v, k)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _texts(v, key)
-    elif isinstance(value, str):
-        yield value
+# What the keyword filter does not read.
+_NOT_TEXT = frozenset({"href", "url", "user_id", "tag", "sign", "timestamp", "msg_type", "template"})
 
 
 class FeishuEmulator(Emulator):
@@ -214,7 +206,7 @@ class FeishuEmulator(Emulator):
             call.problems.extend(problems)
             return web.json_response(BAD_REQUEST, status=400)
         if self.keywords:
-            texts = " ".join(_texts(body))
+            texts = " ".join(texts_of(body, _NOT_TEXT))
             if not any(k in texts for k in self.keywords):
                 return self.reject(call, "no keyword", 200, KEYWORDS)
         call.verified = True

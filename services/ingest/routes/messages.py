@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
+from time import monotonic
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -378,12 +379,23 @@ def _addresses(body: SendRequest, channel: Channel, max_recipients: int) -> list
     return out
 
 
+# A send checks that a provider could deliver it; a yes is remembered this long, so a stream of
+# sends costs one query per tenant, channel and provider every few seconds, not one per send (a
+# provider deleted meanwhile fails its messages with 2011 at the sender). A no is never kept: a
+# provider just configured is found at once.
+_CONFIGURED_TTL_S = 10.0
+_CONFIGURED: dict[tuple[str, str, str | None], float] = {}
+
+
 async def _provider_configured(pool: Any, tenant_id: str, channel: Channel, name: str | None, to: str) -> None:
     """A message nobody could deliver is refused now (2011), not failed later: the provider
     the send names (on bot and webhook channels, ``to``) or, else, any, must be configured
     and active."""
     endpoint = channel_spec(channel).endpoint
     wanted, field = (to, "to") if endpoint else (name, "provider")
+    known = (tenant_id, channel.value, wanted)
+    if _CONFIGURED.get(known, 0.0) > monotonic():
+        return
     found = await pool.fetchval(
         """SELECT count(*) FROM providers WHERE tenant_id = $1 AND channel = $2 AND is_active
            AND deleted_at IS NULL AND ($3::text IS NULL OR name = $3)""",
@@ -391,10 +403,14 @@ async def _provider_configured(pool: Any, tenant_id: str, channel: Channel, name
         channel.value,
         wanted,
     )
-    if not found:
-        what = f"no active {channel.value} provider" + (f" named {wanted!r}" if wanted else "")
-        raise HeraldError(ErrorCode.PROVIDER_NOT_CONFIGURED, f"{what} (configure one with POST /api/v1/providers)",
-                          field=field if wanted else "channel")  # fmt: skip
+    if found:
+        if len(_CONFIGURED) > 10_000:
+            _CONFIGURED.clear()
+        _CONFIGURED[known] = monotonic() + _CONFIGURED_TTL_S
+        return
+    what = f"no active {channel.value} provider" + (f" named {wanted!r}" if wanted else "")
+    raise HeraldError(ErrorCode.PROVIDER_NOT_CONFIGURED, f"{what} (configure one with POST /api/v1/providers)",
+                      field=field if wanted else "channel")  # fmt: skip
 
 
 async def _send_email(request: Request, *, schedule_required: bool):

@@ -20,22 +20,18 @@ from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import quote, quote_plus
 
-import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, field_validator, model_validator
 
-from services.senders.base import Permanent, Retryable, SendResult
+from services.senders.base import Permanent, Retryable
 from services.senders.plugins.base import (
+    ErrcodeBot,
     HttpCall,
     Message,
-    Plugin,
     ProviderConfig,
     RateLimit,
     as_markdown,
     as_text,
-    body_of,
-    http_failure,
-    result_code,
     vendor_text,
     webhook_shape,
 )
@@ -49,7 +45,6 @@ MAX_BODY = 20_000  # "请保持大小在 20000bytes 以内" (errcode 460101)
 BLOCKED_S = 600.0  # "每个机器人每分钟最多发送20条。如果超过20条，会限流10分钟"
 
 # errcode answers of robot/send.
-SUCCESS = 0
 SYSTEM_BUSY = -1  # 系统繁忙
 SECURITY = 310000  # keywords not in content / invalid timestamp / sign not match / ip not in whitelist
 TOKEN_NOT_EXIST = 300001  # "token is not exist" (also "robot 不存在")
@@ -112,7 +107,7 @@ def _preview(text: str) -> str:
     return first[:64] or "Notification"
 
 
-class DingTalkBot(Plugin["DingTalkBot.Config"]):
+class DingTalkBot(ErrcodeBot["DingTalkBot.Config"]):
     """DingTalk custom robot of a group chat.
 
     Formats: ``text`` (``msgtype: text``), ``markdown`` (``msgtype: markdown``: ``title`` is
@@ -244,17 +239,6 @@ class DingTalkBot(Plugin["DingTalkBot.Config"]):
             "POST", self.url(), headers={"Content-Type": "application/json; charset=utf-8"}, content=content
         )
 
-    def parse(self, message: Message, response: httpx.Response) -> SendResult:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise http_failure(self.name, response)
-        body = body_of(response)
-        code = result_code(self.name, response, body, "errcode")
-        if code == SUCCESS and response.is_success:
-            return SendResult(
-                provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))}
-            )
-        raise self.classify(code, str(body.get("errmsg") or ""))
 
     def classify(self, code: int, msg: str) -> Exception:
         what = f"dingtalk: errcode {code}: {vendor_text(msg, 200)}"

@@ -440,3 +440,27 @@ class OrderedTemplateOptions(TemplateOptions):
     def template_params(self, message: Message) -> list[str]:
         values = self.params.values() if isinstance(self.params, dict) else self.params
         return [str(v) for v in values] + ([as_text(message)] if self.with_content else [])
+
+
+class ErrcodeBot(Plugin[C]):
+    """A group bot whose JSON answer is ``{"errcode": 0, "errmsg": ...}`` (DingTalk, WeCom): 429
+    and 5xx by status, then the code; subclasses give ``msgtype``, ``options`` and ``classify``."""
+
+    def msgtype(self, message: Message, options: Any) -> str:
+        raise NotImplementedError
+
+    def options(self, message: Message) -> Any:
+        raise NotImplementedError
+
+    def classify(self, code: int, errmsg: str) -> Exception:
+        raise NotImplementedError
+
+    def parse(self, message: Message, response: httpx.Response) -> SendResult:
+        if response.status_code == 429 or response.status_code >= 500:
+            raise http_failure(self.name, response)
+        body = body_of(response)
+        code = result_code(self.name, response, body, "errcode")
+        if code == 0 and response.is_success:
+            msgtype = self.msgtype(message, self.options(message))
+            return SendResult(provider_message_id=None, detail={"msgtype": msgtype})
+        raise self.classify(code, str(body.get("errmsg") or ""))

@@ -12,22 +12,18 @@ from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 
-from services.senders.base import Permanent, Retryable, SendResult
+from services.senders.base import Permanent, Retryable
 from services.senders.plugins.base import (
+    ErrcodeBot,
     HttpCall,
     Message,
-    Plugin,
     ProviderConfig,
     RateLimit,
     as_markdown,
     as_text,
-    body_of,
-    http_failure,
-    result_code,
     vendor_text,
     webhook_shape,
 )
@@ -41,7 +37,6 @@ MARKDOWN_MAX = 4096  # markdown.content: "最长不超过4096个字节"
 CARD_FIELDS_MAX = 6  # template_card.horizontal_content_list: "列表长度不超过6"
 
 # errcode answers (global error codes page).
-SUCCESS = 0
 SYSTEM_BUSY = -1  # 系统繁忙
 FREQ_LIMIT = 45009  # "api freq out of limit": over 20 messages a minute
 CONCURRENCY_LIMIT = 45033  # 接口并发调用超过限制
@@ -68,7 +63,7 @@ def _size(text: str) -> int:
     return len(text.encode())
 
 
-class WeComBot(Plugin["WeComBot.Config"]):
+class WeComBot(ErrcodeBot["WeComBot.Config"]):
     """WeCom group robot.
 
     Formats: ``text`` (``msgtype: text``, 2048 bytes), ``markdown`` (``msgtype: markdown``,
@@ -208,17 +203,6 @@ class WeComBot(Plugin["WeComBot.Config"]):
             "POST", self.url(), headers={"Content-Type": "application/json; charset=utf-8"}, content=content
         )
 
-    def parse(self, message: Message, response: httpx.Response) -> SendResult:
-        status = response.status_code
-        if status == 429 or status >= 500:
-            raise http_failure(self.name, response)
-        body = body_of(response)
-        code = result_code(self.name, response, body, "errcode")
-        if code == SUCCESS and response.is_success:
-            return SendResult(
-                provider_message_id=None, detail={"msgtype": self.msgtype(message, self.options(message))}
-            )
-        raise self.classify(code, str(body.get("errmsg") or ""))
 
     @staticmethod
     def classify(code: int, msg: str) -> Exception:
