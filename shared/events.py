@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field, TypeAdapter, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    TypeAdapter,
+    field_validator,
+)
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -223,6 +231,78 @@ class TemplateRef(BaseModel):
     locale: str | None = Field(default=None, max_length=35)
 
 
+Priority = Literal["urgent", "high", "normal", "low"]
+# "HH:MM", 24-hour clock.
+ClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+\-]*$")]
+
+
+class QuietHours(BaseModel):
+    """The recipient's quiet hours, in their time zone: non-urgent messages wait until ``end``.
+    ``start`` after ``end`` spans midnight (22:00-07:00)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: ClockTime
+    end: ClockTime
+
+    @field_validator("end")
+    @classmethod
+    def _not_empty(cls, value: str, info: Any) -> str:
+        if info.data.get("start") == value:
+            raise ValueError("start and end are the same time")
+        return value
+
+
+class OptOuts(BaseModel):
+    """What the recipient does not want: categories of message, and channels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[Category] = Field(default_factory=list, max_length=100)
+    channels: list[Channel] = Field(default_factory=list, max_length=len(Channel))
+
+
+AttributeValue = str | int | float | bool
+
+
+class RecipientProfile(BaseModel):
+    """A recipient's profile (``/api/v1/recipients``) as it stood when their message was accepted:
+    a send to ``{"user_id": ...}`` carries it, so the router never queries for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: UserId
+    addresses: dict[Channel, Address] = Field(default_factory=dict)
+    locale: str | None = Field(default=None, max_length=35)
+    timezone: str = Field(default="UTC", max_length=64)
+    opt_outs: OptOuts = Field(default_factory=OptOuts)
+    quiet_hours: QuietHours | None = None
+    attributes: dict[Annotated[str, Field(min_length=1, max_length=64)], AttributeValue] = Field(
+        default_factory=dict, max_length=50
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("not a known IANA time zone (e.g. Asia/Shanghai)") from None
+        return value
+
+
+class Candidate(BaseModel):
+    """A provider the router lets a dispatch use, in the order to try them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    name: str
+
+
 class DigestRef(BaseModel):
     """Marks a digest message (issue 8): the router parks one when the first message of a digest
     opens its bucket, and when it comes back delivers the bucket's messages as one listing."""
@@ -242,8 +322,10 @@ class RequestV1(_Event):
     schema_: Literal["notify.request.v1"] = Field(default="notify.request.v1", alias="schema")
     message_id: str | None = Field(default=None, max_length=64)
     tenant_id: str = Field(default="default", min_length=1, max_length=64)
-    channel: Channel
-    to: list[Address] = Field(min_length=1, max_length=100)
+    # None: the recipient's profile and the tenant's routing rules choose (``recipient``).
+    channel: Channel | None = None
+    # Empty when ``recipient`` gives the address (its profile's address on the channel).
+    to: list[Address] = Field(default_factory=list, max_length=100)
     subject: str | None = Field(default=None, max_length=998, pattern=NO_NEWLINES)
     # Required unless ``template`` is given (the router renders subject and content from it);
     # the router checks that exactly one of the two is there.
@@ -278,6 +360,12 @@ class RequestV1(_Event):
     deferrals: int = Field(default=0, ge=0, le=10_000)
     # Set on a digest message only (the router makes them; see DigestRef).
     digest: DigestRef | None = None
+    # Smart routing (issue 10): urgent messages go through quiet hours; rules match on it.
+    priority: Priority = "normal"
+    # A send to a user: their profile as it stood when the message was accepted.
+    recipient: RecipientProfile | None = None
+    # Set on the other channels' messages of an "all" rule: the message they were routed with.
+    parent_id: str | None = Field(default=None, max_length=64)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 
@@ -315,6 +403,17 @@ class DispatchV1(_Event):
     # How many times this attempt waited for a provider's rate limit (each a new dispatch id,
     # "<message>:<attempt>.<n>", the same attempt).
     deferrals: int = Field(default=0, ge=0)
+    # Smart routing (issue 10). The providers to try, in order: a failed try moves to the next at
+    # once; the retry schedule starts when every one failed. Empty: the sender's own choice.
+    candidates: list[Candidate] = Field(default_factory=list)
+    # first_success rules: the next channel's dispatch, sent when this one fails for good or is
+    # still unsent at ``step_deadline``; attempts go on counting from this step's.
+    fallback: DispatchV1 | None = None  # noqa: UP037
+    step: int = Field(default=1, ge=1)
+    step_deadline: datetime | None = None
+    step_timeout_s: int | None = Field(default=None, ge=1)
+    # The attempt this channel's step began with (retries count from it).
+    first_attempt: int = Field(default=1, ge=1)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -438,6 +537,17 @@ class ProviderHealthV1(_Event):
     failures: int | None = None
     reason: str | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
+    # A configured provider's live quality (issue 10; identity "provider:<id>"), computed by the
+    # tracker over ``window_s``: its share of successful tries, p95 of the vendor's answer time,
+    # and its circuit breaker (open: traffic leaves it; routers probe it after ``cooldown_s``).
+    provider_id: int | None = None
+    samples: int | None = None
+    success_rate: float | None = None
+    p95_ms: float | None = None
+    breaker: Literal["closed", "open"] | None = None
+    opened_at: datetime | None = None
+    cooldown_s: float | None = None
+    window_s: float | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

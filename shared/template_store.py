@@ -109,11 +109,13 @@ class ConfigStore(Protocol):
 
 
 class ConfigFollower:
-    """Reads ``notify.config`` from the beginning into its stores and follows it."""
+    """Reads ``notify.config`` (or another compacted topic: ``topic``) from the beginning into its
+    stores and follows it."""
 
-    def __init__(self, settings: Settings, *stores: ConfigStore) -> None:
+    def __init__(self, settings: Settings, *stores: ConfigStore, topic: str = Topics.CONFIG) -> None:
         self.settings = settings
         self.stores = stores
+        self.topic = topic
         self.consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task | None = None
         self.applied = 0
@@ -129,7 +131,7 @@ class ConfigFollower:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             metadata_max_age_ms=int(s.kafka_metadata_max_age_s * 1000),
-            client_id=f"herald-{s.service_name}-config",
+            client_id=f"herald-{s.service_name}-{self.topic.removeprefix('notify.')}",
         )
         try:
             await consumer.start()
@@ -148,8 +150,8 @@ class ConfigFollower:
     async def _assign(self) -> None:
         assert self.consumer is not None
         await self.consumer.topics()
-        parts = self.consumer.partitions_for_topic(Topics.CONFIG) or set()
-        tps = [TopicPartition(Topics.CONFIG, p) for p in sorted(parts)]
+        parts = self.consumer.partitions_for_topic(self.topic) or set()
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         self.consumer.assign(tps)
         if tps:
             await self.consumer.seek_to_beginning(*tps)
@@ -172,7 +174,8 @@ class ConfigFollower:
                             store.apply(record.value)
                         self.applied += 1
                     except (ValidationError, orjson.JSONDecodeError, TypeError):
-                        log.warning("unreadable config record at %s:%s skipped", record.partition, record.offset)
+                        log.warning("unreadable record of %s at %s:%s skipped", self.topic, record.partition,
+                                    record.offset)  # fmt: skip
 
     async def sync(self, timeout: float = 5) -> bool:
         """Wait until everything on the topic now has been read (answers whether it was)."""

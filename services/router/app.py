@@ -16,10 +16,20 @@ from datetime import UTC, datetime
 import faust
 from redis.asyncio import Redis
 
-from services.router.caps import Held
 from services.router.frequency import Frequency
 from services.router.retry import serve_relay
-from services.router.routing import Origin, Parked, Rejected, Routed, Unavailable, Unknown, plan, settle_unknown
+from services.router.routing import (
+    Held,
+    Origin,
+    Parked,
+    Rejected,
+    Routed,
+    Routing,
+    Unavailable,
+    Unknown,
+    plan,
+    settle_unknown,
+)
 from services.router.schedule import serve_scheduler
 from shared.events import Channel, DeadLetterV1, utcnow
 from shared.frequency import RuleStore
@@ -28,6 +38,7 @@ from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, keep_topics, message_key
 from shared.logging import log_event, request_id_var, traceparent_var
 from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_PARKED, MESSAGES_REJECTED, MESSAGES_ROUTED
+from shared.routing import HealthStore, Probes, RoutingStore
 from shared.settings import Settings
 from shared.template_store import ConfigFollower, TemplateStore
 from shared.templates import Renderer
@@ -67,7 +78,12 @@ def create_app(settings: Settings) -> faust.App:
     # Templates come from notify.config, read whole before the first request is routed.
     templates = TemplateStore()
     rules = RuleStore()  # frequency caps and digest rules, from the same topic
-    follower = ConfigFollower(settings, templates, rules)
+    # Providers, routing rules and policies come the same way; providers' live quality from the
+    # compacted notify.provider-health (the tracker's), read whole and followed by every router.
+    routing = Routing(RoutingStore(), HealthStore(), Probes(every_s=settings.breaker_probe_every_s))
+    follower = ConfigFollower(settings, templates, rules, routing.store)
+    health_follower = ConfigFollower(settings, routing.health, topic=Topics.PROVIDER_HEALTH)
+    app.herald_routing = routing  # type: ignore[attr-defined]
     renderer = Renderer()
     app.herald_templates = templates  # type: ignore[attr-defined]
     # Windows of frequency caps and digest buckets (no connection until the first command; short
@@ -96,6 +112,17 @@ def create_app(settings: Settings) -> faust.App:
     @app.task(on_leader=False)
     async def _read_config() -> None:
         await templates_loaded()
+
+    @app.task(on_leader=False)
+    async def _read_health() -> None:
+        # Without it routing still works (on cost and priority alone): retried until it starts.
+        while True:
+            try:
+                await health_follower.start(timeout=10)
+                return
+            except Exception as exc:  # the broker away at start-up
+                log.warning("provider health not followed yet (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(2)
 
     async def ready() -> None:
         if not follower.loaded.is_set():
@@ -133,11 +160,13 @@ def create_app(settings: Settings) -> faust.App:
         origin = Origin(msg.topic, msg.partition, msg.offset, stamped)
         await templates_loaded()
         horizon = settings.schedule_horizon_s
-        decision = plan(record.value, origin=origin, templates=templates, renderer=renderer, horizon_s=horizon)
+        decide = {"origin": origin, "templates": templates, "renderer": renderer, "horizon_s": horizon,
+                  "routing": routing}  # fmt: skip
+        decision = plan(record.value, **decide)
         if isinstance(decision, Unknown):
             # Published a moment ago? Read the config topic to its end, then decide again.
             synced = await follower.sync(timeout=10)
-            decision = plan(record.value, origin=origin, templates=templates, renderer=renderer, horizon_s=horizon)
+            decision = plan(record.value, **decide)
             if isinstance(decision, Unknown):
                 decision = settle_unknown(decision, record.value, synced=synced, templates=templates)
         if isinstance(decision, Routed):
@@ -158,21 +187,22 @@ def create_app(settings: Settings) -> faust.App:
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             await _emit(decision.events, trace)
-            dispatch = decision.dispatch
-            await dispatch_topics[dispatch.channel.value].send(
-                key=message_key(dispatch.tenant_id, dispatch.to[0]),
-                value=dispatch.to_bytes(),
-                headers=trace.headers(),
-            )
-            MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
-            log_event(
-                log,
-                logging.INFO,
-                "message routed",
-                message_id=dispatch.message_id,
-                channel=dispatch.channel.value,
-                recipient=dispatch.to[0],
-            )
+            for dispatch in (decision.dispatch, *decision.extra):
+                await dispatch_topics[dispatch.channel.value].send(
+                    key=message_key(dispatch.tenant_id, dispatch.to[0]),
+                    value=dispatch.to_bytes(),
+                    headers=trace.headers(),
+                )
+                MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
+                log_event(
+                    log,
+                    logging.INFO,
+                    "message routed",
+                    message_id=dispatch.message_id,
+                    channel=dispatch.channel.value,
+                    recipient=dispatch.to[0],
+                    provider=dispatch.candidates[0].name if dispatch.candidates else None,
+                )
             return
         assert isinstance(decision, Rejected)
         await _emit(decision.events, trace)
@@ -238,6 +268,7 @@ def create_app(settings: Settings) -> faust.App:
     async def _stop_health(sender: object, **kwargs: object) -> None:
         await health.stop()
         await follower.stop()
+        await health_follower.stop()
         await redis.aclose()
 
     return app

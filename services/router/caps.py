@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from services.router.routing import Parked, Routed, park, router_event
+from services.router.routing import Held, Parked, Routed, park, router_event
 from shared.errors import ErrorCode
 from shared.events import EventV1, MessageSnapshot, RequestV1, State
 from shared.frequency import FrequencyCap
@@ -124,16 +124,6 @@ def _detail(cap: FrequencyCap, count: int) -> dict[str, Any]:
         "action": cap.action,
         "count": count,
     }
-
-
-@dataclass(slots=True)
-class Held:
-    """A message the router does not dispatch on purpose: ``state`` is suppressed (a cap
-    dropped it) or digested (handed to a digest); only ``events`` are emitted."""
-
-    message_id: str
-    state: State
-    events: list[EventV1]
 
 
 def snapshot_of(routed: Routed) -> MessageSnapshot | None:

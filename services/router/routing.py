@@ -7,6 +7,7 @@ reason, the offending fields, and the events to emit). The faust app only moves 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from shared.channels import AddressError, check_address, spec
 from shared.events import (
+    Candidate,
     Channel,
     ContentType,
     DispatchV1,
@@ -28,6 +30,17 @@ from shared.events import (
     utcnow,
 )
 from shared.ids import derived_message_id, is_message_id, new_message_id
+from shared.routing import (
+    HealthStore,
+    Probes,
+    RoutingRule,
+    RoutingStore,
+    Scored,
+    first_rule,
+    quiet_until,
+    rank,
+    score,
+)
 from shared.templates import Rendered, Renderer, TemplateProblem, TemplateVersion
 
 SERVICE = "router"
@@ -63,6 +76,30 @@ class Routed:
     request: RequestV1
     dispatch: DispatchV1
     events: list[EventV1]
+    # The other channels' dispatches of an "all" rule (each its own message, see _route_all).
+    extra: list[DispatchV1] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Held:
+    """A message the router does not dispatch on purpose: ``state`` is suppressed (a cap
+    dropped it, the recipient opted out) or digested (handed to a digest); only ``events``
+    are emitted."""
+
+    message_id: str
+    state: State
+    events: list[EventV1]
+
+
+@dataclass(slots=True)
+class Routing:
+    """What smart routing decides on (issue 10): providers, rules and policies from the config
+    topic, providers' health from ``notify.provider-health``, this router's probe bookkeeping."""
+
+    store: RoutingStore
+    health: HealthStore
+    probes: Probes = field(default_factory=Probes)
+    rng: random.Random = field(default_factory=random.Random)
 
 
 @dataclass(slots=True)
@@ -132,6 +169,11 @@ def _snapshot(data: dict[str, Any], channel: str, accepted_at: datetime | None) 
 def _mode_errors(request: RequestV1) -> list[dict[str, str]]:
     """Content or a template, not both (checked before rendering)."""
     errors: list[dict[str, str]] = []
+    if request.recipient is None:  # a send to a user's profile gets both from it (and the rules)
+        if request.channel is None:
+            errors.append({"field": "channel", "message": "field required unless the message goes to a recipient"})
+        if not request.to:
+            errors.append({"field": "to", "message": "at least one recipient required"})
     if request.template is None and not request.content and request.card is None:
         if request.content_type is ContentType.CARD:
             errors.append({"field": "card", "message": "field required with content_type card"})
@@ -213,7 +255,8 @@ def plan(
     templates: Templates | None = None,
     renderer: Renderer | None = None,
     horizon_s: float | None = None,
-) -> Routed | Rejected | Unknown | Parked:
+    routing: Routing | None = None,
+) -> Routed | Rejected | Unknown | Parked | Held:
     """Decide what to do with one record of ``notify.requests``; ``origin`` (the record's
     place in the log) makes the ids the router assigns the same each time it is routed.
     A request in template mode is rendered from ``templates`` (never a database query);
@@ -267,7 +310,9 @@ def plan(
     except ValidationError as exc:
         errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
         return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
-    errors = _mode_errors(request) or (_channel_errors(request) if request.template is None else [])
+    errors = _mode_errors(request) or (
+        _channel_errors(request) if request.template is None and request.channel is not None else []
+    )
     if errors:
         return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
     if request.scheduled_at is not None:
@@ -278,25 +323,120 @@ def plan(
             return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
         if request.scheduled_at > now:  # not before its time, even by a moment
             return park(request, request.scheduled_at, "scheduled", now)
-    if request.template is not None:
-        ref = request.template
-        version = templates.version(tenant_id, ref.template_id, ref.version) if templates is not None else None
-        if version is None:
-            return Unknown(message_id, tenant_id, ref.template_id, ref.version)
-        try:
-            rendered = (renderer or _RENDERER).render(version, request.channel.value, ref.locale, ref.vars)
-        except TemplateProblem as exc:
-            errors = [{"field": exc.field, "message": exc.message}]
-            return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, int(exc.code))
-        try:
-            request = _with_rendered(request, rendered)
-        except ValidationError as exc:  # e.g. a subject over 998 characters
-            errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
-            return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, 2004)
-        errors = _channel_errors(request)
-        if errors:  # e.g. a template without a subject for email
-            return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
-    return _route(request, now)
+    request = request.model_copy(update={"message_id": message_id})
+    steps = Steps(None, "first_success", None, [(request.channel, list(request.to))]) if request.channel else None
+    if request.recipient is not None:
+        personal = _personal(request, data, routing, now)
+        if not isinstance(personal, Steps):
+            return personal
+        steps = personal
+    assert steps is not None
+    prepared: list[RequestV1] = []
+    for channel, to in steps.channels:
+        one = _prepare(request.model_copy(update={"channel": channel, "to": to}), data, templates, renderer, now)
+        if not isinstance(one, RequestV1):
+            return one
+        prepared.append(one)
+    return _route_steps(prepared, steps, now, routing)
+
+
+def _prepare(
+    request: RequestV1, data: dict[str, Any], templates: Templates | None, renderer: Renderer | None, now: datetime
+) -> RequestV1 | Rejected | Unknown:
+    """The request on its channel: rendered from its template (for that channel) and checked."""
+    assert request.channel is not None and request.message_id is not None
+    message_id, tenant_id = request.message_id, request.tenant_id
+    if request.template is None:
+        if request.recipient is not None:  # its address came from the profile: check it here
+            errors = _channel_errors(request)
+            if errors:
+                return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+        return request
+    ref = request.template
+    version = templates.version(tenant_id, ref.template_id, ref.version) if templates is not None else None
+    if version is None:
+        return Unknown(message_id, tenant_id, ref.template_id, ref.version)
+    locale = ref.locale or (request.recipient.locale if request.recipient is not None else None)
+    try:
+        rendered = (renderer or _RENDERER).render(version, request.channel.value, locale, ref.vars)
+    except TemplateProblem as exc:
+        errors = [{"field": exc.field, "message": exc.message}]
+        return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, int(exc.code))
+    try:
+        request = _with_rendered(request, rendered)
+    except ValidationError as exc:  # e.g. a subject over 998 characters
+        errors = [{"field": _field(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        return _reject(message_id, "template_render_failed", errors, data, tenant_id, now, 2004)
+    errors = _channel_errors(request)
+    if errors:  # e.g. a template without a subject for email
+        return _reject(message_id, "invalid_request", errors, data, tenant_id, now)
+    return request
+
+
+@dataclass(slots=True)
+class Steps:
+    """The channels a message goes to, in order, with their addresses; what chose them."""
+
+    rule: RoutingRule | None
+    strategy: str
+    timeout_s: int | None
+    channels: list[tuple[Channel, list[str]]]
+    left_out: list[dict[str, str]] = field(default_factory=list)  # channels skipped, and why
+
+
+def _personal(
+    request: RequestV1, data: dict[str, Any], routing: Routing | None, now: datetime
+) -> Steps | Rejected | Parked | Held:
+    """A message to a recipient's profile: their opt-outs, their quiet hours, then the tenant's
+    first matching rule (or the channel the send named) over the channels they have addresses on."""
+    profile = request.recipient
+    assert profile is not None and request.message_id is not None
+    message_id = request.message_id
+    if request.category is not None and request.category in profile.opt_outs.categories:
+        return _opted_out(request, now, {"category": request.category},
+                          f"the recipient opted out of category {request.category!r}")  # fmt: skip
+    if request.priority != "urgent":
+        until = quiet_until(profile, now)
+        if until is not None:
+            return park(request, until, "quiet_hours", now)
+    rule = None
+    if request.channel is not None:
+        wanted, strategy, timeout = [request.channel], "first_success", None
+    else:
+        rules = routing.store.rules_of(request.tenant_id) if routing is not None else []
+        rule = first_rule(rules, priority=request.priority, category=request.category, profile=profile, now=now)
+        if rule is None:
+            errors = [{"field": "channel", "message": "no channel given and no routing rule of the tenant matches"}]
+            return _reject(message_id, "no_route", errors, data, request.tenant_id, now)
+        wanted, strategy, timeout = list(rule.channels), rule.strategy, rule.step_timeout_s
+    channels: list[tuple[Channel, list[str]]] = []
+    left_out: list[dict[str, str]] = []
+    for channel in wanted:
+        if channel in profile.opt_outs.channels:
+            left_out.append({"channel": channel.value, "why": "opted out"})
+        elif request.channel is channel and request.to:
+            channels.append((channel, list(request.to)))
+        elif channel in profile.addresses:
+            channels.append((channel, [profile.addresses[channel]]))
+        else:
+            left_out.append({"channel": channel.value, "why": "no address in the profile"})
+    if not channels:
+        if any(x["why"] == "opted out" for x in left_out):
+            return _opted_out(request, now, {"channels": [x["channel"] for x in left_out]},
+                              "the recipient opted out of every channel the message could go to")  # fmt: skip
+        errors = [{"field": "to.user_id", "message": "the recipient's profile has no address on "
+                   + ", ".join(c.value for c in wanted)}]  # fmt: skip
+        return _reject(message_id, "no_address", errors, data, request.tenant_id, now)
+    return Steps(rule, strategy, timeout, channels, left_out)
+
+
+def _opted_out(request: RequestV1, now: datetime, what: dict[str, Any], why: str) -> Held:
+    """Not sent: the recipient does not want it (recorded as suppressed, the opt-out named)."""
+    assert request.message_id is not None
+    snapshot = _snapshot_of(request, request.accepted_at or now)
+    event = router_event(request, request.message_id, State.SUPPRESSED, now, error=why,
+                         detail={"reason": "opted_out", **what}, message=snapshot)  # fmt: skip
+    return Held(request.message_id, State.SUPPRESSED, [*_accepted(request, request.message_id, snapshot), event])
 
 
 @dataclass(slots=True)
@@ -335,10 +475,10 @@ def _routed_detail(request: RequestV1) -> dict[str, Any]:
     return detail
 
 
-def route_rendered(request: RequestV1, rendered: Rendered, now: datetime) -> Routed:
+def route_rendered(request: RequestV1, rendered: Rendered, now: datetime, routing: Routing | None = None) -> Routed:
     """Route ``request`` with a subject and content the router made itself (a digest's listing);
     ``ValidationError`` when they do not fit (too long)."""
-    return _route(_with_rendered(request, rendered), now)
+    return _route(_with_rendered(request, rendered), now, routing)
 
 
 def _with_rendered(request: RequestV1, rendered: Rendered) -> RequestV1:
@@ -376,8 +516,9 @@ def _snapshot_of(request: RequestV1, accepted_at: datetime) -> MessageSnapshot:
         recipients["cc"] = list(email.cc)
         recipients["bcc"] = list(email.bcc)
     return MessageSnapshot(
-        channel=request.channel.value,
-        recipient=request.to[0],
+        # A send to a user whose channel the rules have not chosen yet (parked, suppressed).
+        channel=request.channel.value if request.channel is not None else "auto",
+        recipient=request.to[0] if request.to else (request.recipient.user_id if request.recipient else ""),
         recipients=recipients,
         subject=request.subject,
         content=request.content,
@@ -394,7 +535,7 @@ def _common(request: RequestV1, message_id: str) -> dict[str, Any]:
         "message_id": message_id,
         "tenant_id": request.tenant_id,
         "service": SERVICE,
-        "channel": request.channel.value,
+        "channel": request.channel.value if request.channel is not None else None,
         "request_id": request.request_id,
     }
 
@@ -465,39 +606,160 @@ def park(request: RequestV1, until: datetime, reason: str, now: datetime) -> Par
     return Parked(stored, until, reason, events)
 
 
-def _route(request: RequestV1, now: datetime) -> Routed:
-    message_id = request.message_id or new_message_id(now)
-    accepted_at = request.accepted_at or now
-    email = request.email
-    snapshot = _snapshot_of(request, accepted_at)
-    common = _common(request, message_id)
-    events = _accepted(request, message_id, snapshot)
+def _route(request: RequestV1, now: datetime, routing: Routing | None = None) -> Routed:
+    assert request.channel is not None
+    return _route_steps([request], Steps(None, "first_success", None, [(request.channel, list(request.to))]), now,
+                        routing)  # fmt: skip
+
+
+def _route_steps(prepared: list[RequestV1], steps: Steps, now: datetime, routing: Routing | None) -> Routed:
+    """The dispatch of the first channel (with the next ones chained as its fallbacks for a
+    first_success rule), or of every channel at once (``all``: the other channels' deliveries
+    are messages of their own, linked to this one by ``parent_id``), and the 'routed' event that
+    records the decision and its reasons."""
+    first = prepared[0]
+    message_id = first.message_id or new_message_id(now)
+    accepted_at = first.accepted_at or now
+    snapshot = _snapshot_of(first, accepted_at)
+    events = _accepted(first, message_id, snapshot)
+    attempt = first.attempt or 1
+    chained = prepared if steps.strategy == "first_success" else prepared[:1]
+    dispatches: list[DispatchV1] = []
+    decisions: list[dict[str, Any]] = []
+    for i, request in enumerate(chained):
+        candidates, decision = _candidates(request, routing, now)
+        decisions.append({"step": i + 1, "channel": request.channel.value, **decision})  # type: ignore[union-attr]
+        dispatches.append(_dispatch(request, message_id, attempt, now, candidates, step=i + 1,
+                                    timeout_s=steps.timeout_s if len(chained) > 1 else None))  # fmt: skip
+    for i in range(len(dispatches) - 2, -1, -1):  # each step carries the ones after it
+        dispatches[i] = dispatches[i].model_copy(update={"fallback": dispatches[i + 1]})
+    head = dispatches[0]
+    if head.step_timeout_s:
+        head = head.model_copy(update={"step_deadline": now + timedelta(seconds=head.step_timeout_s)})
+    children: list[Routed] = []
+    if steps.strategy == "all":
+        for request in prepared[1:]:
+            children.append(_route(_child(request, message_id, now), now, routing))
+    detail = _routed_detail(first)
+    if routing is not None or steps.rule is not None or first.recipient is not None:
+        detail["routing"] = _decision(steps, decisions, children)
     events.append(
         EventV1(
             event_id=event_id(message_id, 0, State.ROUTED),
             state=State.ROUTED,
             occurred_at=max(now, accepted_at),
             message=snapshot,
-            detail=_routed_detail(request),
-            **common,
+            detail=detail,
+            **_common(first, message_id),
         )
     )
-    attempt = request.attempt or 1
-    dispatch = DispatchV1(
+    for child in children:
+        events.extend(child.events)
+    extra = [c.dispatch for c in children]
+    return Routed(first.model_copy(update={"message_id": message_id}), head, events, extra)
+
+
+def _dispatch(request: RequestV1, message_id: str, attempt: int, now: datetime, candidates: list[Candidate], *,
+              step: int, timeout_s: int | None) -> DispatchV1:  # fmt: skip
+    assert request.channel is not None
+    return DispatchV1(
         dispatch_id=f"{message_id}:{attempt}",
         message_id=message_id,
         tenant_id=request.tenant_id,
         channel=request.channel,
         attempt=attempt,
+        first_attempt=attempt,
         to=list(request.to),
         subject=request.subject,
         content=request.content,
         content_type=request.content_type,
-        email=email,
+        email=request.email,
         card=request.card,
         options=request.options,
         provider=request.provider,
         request_id=request.request_id,
         created_at=now,
+        candidates=candidates,
+        step=step,
+        step_timeout_s=timeout_s,
     )
-    return Routed(request.model_copy(update={"message_id": message_id}), dispatch, events)
+
+
+def _child(request: RequestV1, parent_id: str, now: datetime) -> RequestV1:
+    """Another channel's delivery of an "all" rule: a message of its own (recorded by its
+    'accepted' event), its id derived from the parent's so a replay gives the same."""
+    assert request.channel is not None
+    day = parent_id.split("_")[1] if parent_id.count("_") >= 2 else f"{now:%Y%m%d}"
+    child_id = derived_message_id(day, f"{parent_id}:{request.channel.value}")
+    return request.model_copy(update={"message_id": child_id, "parent_id": parent_id, "recorded": False,
+                                      "idempotency_key": None, "batch_id": None, "attempt": None})  # fmt: skip
+
+
+def _decision(steps: Steps, decisions: list[dict[str, Any]], children: list[Routed]) -> dict[str, Any]:
+    """What the 'routed' event records of the routing decision (GET /api/v1/messages/{id})."""
+    out: dict[str, Any] = {
+        "strategy": steps.strategy,
+        "channels": [c.value for c, _ in steps.channels],
+        "steps": decisions,
+    }
+    if steps.rule is not None:
+        out["rule"] = {"rule_id": steps.rule.rule_id, "name": steps.rule.name}
+        if steps.strategy == "first_success" and len(steps.channels) > 1:
+            out["step_timeout_s"] = steps.timeout_s
+    if steps.left_out:
+        out["left_out"] = steps.left_out
+    if children:
+        out["children"] = [{"message_id": c.dispatch.message_id, "channel": c.dispatch.channel.value,
+                            "candidates": [x.name for x in c.dispatch.candidates]} for c in children]  # fmt: skip
+    return out
+
+
+def _candidates(request: RequestV1, routing: Routing | None, now: datetime) -> tuple[list[Candidate], dict[str, Any]]:
+    """The providers of the request's channel in the order to try them, and why (see
+    :mod:`shared.routing`). None known to the router (no routing state, the email pool, a
+    provider configured a moment ago): no candidates, the sender chooses as it always has."""
+    channel = request.channel
+    assert channel is not None
+    if routing is None:
+        return [], {}
+    if channel is Channel.EMAIL:
+        return [], {"reason": "the tenant's mailbox pool chooses the mailbox"}
+    store = routing.store
+    named = request.to[0] if spec(channel).endpoint else request.provider
+    if named is not None:
+        route = store.named(request.tenant_id, channel, named)
+        routes = [route] if route is not None else []
+    else:
+        routes = store.providers_of(request.tenant_id, channel)
+    if not routes:
+        return [], {"reason": "no provider of this channel known to the router yet: the sender chooses"}
+    policy = store.policy(request.tenant_id)
+    to = request.to[0] if channel is Channel.SMS else None
+    scored = [score(r, routing.health.get(r.provider_id), policy, to, now) for r in routes]
+    ordered = rank(scored, probes=routing.probes, now=now, rng=routing.rng)
+    decision = {
+        "chosen": ordered[0].route.name,
+        "reason": _why_first(ordered, named),
+        "candidates": [s.describe() for s in ordered],
+        "policy": {
+            "min_success_rate": policy.min_success_rate,
+            "min_samples": policy.min_samples,
+            **({"max_p95_ms": policy.max_p95_ms} if policy.max_p95_ms else {}),
+        },  # fmt: skip
+    }
+    return [Candidate(id=s.route.provider_id, name=s.route.name) for s in ordered], decision
+
+
+def _why_first(ordered: list[Scored], named: str | None) -> str:
+    top = ordered[0]
+    if named is not None:
+        return f"{top.route.name} named by the send ({top.why})"
+    if top.probe:
+        return f"probing {top.route.name}: its breaker's cooldown is over (half-open)"
+    if top.tier == 0:
+        ties = sum(1 for s in ordered if s.tier == 0 and s.cost == top.cost)
+        drawn = f", weighted draw among {ties} at this cost" if ties > 1 else ""
+        return f"cheapest provider that meets the threshold (cost {top.cost}{drawn})"
+    if top.tier == 1:
+        return "no provider meets the threshold: the best success rate first"
+    return "every provider's breaker is open: tried anyway, cheapest first"

@@ -32,6 +32,8 @@ class DeliveryError(Exception):
         # Set by a channel with several providers: which one failed (named by the event).
         self.provider: str | None = None
         self.detail: dict[str, Any] = {}
+        # Providers tried before this failure within the same attempt (smart routing's failover).
+        self.tries: list[dict[str, Any]] = []
 
 
 class Retryable(DeliveryError):
@@ -66,6 +68,8 @@ class SendResult:
     detail: dict[str, Any] = field(default_factory=dict)
     # The provider that delivered it, when the channel has several (the outcome event names it).
     provider: str | None = None
+    # Providers that failed before it within the same attempt (smart routing's failover).
+    tries: list[dict[str, Any]] = field(default_factory=list)
 
 
 HealthHook = Callable[[dict[str, Any]], Awaitable[None]]

@@ -23,7 +23,16 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
-from services.senders.base import DeliveryError, Handoff, HealthHook, Permanent, SendResult, Unavailable
+from services.senders.base import (
+    Deferred,
+    DeliveryError,
+    Handoff,
+    HealthHook,
+    Permanent,
+    Retryable,
+    SendResult,
+    Unavailable,
+)
 from services.senders.pacing import Pacer
 from services.senders.plugins.base import Message, Plugin
 from services.senders.plugins.config import Configured, configured
@@ -37,6 +46,7 @@ from shared.outbound import guarded_client
 from shared.settings import Settings
 
 log = logging.getLogger("herald.sender")
+
 
 class _Shared:
     """What the plugin senders of one process share (it may run every channel): one small pool,
@@ -58,8 +68,13 @@ class _Shared:
                 self.pool = await create_pool(settings, max_size=4)
                 self.redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=2)
                 self.follow = asyncio.create_task(
-                    follow_notifications(settings.database_url.get_secret_value(), "herald_providers",
-                                         self._notified, self._listening, name="providers")  # fmt: skip
+                    follow_notifications(
+                        settings.database_url.get_secret_value(),
+                        "herald_providers",
+                        self._notified,
+                        self._listening,
+                        name="providers",
+                    )  # fmt: skip
                 )
             return self.pool, self.redis
 
@@ -143,6 +158,43 @@ class Directory:
                 code=ErrorCode.PROVIDER_NOT_CONFIGURED,
             )
         return active[0]  # ordered by priority, then id
+
+
+def provider_fault(exc: DeliveryError) -> bool:
+    """Whether a failure says something about the provider (its quality, its breaker): a 5xx, the
+    network, its credentials or quota do; a refused recipient or content, or our own rate limit's
+    wait, do not."""
+    if isinstance(exc, Deferred):
+        return False
+    if exc.code in (ErrorCode.RECIPIENT_INVALID, ErrorCode.CHANNEL_SEND_FAILED, ErrorCode.RATE_LIMITED):
+        return exc.sender_fault
+    return True
+
+
+def _try(exc: DeliveryError) -> dict[str, Any]:
+    """A failed try of a provider before the next one was tried (for its 'retrying' event)."""
+    return {"provider": exc.provider, "error_code": exc.code, "error": exc.message, "detail": dict(exc.detail),
+            "deferred": isinstance(exc, Deferred)}  # fmt: skip
+
+
+def _after(exc: DeliveryError, tries: list[DeliveryError]) -> DeliveryError:
+    """The failure that ends the attempt, carrying the tries before it. When several providers
+    failed, the attempt is retried if any failure was transient (a rate-limit wait is kept as a
+    deferral: the same attempt soon); only when every one failed for good is it permanent."""
+    if not tries or exc.code == ErrorCode.RECIPIENT_INVALID:
+        final = exc
+    else:
+        everything = [*tries, exc]
+        deferred = [e for e in everything if isinstance(e, Deferred)]
+        transient = [e for e in everything if isinstance(e, Retryable) and not isinstance(e, Deferred)]
+        if deferred and not transient:
+            final = min(deferred, key=lambda e: e.retry_after or 0)
+        elif transient:
+            final = transient[-1]
+        else:
+            final = exc
+    final.tries = [_try(t) for t in tries if t is not final]  # type: ignore[attr-defined]
+    return final
 
 
 def _why(exc: Exception) -> str:
@@ -244,16 +296,48 @@ class ChannelSender:
         loop.call_later(60, lambda c=plugin.http: asyncio.ensure_future(c.aclose()))
 
     async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
-        try:
-            entry = self.directory.choose(dispatch)
-        except Permanent:
-            # Configured a moment ago (ingest saw it; its NOTIFY may not have arrived): read the
-            # rows once more before failing the message for want of a provider.
+        """Deliver through the router's candidates in order: a provider that fails moves the
+        dispatch to the next at once (its failure kept in ``tries`` for the timeline and the
+        provider's quality); only a recipient the vendor refused stops there (another vendor
+        would refuse it too). Without candidates (a router that knew no provider yet), the
+        configured choice of :meth:`Directory.choose`."""
+        entries = await self._entries(dispatch)
+        tries: list[DeliveryError] = []
+        for i, entry in enumerate(entries):
+            try:
+                result = await self._send_with(entry, dispatch)
+            except DeliveryError as exc:
+                last = i == len(entries) - 1
+                if last or exc.code == ErrorCode.RECIPIENT_INVALID:
+                    raise _after(exc, tries) from None
+                tries.append(exc)
+                continue
+            result.tries = [_try(t) for t in tries]
+            return result
+        raise AssertionError("no provider to try")  # _entries answers at least one
+
+    async def _entries(self, dispatch: DispatchV1) -> list[Configured]:
+        """The configured providers to try: the router's candidates still configured, else the
+        configured choice (Permanent 2011 when there is none, after reading the rows again: a
+        provider configured a moment ago may not have been notified yet)."""
+        for attempt in range(2):
+            if dispatch.candidates:
+                known = {p.id: p for p in self.directory.by_tenant.get(dispatch.tenant_id, []) if p.is_active}
+                found = [known[c.id] for c in dispatch.candidates if c.id in known]
+                if found:
+                    return found
+            try:
+                return [self.directory.choose(dispatch)]
+            except Permanent:
+                if attempt:
+                    raise
             try:
                 await self.directory.load(self.pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise Unavailable(f"providers could not be read: {exc.__class__.__name__}") from None
-            entry = self.directory.choose(dispatch)
+        raise AssertionError("unreachable")
+
+    async def _send_with(self, entry: Configured, dispatch: DispatchV1) -> SendResult:
         plugin = self.plugin_for(entry)
         message = Message(
             message_id=dispatch.message_id,
@@ -274,7 +358,12 @@ class ChannelSender:
             result = await plugin.send(message)
         except DeliveryError as exc:
             exc.provider = entry.provider
-            exc.detail = {"provider_id": entry.id, "provider_name": entry.name}
+            exc.detail = {
+                "provider_id": entry.id,
+                "provider_name": entry.name,
+                "provider_fault": provider_fault(exc),
+                "provider_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
             raise
         result.provider = entry.provider
         result.detail = {

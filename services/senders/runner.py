@@ -443,7 +443,26 @@ class SenderRunner:
             duration_ms=round(elapsed * 1000, 1),
         )
         event = self._event(dispatch, State.SENT, detail=detail, provider=provider_name)
-        return [_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]
+        return [*self._failovers(dispatch, result.tries, headers),
+                _Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers)]  # fmt: skip
+
+    def _failovers(self, dispatch: DispatchV1, tries: list[dict[str, Any]], headers: list) -> list[_Out]:
+        """A 'retrying' event for each provider that failed before the next was tried within this
+        attempt (its own id: the timeline keeps every try; the tracker counts it against the
+        provider's quality unless it was a rate-limit wait)."""
+        outs = []
+        for n, tried in enumerate(tries, 1):
+            detail = {**tried["detail"], "failover": True, "try": n}
+            if tried["deferred"]:
+                detail["deferred"] = True
+            event = self._event(dispatch, State.RETRYING, provider=tried["provider"], error_code=tried["error_code"],
+                                error=tried["error"], detail=detail)  # fmt: skip
+            event = event.model_copy(update={"event_id": f"{event.event_id}.try{n}"})
+            outs.append(_Out.of(Topics.EVENTS, event.message_id.encode(), event.to_bytes(), headers))
+        if tries:
+            log_event(log, logging.WARNING, "providers failed over within one attempt", message_id=dispatch.message_id,
+                      attempt=dispatch.attempt, failed=[t["detail"].get("provider_name") for t in tries])  # fmt: skip
+        return outs
 
     def _deferral(self, dispatch: DispatchV1, exc: Deferred, headers: list) -> list[_Out]:
         """The same attempt again after ``exc.retry_after`` (a rate limit's wait), through the
@@ -466,8 +485,13 @@ class SenderRunner:
             provider=exc.provider,
             error_code=exc.code,
             error=exc.message,
-            detail={**exc.detail, "deferred": True, "deferrals": n, "next_attempt_at": due.isoformat(),
-                    "retry_topic": topic},  # fmt: skip
+            detail={
+                **exc.detail,
+                "deferred": True,
+                "deferrals": n,
+                "next_attempt_at": due.isoformat(),
+                "retry_topic": topic,
+            },  # fmt: skip
         )
         return [
             _Out.of(Topics.EVENTS, dispatch.message_id.encode(), event.to_bytes(), headers),
@@ -475,10 +499,21 @@ class SenderRunner:
         ]
 
     def _failure(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
-        """A failed attempt's records: see :func:`next_step`."""
+        """A failed attempt's records (after the failover events of the providers tried before)."""
+        return [*self._failovers(dispatch, exc.tries, headers), *self._failed(dispatch, exc, elapsed, headers)]
+
+    def _failed(self, dispatch: DispatchV1, exc: DeliveryError, elapsed: float, headers: list) -> list[_Out]:
+        """See :func:`next_step`; a rule's next channel takes over (:meth:`_fall_back`) when this
+        one failed for good or would retry past its step's deadline."""
+        step = next_step(exc, dispatch.attempt - dispatch.first_attempt + 1, self.settings.retry_delays)
+        if dispatch.fallback is not None:
+            retry_at = utcnow() + timedelta(seconds=exc.retry_after or 0 if isinstance(exc, Deferred) else
+                                            step.retry_in or 0)  # fmt: skip
+            late = dispatch.step_deadline is not None and retry_at > dispatch.step_deadline
+            if step.retry_in is None or late:
+                return self._fall_back(dispatch, exc, headers, "failed" if step.retry_in is None else "step_timeout")
         if isinstance(exc, Deferred):
             return self._deferral(dispatch, exc, headers)
-        step = next_step(exc, dispatch.attempt, self.settings.retry_delays)
         detail: dict[str, Any] = {
             **exc.detail,
             "permanent": isinstance(exc, Permanent),
@@ -542,6 +577,32 @@ class SenderRunner:
         return [
             _Out.of(Topics.EVENTS, key, event.to_bytes(), headers),
             _Out.of(Topics.DLQ, key, letter.to_bytes(), headers),
+        ]
+
+    def _fall_back(self, dispatch: DispatchV1, exc: DeliveryError, headers: list, why: str) -> list[_Out]:
+        """A first_success rule's next channel: its dispatch (rendered and ranked by the router
+        with this one) goes out now as the next attempt of the same message, and this channel's
+        failure is recorded as a 'retrying' event naming the channel that takes over."""
+        nxt = dispatch.fallback
+        assert nxt is not None
+        attempt = dispatch.attempt + 1
+        now = utcnow()
+        deadline = now + timedelta(seconds=nxt.step_timeout_s) if nxt.step_timeout_s else None
+        later = nxt.model_copy(update={"attempt": attempt, "first_attempt": attempt, "created_at": now,
+                                       "dispatch_id": f"{dispatch.message_id}:{attempt}", "step_deadline": deadline,
+                                       "last_error": exc.message})  # fmt: skip
+        detail = {**exc.detail, "permanent": isinstance(exc, Permanent),
+                  "fallback": {"reason": why, "from": dispatch.channel.value, "to": nxt.channel.value,
+                               "step": nxt.step, "attempt": attempt}}  # fmt: skip
+        log_event(log, logging.WARNING, "channel failed; the rule's next channel takes over", reason=why,
+                  message_id=dispatch.message_id, channel=self.channel, next_channel=nxt.channel.value)  # fmt: skip
+        event = self._event(dispatch, State.RETRYING, error_code=exc.code, error=exc.message, provider=exc.provider,
+                            detail=detail)  # fmt: skip
+        return [
+            _Out.of(Topics.EVENTS, dispatch.message_id.encode(), event.to_bytes(), headers),
+            _Out.of(
+                Topics.dispatch(nxt.channel.value), message_key(later.tenant_id, later.to[0]), later.to_bytes(), headers
+            ),  # fmt: skip
         ]
 
     # --- pieces ----------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class Parking:
         if not isinstance(request, dict) or until.tzinfo is None:
             return None
         reason = str(detail.get("reason") or "scheduled")
-        reason = reason if reason in ("scheduled", "deferred", "digest") else "scheduled"
+        reason = reason if reason in ("scheduled", "deferred", "digest", "quiet_hours") else "scheduled"
         return cls(event.message_id, event.tenant_id, until, seq, reason, request)
 
 
@@ -122,6 +122,14 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool
      AS u(message_id, tenant_id, subject, content, content_type, digest)
 WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
   AND ((m.template_id IS NOT NULL AND (m.content IS NULL OR m.content = '')) OR u.digest)
+"""
+
+# A send to a user without a channel is recorded by ingest as 'auto' to the user; the router's
+# 'routed' event names the channel and address its rules chose.
+_RESOLVED = """
+UPDATE message_records m SET message_type = u.channel, recipient = u.recipient
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(message_id, tenant_id, channel, recipient)
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.message_type = 'auto'
 """
 
 _TIMELINE = """
@@ -200,12 +208,16 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [[row[i] for row in rows] for i in range(width)] if rows else [[] for _ in range(width)]
 
 
-def _sender_info(state: State, provider: str | None, detail: dict[str, Any] | None) -> dict[str, Any] | None:
+def _sender_info(
+    state: State, provider: str | None, detail: dict[str, Any] | None, channel: str | None = None
+) -> dict[str, Any] | None:
     if state not in (State.SENT, State.DELIVERED, State.FAILED) or not provider:
         return None
     info: dict[str, Any] = {"provider": provider}
+    if channel:  # a rule's fallback may deliver on another channel than the first
+        info["channel"] = channel
     if detail:
-        for key in ("account", "provider_message_id"):
+        for key in ("account", "provider_message_id", "provider_name"):
             if detail.get(key):
                 info[key] = detail[key]
     return info
@@ -263,7 +275,18 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
         for e in plan.timeline
     ]
     moves = [
-        _move(e.message_id, e.tenant_id, e.state, e.attempt, e.occurred_at, e.error_code, e.error, e.provider, e.detail)
+        _move(
+            e.message_id,
+            e.tenant_id,
+            e.state,
+            e.attempt,
+            e.occurred_at,
+            e.error_code,
+            e.error,
+            e.provider,
+            e.detail,
+            e.channel,
+        )  # fmt: skip
         for e in plan.moves
     ]
     async with conn.transaction():
@@ -274,6 +297,10 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:
             await conn.execute(_MOVE, *_columns(moves, 10))
+        resolved = [(e.message_id, e.tenant_id, e.message.channel, e.message.recipient[:320])
+                    for e in plan.timeline if e.state is State.ROUTED and e.message is not None]  # fmt: skip
+        if resolved:
+            await conn.execute(_RESOLVED, *_columns(resolved, 4))
         if plan.rendered:
             rendered = [
                 (e.message_id, e.tenant_id, e.message.subject, e.message.content, e.message.content_type,
@@ -309,6 +336,7 @@ def _move(
     error: str | None,
     provider: str | None,
     detail: dict[str, Any] | None,
+    channel: str | None = None,
 ) -> tuple:
     return (
         message_id,
@@ -320,7 +348,7 @@ def _move(
         occurred_at,
         error_code,
         error,
-        _json(_sender_info(state, provider, detail)),
+        _json(_sender_info(state, provider, detail, channel)),
     )
 
 

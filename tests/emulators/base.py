@@ -70,6 +70,8 @@ class Emulator:
         self.calls: list[Call] = []
         self.delay_s = 0.0
         self._injected: list[_Injected] = []
+        self._ratio: tuple[FailureKind, float] | None = None
+        self._owed = 0.0  # failures due under fail_ratio (error diffusion: exact over any run)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -110,8 +112,15 @@ class Emulator:
         """The next ``times`` requests (-1: all until :meth:`recover`) fail as ``kind``."""
         self._injected.append(_Injected(kind, times))
 
+    def fail_ratio(self, kind: FailureKind, ratio: float) -> None:
+        """From now on, ``ratio`` of the requests (0.3: 3 in every 10, spread evenly, the first
+        among them) fail as ``kind`` until :meth:`recover`."""
+        self._ratio = (kind, ratio)
+        self._owed = 1.0 - ratio  # so the first request fails
+
     def recover(self) -> None:
         self._injected.clear()
+        self._ratio = None
         self.delay_s = 0.0
 
     def slow(self, seconds: float) -> None:
@@ -120,6 +129,13 @@ class Emulator:
     def injected(self) -> FailureKind | None:
         """The failure to answer this request with, if one was injected (consumes one)."""
         if not self._injected:
+            if self._ratio is None:
+                return None
+            kind, ratio = self._ratio
+            self._owed += ratio
+            if self._owed >= 1.0 - 1e-9:
+                self._owed -= 1.0
+                return kind
             return None
         first = self._injected[0]
         if first.remaining > 0:

@@ -1,0 +1,415 @@
+"""Smart routing (issue 10): what ``notify.config`` carries about routing and the router's pure
+decisions on it.
+
+Ingest writes routing configuration to PostgreSQL and publishes it to the compacted config topic
+(as templates and frequency rules, :mod:`shared.frequency`); routers read it whole at start-up and
+follow it, so no message costs a query:
+
+- ``provider:<tenant>:<id>``: a configured provider's public facts (name, plugin, priority,
+  weight, costs, active): never its configuration or secrets;
+- ``routing-rule:<tenant>:<id>``: a rule (match → ordered channels, strategy);
+- ``routing-policy:<tenant>``: the tenant's quality threshold.
+
+Each record carries a ``revision``; a store keeps the highest per key, so a record published late
+cannot undo a newer change.
+
+The provider choice (:func:`rank`) orders a channel's providers for one message:
+
+1. providers whose breaker is closed and whose quality clears the tenant's threshold (or that have
+   too few samples to judge), cheapest first; among equal costs a weighted draw orders them;
+2. then providers below the threshold (best success rate first);
+3. then providers whose breaker is open (last resort: a message is never refused for want of a
+   healthy provider while any is configured).
+
+An open breaker whose cooldown has passed is *half-open*: a router lets one message probe it (first
+in the list, the others behind it so the message still goes at once if the probe fails) per
+``probe_every_s``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.events import (
+    AttributeValue,
+    Category,
+    Channel,
+    ClockTime,
+    Priority,
+    ProviderHealthV1,
+    QuietHours,
+    RecipientProfile,
+)
+
+PROVIDER_SCHEMA = "notify.config.provider.v1"
+RULE_SCHEMA = "notify.config.routing-rule.v1"
+POLICY_SCHEMA = "notify.config.routing-policy.v1"
+
+Strategy = Literal["first_success", "all"]
+
+
+class ProviderRoute(BaseModel):
+    """A configured provider as routers see it: what choosing needs, no configuration, no secret."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["notify.config.provider.v1"] = Field(default=PROVIDER_SCHEMA, alias="schema")
+    provider_id: int
+    tenant_id: str
+    channel: Channel
+    provider: str
+    name: str
+    priority: int = 100
+    weight: int = 100
+    costs: dict[str, Any] = Field(default_factory=dict)  # {"default": 0.05, "by_country": {"86": 0.045}}
+    default_cost: Decimal = Decimal(0)  # the plugin's, when the tenant set none
+    is_active: bool = True
+    deleted: bool = False
+    revision: int = 0
+
+    def cost(self, to: str | None) -> Decimal:
+        """One message to ``to`` as the sender prices it (services/senders/plugins/base.py): the
+        country's price (longest calling code first), else the configured default, else the
+        plugin's."""
+        by_country = self.costs.get("by_country") or {}
+        if by_country and to and to.startswith("+"):
+            digits = to[1:]
+            for n in (4, 3, 2, 1):
+                if digits[:n] in by_country:
+                    return Decimal(str(by_country[digits[:n]]))
+        if self.costs.get("default") is not None:
+            return Decimal(str(self.costs["default"]))
+        return self.default_cost
+
+    @property
+    def live(self) -> bool:
+        return self.is_active and not self.deleted
+
+
+class TimeWindow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    start: ClockTime
+    end: ClockTime
+
+
+class RuleMatch(BaseModel):
+    """What a message must be for a rule to apply; an empty list or map matches anything."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priorities: list[Priority] = Field(default_factory=list, max_length=4)
+    categories: list[Category] = Field(default_factory=list, max_length=50)
+    # Each attribute of the recipient's profile equals the value (or one of the values).
+    attributes: dict[str, AttributeValue | list[AttributeValue]] = Field(default_factory=dict, max_length=20)
+    # The recipient's local time is within the window (start after end spans midnight).
+    local_time: TimeWindow | None = None
+
+
+class RoutingRule(BaseModel):
+    """Messages that match go to ``channels`` in order (``first_success``) or to all at once."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["notify.config.routing-rule.v1"] = Field(default=RULE_SCHEMA, alias="schema")
+    rule_id: int = Field(ge=1)
+    tenant_id: str
+    name: str = Field(min_length=1, max_length=100)
+    position: int = Field(default=100, ge=0, le=100_000)  # lower is tried first
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    channels: list[Channel] = Field(min_length=1, max_length=8)
+    strategy: Strategy = "first_success"
+    step_timeout_s: int = Field(default=300, ge=5, le=86_400)
+    is_active: bool = True
+    deleted: bool = False
+    revision: int = 0
+
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, value: list[Channel]) -> list[Channel]:
+        if len(set(value)) != len(value):
+            raise ValueError("a channel is listed twice")
+        return value
+
+    @property
+    def live(self) -> bool:
+        return self.is_active and not self.deleted
+
+
+class RoutingPolicy(BaseModel):
+    """A tenant's quality threshold: providers below it get traffic only when no other can."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_: Literal["notify.config.routing-policy.v1"] = Field(default=POLICY_SCHEMA, alias="schema")
+    tenant_id: str
+    min_success_rate: float = Field(default=0.9, ge=0, le=1)
+    max_p95_ms: float | None = Field(default=None, gt=0)
+    # Fewer tries than this in the window: not enough to judge, the provider counts as good.
+    min_samples: int = Field(default=10, ge=1, le=10_000)
+    revision: int = 0
+
+
+def provider_key(tenant_id: str, provider_id: int) -> bytes:
+    return f"provider:{tenant_id}:{provider_id}".encode()
+
+
+def rule_key(tenant_id: str, rule_id: int) -> bytes:
+    return f"routing-rule:{tenant_id}:{rule_id}".encode()
+
+
+def policy_key(tenant_id: str) -> bytes:
+    return f"routing-policy:{tenant_id}".encode()
+
+
+def health_identity(provider_id: int) -> str:
+    """The key of a configured provider's record on ``notify.provider-health``."""
+    return f"provider:{provider_id}"
+
+
+class RoutingStore:
+    """Providers, rules and policies from ``notify.config`` (a :class:`ConfigStore`)."""
+
+    def __init__(self) -> None:
+        self.providers: dict[int, ProviderRoute] = {}
+        self.rules: dict[tuple[str, int], RoutingRule] = {}
+        self.policies: dict[str, RoutingPolicy] = {}
+
+    def apply(self, value: bytes | None) -> None:
+        if not value:
+            return
+        data = orjson.loads(value)
+        kind = data.get("schema") if isinstance(data, dict) else None
+        if kind == PROVIDER_SCHEMA:
+            self.put_provider(ProviderRoute.model_validate(data))
+        elif kind == RULE_SCHEMA:
+            self.put_rule(RoutingRule.model_validate(data))
+        elif kind == POLICY_SCHEMA:
+            self.put_policy(RoutingPolicy.model_validate(data))
+
+    def put_provider(self, route: ProviderRoute) -> None:
+        old = self.providers.get(route.provider_id)
+        if old is None or route.revision >= old.revision:
+            self.providers[route.provider_id] = route
+
+    def put_rule(self, rule: RoutingRule) -> None:
+        key = (rule.tenant_id, rule.rule_id)
+        old = self.rules.get(key)
+        if old is None or rule.revision >= old.revision:
+            self.rules[key] = rule
+
+    def put_policy(self, policy: RoutingPolicy) -> None:
+        old = self.policies.get(policy.tenant_id)
+        if old is None or policy.revision >= old.revision:
+            self.policies[policy.tenant_id] = policy
+
+    def policy(self, tenant_id: str) -> RoutingPolicy:
+        return self.policies.get(tenant_id) or RoutingPolicy(tenant_id=tenant_id)
+
+    def providers_of(self, tenant_id: str, channel: Channel) -> list[ProviderRoute]:
+        """The tenant's live providers of ``channel``, by priority then id."""
+        found = [p for p in self.providers.values() if p.tenant_id == tenant_id and p.channel is channel and p.live]
+        return sorted(found, key=lambda p: (p.priority, p.provider_id))
+
+    def named(self, tenant_id: str, channel: Channel, name: str) -> ProviderRoute | None:
+        return next((p for p in self.providers_of(tenant_id, channel) if p.name == name), None)
+
+    def rules_of(self, tenant_id: str) -> list[RoutingRule]:
+        found = [r for r in self.rules.values() if r.tenant_id == tenant_id and r.live]
+        return sorted(found, key=lambda r: (r.position, r.rule_id))
+
+
+class HealthStore:
+    """The latest ``notify.provider-health`` record of each configured provider (a compacted
+    topic read whole and followed: every router holds all of it)."""
+
+    def __init__(self) -> None:
+        self.by_provider: dict[int, ProviderHealthV1] = {}
+
+    def apply(self, value: bytes | None) -> None:
+        if not value:
+            return
+        record = ProviderHealthV1.model_validate_json(value)
+        if record.provider_id is None:
+            return  # a mailbox's health (the email pool's own)
+        old = self.by_provider.get(record.provider_id)
+        if old is None or record.occurred_at >= old.occurred_at:
+            self.by_provider[record.provider_id] = record
+
+    def get(self, provider_id: int) -> ProviderHealthV1 | None:
+        return self.by_provider.get(provider_id)
+
+
+# --- recipients, rules, quiet hours ------------------------------------------------------------
+
+
+def _clock(value: str) -> time:
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def _within(now: time, start: time, end: time) -> bool:
+    if start < end:
+        return start <= now < end
+    return now >= start or now < end  # spans midnight
+
+
+def local_now(profile: RecipientProfile | None, now: datetime) -> datetime:
+    zone = ZoneInfo(profile.timezone) if profile is not None else ZoneInfo("UTC")
+    return now.astimezone(zone)
+
+
+def quiet_until(profile: RecipientProfile, now: datetime) -> datetime | None:
+    """When the recipient's quiet hours end, if ``now`` is within them (else None)."""
+    hours: QuietHours | None = profile.quiet_hours
+    if hours is None:
+        return None
+    here = local_now(profile, now)
+    start, end = _clock(hours.start), _clock(hours.end)
+    if not _within(here.time().replace(second=0, microsecond=0), start, end):
+        return None
+    ends = here.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
+    if ends <= here:
+        ends += timedelta(days=1)
+    # A wall-clock time on the recipient's calendar, made absolute again (DST-safe).
+    return ends.astimezone(now.tzinfo)
+
+
+def matches(rule: RoutingRule, *, priority: str, category: str | None, profile: RecipientProfile | None,
+            now: datetime) -> bool:  # fmt: skip
+    m = rule.match
+    if m.priorities and priority not in m.priorities:
+        return False
+    if m.categories and category not in m.categories:
+        return False
+    if m.attributes:
+        attributes = profile.attributes if profile is not None else {}
+        for name, wanted in m.attributes.items():
+            have = attributes.get(name)
+            if isinstance(wanted, list) and have not in wanted:
+                return False
+            if not isinstance(wanted, list) and have != wanted:
+                return False
+    if m.local_time is not None:
+        here = local_now(profile, now).time().replace(second=0, microsecond=0)
+        if not _within(here, _clock(m.local_time.start), _clock(m.local_time.end)):
+            return False
+    return True
+
+
+def first_rule(rules: list[RoutingRule], **facts: Any) -> RoutingRule | None:
+    return next((r for r in rules if matches(r, **facts)), None)
+
+
+# --- providers within a channel --------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Scored:
+    route: ProviderRoute
+    cost: Decimal
+    tier: int  # 0 good, 1 below the threshold, 2 breaker open
+    breaker: str  # closed, open, half_open
+    samples: int | None
+    success_rate: float | None
+    p95_ms: float | None
+    why: str
+    probe: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.route.provider_id,
+            "name": self.route.name,
+            "provider": self.route.provider,
+            "cost": str(self.cost),
+            "breaker": self.breaker,
+            "tier": ("eligible", "below_threshold", "breaker_open")[self.tier],
+            "why": self.why,
+        }
+        if self.samples is not None:
+            out["samples"] = self.samples
+        if self.success_rate is not None:
+            out["success_rate"] = round(self.success_rate, 4)
+        if self.p95_ms is not None:
+            out["p95_ms"] = self.p95_ms
+        if self.probe:
+            out["probe"] = True
+        return out
+
+
+@dataclass(slots=True)
+class Probes:
+    """When this router last let a message probe each half-open provider."""
+
+    every_s: float = 5.0
+    last: dict[int, datetime] = field(default_factory=dict)
+
+    def take(self, provider_id: int, now: datetime) -> bool:
+        last = self.last.get(provider_id)
+        if last is not None and (now - last).total_seconds() < self.every_s:
+            return False
+        self.last[provider_id] = now
+        return True
+
+
+def score(route: ProviderRoute, health: ProviderHealthV1 | None, policy: RoutingPolicy, to: str | None,
+          now: datetime) -> Scored:  # fmt: skip
+    cost = route.cost(to)
+    if health is None:
+        return Scored(route, cost, 0, "closed", None, None, None, "no quality data yet")
+    samples, rate, p95 = health.samples, health.success_rate, health.p95_ms
+    if health.breaker == "open":
+        cooled = health.opened_at is None or now >= health.opened_at + timedelta(seconds=health.cooldown_s or 0)
+        state = "half_open" if cooled else "open"
+        return Scored(route, cost, 2, state, samples, rate, p95, f"breaker {state}: {health.reason or 'failing'}")
+    if samples is None or samples < policy.min_samples:
+        return Scored(route, cost, 0, "closed", samples, rate, p95, f"fewer than {policy.min_samples} samples")
+    if rate is not None and rate < policy.min_success_rate:
+        why = f"success rate {rate:.2%} below {policy.min_success_rate:.0%}"
+        return Scored(route, cost, 1, "closed", samples, rate, p95, why)
+    if policy.max_p95_ms is not None and p95 is not None and p95 > policy.max_p95_ms:
+        why = f"p95 {p95:.0f} ms above {policy.max_p95_ms:.0f} ms"
+        return Scored(route, cost, 1, "closed", samples, rate, p95, why)
+    return Scored(route, cost, 0, "closed", samples, rate, p95, "meets the threshold")
+
+
+def _weighted_order(group: list[Scored], rng: random.Random) -> list[Scored]:
+    """Equal-cost providers in a weighted random order (weight 0: only after the others)."""
+    left = list(group)
+    out: list[Scored] = []
+    while left:
+        weights = [max(s.route.weight, 0) for s in left]
+        if sum(weights) <= 0:
+            out.extend(left)
+            break
+        pick = rng.choices(range(len(left)), weights=weights)[0]
+        out.append(left.pop(pick))
+    return out
+
+
+def rank(scored: list[Scored], *, probes: Probes, now: datetime, rng: random.Random | None = None) -> list[Scored]:
+    """The order to try providers in (see the module doc)."""
+    rng = rng or random.Random()
+    good = sorted((s for s in scored if s.tier == 0), key=lambda s: s.cost)
+    ordered: list[Scored] = []
+    i = 0
+    while i < len(good):  # cheapest first; a weighted draw among equal costs
+        j = i
+        while j < len(good) and good[j].cost == good[i].cost:
+            j += 1
+        ordered.extend(_weighted_order(good[i:j], rng))
+        i = j
+    below = sorted((s for s in scored if s.tier == 1), key=lambda s: (-(s.success_rate or 0), s.cost))
+    broken = sorted((s for s in scored if s.tier == 2), key=lambda s: s.cost)
+    probing = [s for s in broken if s.breaker == "half_open" and probes.take(s.route.provider_id, now)]
+    for s in probing:
+        s.probe = True
+    rest = [s for s in broken if not s.probe]
+    return [*probing, *ordered, *below, *rest]

@@ -1,0 +1,127 @@
+"""Provider failover inside one attempt (issue 10): the plugin sender tries the router's
+candidates in order against real vendor emulations (two ntfy servers) and a real Redis (pacing):
+a provider that fails hands the message to the next at once, its failure kept for the timeline
+and the provider's quality; a refused recipient stops there; when every one failed, the attempt's
+outcome is the failure the retry schedule should see."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from services.senders.base import Deferred, Permanent, Retryable
+from services.senders.channel import ChannelSender, provider_fault
+from services.senders.ntfy.api import NtfyConfig
+from services.senders.plugins.base import Costs
+from services.senders.plugins.config import Configured
+from shared.crypto import SecretBox
+from shared.errors import ErrorCode
+from shared.events import Candidate, DispatchV1
+from shared.settings import Settings
+from tests.conftest import Backing
+from tests.emulators.ntfy import NtfyEmulator
+
+KEY = base64.b64encode(os.urandom(32)).decode()
+
+
+def _entry(provider_id: int, name: str, emu: NtfyEmulator) -> Configured:
+    return Configured(id=provider_id, tenant_id="acme", channel="ntfy", provider="ntfy", name=name,
+                      config=NtfyConfig(server=emu.url), priority=provider_id, weight=1,
+                      costs=Costs(default=Decimal("0.01")), rate_limit=None, is_active=True, revision=1)  # fmt: skip
+
+
+def _dispatch(*candidates: tuple[int, str]) -> DispatchV1:
+    return DispatchV1(
+        dispatch_id="msg_20261202_failover0001:1",
+        message_id="msg_20261202_failover0001",
+        tenant_id="acme",
+        channel="ntfy",
+        to=["alerts"],
+        content="disk full",
+        content_type="text",
+        candidates=[Candidate(id=i, name=n) for i, n in candidates],
+    )
+
+
+@pytest.fixture
+async def pair(backing: Backing) -> AsyncIterator[tuple[ChannelSender, NtfyEmulator, NtfyEmulator]]:
+    redis = Redis.from_url(backing.redis_url)
+    settings = Settings(encryption_key=KEY, outbound_allow="127.0.0.1/32", provider_timeout_s=5)
+    sender = ChannelSender.bound("ntfy")(settings, None, redis, SecretBox.from_setting(KEY))
+    async with NtfyEmulator() as a, NtfyEmulator() as b:
+        sender.directory.by_tenant = {"acme": [_entry(1, "primary", a), _entry(2, "backup", b)]}
+        sender.directory.loaded.set()
+        try:
+            yield sender, a, b
+        finally:
+            for client in sender._clients:
+                await client.aclose()
+            await redis.aclose()
+
+
+async def test_a_failing_provider_hands_the_message_to_the_next_at_once(pair) -> None:
+    sender, a, b = pair
+    a.fail("server_error", times=-1)
+    result = await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert result.detail["provider_id"] == 2 and result.detail["provider_name"] == "backup"
+    assert [c.injected for c in a.calls] == ["server_error"] and len(b.verified()) == 1
+    assert b.verified()[0].json()["message"] == "disk full"  # the same message, as ntfy takes it
+    [tried] = result.tries
+    assert tried["detail"]["provider_id"] == 1 and tried["detail"]["provider_fault"] is True
+    assert tried["deferred"] is False and tried["error_code"] != ErrorCode.RECIPIENT_INVALID
+
+
+async def test_the_router_order_is_followed_not_the_priority(pair) -> None:
+    sender, a, b = pair
+    result = await sender.send(_dispatch((2, "backup"), (1, "primary")))
+    assert result.detail["provider_name"] == "backup" and result.tries == []
+    assert a.calls == [] and len(b.verified()) == 1
+
+
+async def test_a_refused_recipient_is_not_tried_elsewhere(pair) -> None:
+    sender, a, b = pair
+    a.fail("invalid_recipient")
+    with pytest.raises(Permanent) as caught:
+        await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert caught.value.code == ErrorCode.RECIPIENT_INVALID and b.calls == []
+    assert caught.value.detail["provider_fault"] is False and caught.value.tries == []
+
+
+async def test_when_every_provider_fails_the_attempt_is_retried_with_every_try_kept(pair) -> None:
+    sender, a, b = pair
+    a.fail("auth", times=-1)  # permanent at a (its credentials) ...
+    b.fail("server_error", times=-1)  # ... transient at b: the attempt is worth retrying
+    with pytest.raises(Retryable) as caught:
+        await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert caught.value.detail["provider_id"] == 2
+    assert [t["detail"]["provider_id"] for t in caught.value.tries] == [1]
+    assert caught.value.tries[0]["detail"]["provider_fault"] is True  # bad credentials: the provider's
+
+
+async def test_only_permanent_failures_everywhere_fail_the_attempt(pair) -> None:
+    sender, a, b = pair
+    a.fail("auth", times=-1)
+    b.fail("auth", times=-1)
+    with pytest.raises(Permanent) as caught:
+        await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert caught.value.code == ErrorCode.PROVIDER_AUTH_FAILED and len(caught.value.tries) == 1
+
+
+async def test_unknown_candidates_fall_back_to_the_configured_choice(pair) -> None:
+    sender, a, b = pair
+    result = await sender.send(_dispatch((99, "deleted-meanwhile")))
+    assert result.detail["provider_name"] == "primary" and len(a.verified()) == 1  # first by priority
+
+
+def test_what_counts_against_a_provider() -> None:
+    assert provider_fault(Retryable("503")) is True
+    assert provider_fault(Permanent("bad key", code=ErrorCode.PROVIDER_AUTH_FAILED, sender_fault=True)) is True
+    assert provider_fault(Permanent("no such number", code=ErrorCode.RECIPIENT_INVALID)) is False
+    assert provider_fault(Permanent("content refused", code=ErrorCode.CHANNEL_SEND_FAILED)) is False
+    assert provider_fault(Deferred("our own rate limit", retry_after=3)) is False
+    assert provider_fault(Retryable("throttled", code=ErrorCode.RATE_LIMITED)) is False
