@@ -232,8 +232,8 @@ class TemplateRef(BaseModel):
 
 
 Priority = Literal["urgent", "high", "normal", "low"]
-# "HH:MM", 24-hour clock.
-ClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+# "HH:MM" (or "HH:MM:SS"), 24-hour clock.
+ClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$")]
 UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+\-]*$")]
 
 

@@ -97,3 +97,12 @@ FREQUENCY_RULE_REVISION = Gauge(
     "herald_frequency_rule_revision",
     "Highest revision of a frequency cap or digest rule applied from notify.config (API answers show each rule's)",
 )
+# Provider quality and circuit breakers (issue 10), set by the tracker that publishes them.
+PROVIDER_BREAKER_OPEN = Gauge(
+    "herald_provider_breaker_open", "1 while a configured provider's circuit breaker is open", ["provider_id"]
+)
+PROVIDER_SUCCESS_RATE = Gauge(
+    "herald_provider_success_rate",
+    "A configured provider's share of successful tries over the quality window",
+    ["provider_id"],
+)

@@ -239,9 +239,9 @@ class HealthStore:
         record = ProviderHealthV1.model_validate_json(value)
         if record.provider_id is None:
             return  # a mailbox's health (the email pool's own)
-        old = self.by_provider.get(record.provider_id)
-        if old is None or record.occurred_at >= old.occurred_at:
-            self.by_provider[record.provider_id] = record
+        # One key, one partition, read in order: the last record read is the latest (its
+        # occurred_at is the publishing tracker's clock, which may lag another tracker's).
+        self.by_provider[record.provider_id] = record
 
     def get(self, provider_id: int) -> ProviderHealthV1 | None:
         return self.by_provider.get(provider_id)
@@ -251,8 +251,7 @@ class HealthStore:
 
 
 def _clock(value: str) -> time:
-    hours, minutes = value.split(":")
-    return time(int(hours), int(minutes))
+    return time(*(int(part) for part in value.split(":")))
 
 
 def _within(now: time, start: time, end: time) -> bool:
@@ -273,9 +272,9 @@ def quiet_until(profile: RecipientProfile, now: datetime) -> datetime | None:
         return None
     here = local_now(profile, now)
     start, end = _clock(hours.start), _clock(hours.end)
-    if not _within(here.time().replace(second=0, microsecond=0), start, end):
+    if not _within(here.time().replace(microsecond=0), start, end):
         return None
-    ends = here.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
+    ends = here.replace(hour=end.hour, minute=end.minute, second=end.second, microsecond=0)
     if ends <= here:
         ends += timedelta(days=1)
     # A wall-clock time on the recipient's calendar, made absolute again (DST-safe).
@@ -298,7 +297,7 @@ def matches(rule: RoutingRule, *, priority: str, category: str | None, profile: 
             if not isinstance(wanted, list) and have != wanted:
                 return False
     if m.local_time is not None:
-        here = local_now(profile, now).time().replace(second=0, microsecond=0)
+        here = local_now(profile, now).time().replace(microsecond=0)
         if not _within(here, _clock(m.local_time.start), _clock(m.local_time.end)):
             return False
     return True
@@ -369,7 +368,18 @@ def score(route: ProviderRoute, health: ProviderHealthV1 | None, policy: Routing
         cooled = health.opened_at is None or now >= health.opened_at + timedelta(seconds=health.cooldown_s or 0)
         state = "half_open" if cooled else "open"
         return Scored(route, cost, 2, state, samples, rate, p95, f"breaker {state}: {health.reason or 'failing'}")
-    if samples is None or samples < policy.min_samples:
+    if samples is None or rate is None:
+        return Scored(route, cost, 0, "closed", samples, rate, p95, "no tries in the window")
+    if samples < policy.min_samples:
+        # Too few tries to measure, but maybe enough to know: if even all the tries still
+        # needed succeeded, would the rate clear the threshold? (3 failures in the first 9 of 10
+        # tries cannot reach 90 %.) Without this, a provider just judged bad would be "unknown"
+        # again as soon as its tries left the window and it got no new ones.
+        best = (rate * samples + (policy.min_samples - samples)) / policy.min_samples
+        if best < policy.min_success_rate:
+            failed = samples - round(rate * samples)
+            why = f"{failed} of {samples} tries failed: below {policy.min_success_rate:.0%} whatever comes next"
+            return Scored(route, cost, 1, "closed", samples, rate, p95, why)
         return Scored(route, cost, 0, "closed", samples, rate, p95, f"fewer than {policy.min_samples} samples")
     if rate is not None and rate < policy.min_success_rate:
         why = f"success rate {rate:.2%} below {policy.min_success_rate:.0%}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -173,9 +173,40 @@ class Settings(BaseSettings):
     # A provider's rate limit is waited for in the sender up to this long; a longer wait goes
     # to a retry topic (services/senders/pacing.py).
     pacing_max_wait_s: float = Field(default=30.0, ge=0)
+    # Smart routing (issue 10): a router lets one message probe a provider whose breaker is open
+    # and cooled down (half-open) this often.
+    breaker_probe_every_s: float = Field(default=5.0, gt=0)
 
     # --- tracker --------------------------------------------------------------------------
     tracker_batch_max: int = Field(default=1000, ge=1)
+
+    # --- provider quality and circuit breakers (issue 10; services/tracker/quality.py) -----
+    # Tries of configured providers are counted in Redis per bucket of this many seconds, and a
+    # provider is judged over the last quality_window_s (whole buckets: the window is 0 to one
+    # bucket shorter; events older than the window are not counted).
+    quality_bucket_s: int = Field(default=10, ge=1, le=3600)
+    quality_window_s: int = Field(default=300, ge=1, le=86_400)
+    # One tracker (holding a Redis lease) publishes to notify.provider-health: it looks this
+    # often, publishes what changed, and every provider seen in the window at least every
+    # quality_refresh_s (so a router that missed a record catches up).
+    quality_tick_s: float = Field(default=1.0, gt=0, le=60)
+    quality_refresh_s: float = Field(default=5.0, gt=0)
+    # A provider's breaker opens after this many consecutive provider faults, or when at least
+    # breaker_min_samples tries in the window fail at breaker_error_rate or more. Open, routers
+    # send it nothing until breaker_cooldown_s has passed, then probe it with one message: a
+    # success closes it (statistics start afresh), a failure opens it for another cooldown.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_min_samples: int = Field(default=10, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("quality_window_s")
+    @classmethod
+    def _window_holds_a_bucket(cls, value: int, info: ValidationInfo) -> int:
+        bucket = info.data.get("quality_bucket_s")
+        if bucket is not None and value < bucket:
+            raise ValueError("quality_window_s: at least one bucket (quality_bucket_s)")
+        return value
 
     @field_validator("log_level")
     @classmethod

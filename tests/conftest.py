@@ -97,6 +97,15 @@ def backing() -> Iterator[Backing]:
         "HERALD_OUTBOUND_ALLOW": "127.0.0.1/32",
         # Rate-limit waits over 2 s are deferred through the retry topics (tests see both paths).
         "HERALD_PACING_MAX_WAIT_S": "2",
+        # Provider quality over 10 s (1-second buckets, looked at twice a second); breakers open
+        # after 3 consecutive failures and are probed after 3 s (tests/e2e/test_smart_routing.py).
+        "HERALD_QUALITY_WINDOW_S": "10",
+        "HERALD_QUALITY_BUCKET_S": "1",
+        "HERALD_QUALITY_TICK_S": "0.5",
+        "HERALD_QUALITY_REFRESH_S": "2",
+        "HERALD_BREAKER_FAILURES": "3",
+        "HERALD_BREAKER_COOLDOWN_S": "3",
+        "HERALD_BREAKER_PROBE_EVERY_S": "2",
     }
     try:
         yield b

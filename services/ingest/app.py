@@ -33,9 +33,12 @@ from services.ingest.routes import (
     health,
     messages,
     providers,
+    recipients,
+    routing,
     templates,
     tenants,
 )
+from services.ingest.routing import RoutingDistributor
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
@@ -77,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
         store = TemplateStore()
         distributor = TemplateDistributor(pool, producer, store, settings.publish_timeout_s)
         rules = RuleDistributor(pool, producer, settings.publish_timeout_s)
+        routing_config = RoutingDistributor(pool, producer, settings.publish_timeout_s)
         follower = ConfigFollower(settings, store)  # other replicas' changes
         await follower.start()
         authenticator = Authenticator(pool, tokens, settings)
@@ -88,9 +92,13 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             asyncio.create_task(run_stalled_sweeper(pool, producer, settings), name="stalled-sweep"),
             asyncio.create_task(
-                keep_topics(settings, lambda _: (distributor.dirty.set(), rules.dirty.set())), name="keep-topics"
+                keep_topics(
+                    settings, lambda _: (distributor.dirty.set(), rules.dirty.set(), routing_config.dirty.set())
+                ),
+                name="keep-topics",
             ),
             asyncio.create_task(rules.run(), name="rule-distributor"),
+            asyncio.create_task(routing_config.run(), name="routing-distributor"),
             asyncio.create_task(distributor.run(), name="template-distributor"),
             asyncio.create_task(authenticator.listen(), name="auth-listener"),
             asyncio.create_task(authenticator.flush_usage(), name="key-usage"),
@@ -109,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
             limiter=limiter,
             quotas=Quotas(redis, pool, settings.rate_limit_fail_open),
             rules=rules,
+            routing=routing_config,
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
@@ -151,6 +160,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(frequency_caps.router)
     app.include_router(digest_rules.router)
     app.include_router(providers.router)
+    app.include_router(routing.router)
+    app.include_router(recipients.router)
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(audit_log.router)

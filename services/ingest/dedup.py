@@ -57,12 +57,17 @@ def fingerprint_of(request: RequestV1) -> str:
         else orjson.dumps(template.model_dump(), option=orjson.OPT_SORT_KEYS).decode()
     )
     # Other channels: two cards, two SMS with other template parameters, or the same text through
-    # two named providers are different messages.
+    # two named providers are different messages. A message to a user (issue 10) is one to that
+    # user, at its priority (the default leaves earlier fingerprints as they were).
+    user = request.recipient.user_id if request.recipient is not None else None
+    priority = request.priority if request.priority != "normal" else None
     extra = {k: v for k, v in (("card", request.card.model_dump(mode="json") if request.card else None),
-                               ("options", request.options), ("provider", request.provider)) if v}  # fmt: skip
+                               ("options", request.options), ("provider", request.provider),
+                               ("user_id", user), ("priority", priority)) if v}  # fmt: skip
     if extra:
         content += "\x1f" + orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode()
-    return fingerprint(request.tenant_id, request.channel.value, recipients, request.subject, content)
+    channel = request.channel.value if request.channel is not None else "auto"
+    return fingerprint(request.tenant_id, channel, recipients, request.subject, content)
 
 
 # Delete each fingerprint still held by the message that claimed it.

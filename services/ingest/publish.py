@@ -27,6 +27,9 @@ from shared.metrics import MESSAGES_ACCEPTED
 
 log = logging.getLogger("herald.ingest")
 
+# message_type of a message to a user whose channels the tenant's routing rules choose.
+AUTO_CHANNEL = "auto"
+
 
 @dataclass(slots=True)
 class NewRecord:
@@ -41,7 +44,17 @@ class NewRecord:
 
     @property
     def recipient(self) -> str:
-        return self.request.to[0]
+        """The record's ``recipient`` and the Kafka key's: the first address, or for a message to
+        a user without a channel (routed by the tenant's rules) the user's id."""
+        if self.request.to:
+            return self.request.to[0]
+        assert self.request.recipient is not None  # RequestV1 allows no other addressless request
+        return self.request.recipient.user_id
+
+    @property
+    def message_type(self) -> str:
+        """The record's ``message_type``: the channel, or ``auto`` until routing chooses one."""
+        return self.request.channel.value if self.request.channel is not None else AUTO_CHANNEL
 
     @property
     def payload(self) -> bytes:
@@ -204,7 +217,7 @@ class RecordBatcher:
                 (
                     q.message_id,
                     q.tenant_id,
-                    q.channel.value,
+                    r.message_type,
                     r.recipient,
                     orjson.dumps(r.recipients).decode(),
                     q.subject,
@@ -330,9 +343,9 @@ class Publisher:
         scheduled = outcome.state == State.SCHEDULED.value
         if not scheduled:  # a scheduled one waits in PostgreSQL; the router's scheduler publishes it
             await self._publish(request, record.payload, record.recipient, trace)
-        MESSAGES_ACCEPTED.labels(request.channel.value).inc()
+        MESSAGES_ACCEPTED.labels(record.message_type).inc()
         log_event(log, logging.INFO, "message scheduled" if scheduled else "message accepted",
-                  message_id=request.message_id, recipient=record.recipient, channel=request.channel.value,
+                  message_id=request.message_id, recipient=record.recipient, channel=record.message_type,
                   scheduled_at=str(request.scheduled_at) if scheduled else None)  # fmt: skip
         return outcome
 

@@ -135,9 +135,11 @@ async def accept(
 ) -> JSONResponse:
     """The end of every single send: the duplicate check (content fingerprint, unless a key or
     ``dedup: false``), the channel's monthly quota, the record and the request (or the record a
-    key already names), the key remembered; 202 with the message's id and state."""
+    key already names), the key remembered; 202 with the message's id and state. A message without
+    a channel (to a user, routed by the tenant's rules) is counted against no channel's quota here:
+    its channel is not known yet."""
     guard = services.guard
-    channel = req.channel.value
+    channel = req.channel.value if req.channel is not None else None
     fp, skipped = None, False
     tenant = await services.tenants.get(tenant_id)
     if key is None and dedup:
@@ -152,7 +154,7 @@ async def accept(
                 field="content",
             )
     try:
-        counted = await services.quotas.take(tenant_id, channel, tenant.quotas.get(channel))
+        counted = channel is not None and await services.quotas.take(tenant_id, channel, tenant.quotas.get(channel))
     except QuotaExceeded as exc:
         if fp is not None:
             await guard.release(fp, req.message_id or "")

@@ -160,6 +160,21 @@ class Directory:
         return active[0]  # ordered by priority, then id
 
 
+def options_for(options: dict[str, Any] | None, entry: Configured) -> dict[str, Any]:
+    """A send's options as one provider reads them: the common ones, then those under
+    ``options.providers.<plugin>`` (``aliyun``), then under ``options.providers.<configured
+    name>``. SMS vendors approve templates of their own, so a message that may fail over from
+    Aliyun to Tencent names each one's template code and parameters there."""
+    merged = dict(options or {})
+    overrides = merged.pop("providers", None)
+    if isinstance(overrides, dict):
+        for key in (entry.provider, entry.name):
+            extra = overrides.get(key)
+            if isinstance(extra, dict):
+                merged.update(extra)
+    return merged
+
+
 def provider_fault(exc: DeliveryError) -> bool:
     """Whether a failure says something about the provider (its quality, its breaker): a 5xx, the
     network, its credentials or quota do; a refused recipient or content, or our own rate limit's
@@ -348,7 +363,7 @@ class ChannelSender:
             format=dispatch.content_type.value,  # type: ignore[arg-type]
             title=dispatch.subject,
             card=dispatch.card,
-            options=dict(dispatch.options or {}),
+            options=options_for(dispatch.options, entry),
             attempt=dispatch.attempt,
         )
         started = time.perf_counter()

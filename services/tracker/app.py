@@ -1,5 +1,9 @@
 """The tracker: folds ``notify.events`` into message records and their timeline, and keeps
-every ``notify.dlq`` record in ``dead_letters``. Offsets are committed after the transaction."""
+every ``notify.dlq`` record in ``dead_letters``. Offsets are committed after the transaction.
+
+It also counts configured providers' tries in Redis after each batch is folded, and one tracker
+at a time publishes their quality and circuit breakers to ``notify.provider-health``
+(:mod:`services.tracker.quality`)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
+from redis.asyncio import Redis
 
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
+from services.tracker.quality import QualityBook, QualityPublisher
 from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, EventV1
@@ -44,12 +50,18 @@ class _Stopping(Exception):
 
 class Tracker:
     def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        quality: QualityBook | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.consumer = consumer
         self.producer = producer
+        self.quality = quality
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -130,6 +142,10 @@ class Tracker:
         FOLD_BATCH.observe(len(records))
         for event in plan.timeline:
             EVENTS_FOLDED.labels(event.state.value).inc()
+        if self.quality is not None:
+            # Once folded, before the commit: a batch read again is counted again, and each
+            # event once (the book remembers event ids). It never raises for Redis.
+            await self.quality.record(plan.timeline)
 
     async def _reject(self, record: ConsumerRecord, exc: Exception) -> DeadLetterV1:
         """A malformed record on notify.events goes to notify.dlq, whence it comes back to be
@@ -157,7 +173,21 @@ async def serve(settings: Settings) -> None:
     producer = make_producer(settings)
     await producer.start()
     await consumer.start()
-    tracker = Tracker(settings, pool, consumer, producer)
+    # Provider quality (no connection until the first command; a Redis that hangs costs a batch
+    # at most the timeout, then quality is skipped and folding goes on).
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=max(settings.redis_timeout_s, 2.0),
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+    tracker = Tracker(settings, pool, consumer, producer, QualityBook(redis, settings))
+
+    async def publish_health(key: bytes, value: bytes) -> None:
+        # Bounded: send_and_wait can hang while the broker is down (aiokafka #1101).
+        send = producer.send_and_wait(Topics.PROVIDER_HEALTH, value, key=key)
+        await asyncio.wait_for(send, settings.publish_timeout_s)
+
+    publisher = QualityPublisher(redis, settings, publish_health)
 
     async def kafka_ready() -> None:
         if not consumer.assignment():
@@ -174,15 +204,26 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, tracker.stop)
     log.info("tracker started")
     keeper = asyncio.create_task(keep_topics(settings))
+    publishing = asyncio.create_task(publisher.run())
     try:
         await tracker.run()
     finally:
         keeper.cancel()
+        publisher.stop()  # its loop ends its tick and gives the lease up to the next tracker
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(publishing, 3)
         await health.stop()
         # Bounded and together: each can hang on a server that is down (aiokafka #1101, a
         # pool whose database went away), and SIGTERM must end the process in seconds.
-        await asyncio.gather(stop_quietly(consumer, 3), stop_quietly(producer, 3), _close_pool(pool, 3))
+        await asyncio.gather(
+            stop_quietly(consumer, 3), stop_quietly(producer, 3), _close_pool(pool, 3), _close_redis(redis, 2)
+        )
     log.info("tracker stopped")
+
+
+async def _close_redis(redis: Redis, timeout: float) -> None:
+    with contextlib.suppress(TimeoutError, OSError):
+        await asyncio.wait_for(redis.aclose(), timeout)
 
 
 async def _close_pool(pool: asyncpg.Pool, timeout: float) -> None:

@@ -298,6 +298,19 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("GET", "/api/v1/digest-rules/{rule_id}"): "config",
     ("PATCH", "/api/v1/digest-rules/{rule_id}"): "config",
     ("DELETE", "/api/v1/digest-rules/{rule_id}"): "config",
+    ("POST", "/api/v1/routing/rules"): "config",
+    ("GET", "/api/v1/routing/rules"): "config",
+    ("GET", "/api/v1/routing/rules/{rule_id}"): "config",
+    ("PATCH", "/api/v1/routing/rules/{rule_id}"): "config",
+    ("DELETE", "/api/v1/routing/rules/{rule_id}"): "config",
+    ("GET", "/api/v1/routing/policy"): "config",
+    ("PUT", "/api/v1/routing/policy"): "config",
+    # Recipient profiles are contact data: config, not read or send (services/ingest/routes/recipients.py).
+    ("GET", "/api/v1/recipients"): "config",
+    ("GET", "/api/v1/recipients/{user_id}"): "config",
+    ("PUT", "/api/v1/recipients/{user_id}"): "config",
+    ("PATCH", "/api/v1/recipients/{user_id}"): "config",
+    ("DELETE", "/api/v1/recipients/{user_id}"): "config",
     ("PATCH", "/api/v1/tenants/{tenant_key}"): "config",
     ("GET", "/api/v1/email-accounts"): "config",
     ("POST", "/api/v1/email-accounts"): "config",
@@ -323,7 +336,8 @@ OPEN_ROUTES = {("POST", "/api/v1/auth/token"), ("GET", "/health"), ("GET", "/hea
 PATH_VALUES = {"message_id": "msg_nothing", "letter_id": "987654321", "template_id": "987654321",
                "tenant_key": "default", "account_id": "987654321", "name": "notify.request.v1",
                "key_id": "987654321", "batch_id": "bat_nothing",
-               "cap_id": "987654321", "rule_id": "987654321", "provider_id": "987654321"}  # fmt: skip
+               "cap_id": "987654321", "rule_id": "987654321", "provider_id": "987654321",
+               "user_id": "scope-probe-987654321"}  # fmt: skip
 
 
 async def test_every_route_is_in_the_scope_table(client: httpx.AsyncClient) -> None:

@@ -403,7 +403,8 @@ async def test_health_metrics_docs_and_schemas(pipeline: Pipeline, client: httpx
     spec = (await client.get("/openapi.json")).json()
     assert "/api/v1/messages/email/send" in spec["paths"]
     schema = (await client.get("/api/v1/schemas/notify.request.v1")).json()
-    assert schema["title"] == "notify.request.v1" and "to" in schema["required"]
+    assert schema["title"] == "notify.request.v1" and "recipient" in schema["properties"]
+    assert schema["properties"]["priority"]["enum"] == ["urgent", "high", "normal", "low"]
     for name in ("router", "sender-email", "tracker"):
         port = pipeline.services[name].port
         async with httpx.AsyncClient() as c:

@@ -125,3 +125,14 @@ def test_what_counts_against_a_provider() -> None:
     assert provider_fault(Permanent("content refused", code=ErrorCode.CHANNEL_SEND_FAILED)) is False
     assert provider_fault(Deferred("our own rate limit", retry_after=3)) is False
     assert provider_fault(Retryable("throttled", code=ErrorCode.RATE_LIMITED)) is False
+
+
+async def test_each_provider_reads_its_own_options(pair) -> None:
+    sender, a, b = pair
+    a.fail("server_error")
+    options = {"priority": 2, "tags": ["common"],
+               "providers": {"ntfy": {"tags": ["by-plugin"]}, "backup": {"priority": 5}}}  # fmt: skip
+    dispatch = _dispatch((1, "primary"), (2, "backup")).model_copy(update={"options": options})
+    await sender.send(dispatch)
+    body = b.verified()[0].json()
+    assert (body["priority"], body["tags"]) == (5, ["by-plugin"])  # the configured name's, then the plugin's

@@ -65,7 +65,10 @@ def test_a_provider_below_the_threshold_goes_behind_the_others() -> None:
     healths = [_health(1, samples=50, success_rate=0.99), _health(2, samples=20, success_rate=0.7)]
     assert _order(routes, healths) == ["dear", "cheap"]
     # ... unless there are too few tries to judge it
-    assert _order(routes, [_health(2, samples=9, success_rate=0.0)]) == ["cheap", "dear"]
+    assert _order(routes, [_health(2, samples=3, success_rate=2 / 3)]) == ["cheap", "dear"]
+    # ... though few can be enough to know: 3 failures in 9 tries cannot reach 90 % in 10
+    assert _order(routes, [_health(2, samples=9, success_rate=6 / 9)]) == ["dear", "cheap"]
+    assert _order(routes, [_health(2, samples=0, success_rate=None)]) == ["cheap", "dear"]
 
 
 def test_the_country_price_decides() -> None:
@@ -148,7 +151,12 @@ FALLBACK = RoutingRule(rule_id=7, tenant_id="acme", name="im then sms", channels
 
 
 def _request(**fields) -> bytes:
-    base = {"tenant_id": "acme", "content": "db down", "content_type": "text", "recipient": _profile().model_dump(mode="json")}
+    base = {
+        "tenant_id": "acme",
+        "content": "db down",
+        "content_type": "text",
+        "recipient": _profile().model_dump(mode="json"),
+    }
     return orjson.dumps({**base, **fields})
 
 
@@ -177,7 +185,9 @@ def test_all_sends_every_channel_as_linked_messages() -> None:
     assert child.channel.value == "sms" and child.message_id != decision.dispatch.message_id
     child_events = [e for e in decision.events if e.message_id == child.message_id]
     assert [e.state for e in child_events] == [State.ACCEPTED, State.ROUTED]  # a record of its own
-    parent = next(e for e in decision.events if e.state is State.ROUTED and e.message_id == decision.dispatch.message_id)
+    parent = next(
+        e for e in decision.events if e.state is State.ROUTED and e.message_id == decision.dispatch.message_id
+    )
     assert parent.detail["routing"]["children"][0]["message_id"] == child.message_id
     again = plan(_request(message_id=decision.dispatch.message_id), now=NOW, routing=_routing(rule))
     assert again.extra[0].message_id == child.message_id  # a replay gives the same ids

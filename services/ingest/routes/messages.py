@@ -6,14 +6,16 @@ from datetime import UTC, date, datetime, time, timedelta
 from time import monotonic
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Query, Request
-from pydantic import AliasChoices, BaseModel, ConfigDict, EmailStr, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, EmailStr, Field, Tag
 
 from services.ingest import audit, scheduled
 from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
+from services.ingest.recipients import load_profile
 from services.ingest.routes.templates import resolve as resolve_template
 from services.ingest.sends import (
     LOCALE,
@@ -33,10 +35,13 @@ from shared.events import (
     Channel,
     ContentType,
     EmailOptions,
+    Priority,
+    RecipientProfile,
     RequestV1,
     State,
     Status,
     TemplateRef,
+    UserId,
 )
 from shared.ids import new_message_id
 from shared.kafka import Trace
@@ -87,6 +92,7 @@ class EmailSendRequest(BaseModel):
     category: Category | None = Field(
         default=None, description="kind of message, for frequency caps and digests", examples=["marketing"]
     )
+    priority: Priority = Field(default="normal", description="urgent messages go through quiet hours")
 
     def mode_error(self) -> HeraldError | None:
         return content_mode_error(self)
@@ -110,18 +116,40 @@ class EmailFields(BaseModel):
 _Recipient = Annotated[str, Field(min_length=1, max_length=320)]
 
 
+class UserRef(BaseModel):
+    """``to`` of a send to a user: their profile (``/api/v1/recipients``) gives the address."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    user_id: UserId
+
+
+def _to_kind(value: Any) -> str:
+    # The tags are names the error handler leaves out of field paths: errors name `to.user_id`,
+    # `to.1` or `to`, never the branch of the union.
+    return "dict" if isinstance(value, dict | UserRef) else "list" if isinstance(value, list) else "str"
+
+
+_To = Annotated[
+    Annotated[_Recipient, Tag("str")] | Annotated[list[_Recipient], Tag("list")] | Annotated[UserRef, Tag("dict")],
+    Discriminator(_to_kind),
+]
+
+
 class SendRequest(BaseModel):
     """Body of ``POST /api/v1/messages/send``: one message on any channel."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, populate_by_name=True)
 
     channel: Channel | None = Field(
-        default=None, description="the channel; required until routing rules choose one (issue 10)", examples=["sms"]
+        default=None,
+        description="the channel; may be left out when `to` names a user: the tenant's routing rules choose",
+        examples=["sms"],
     )
-    to: _Recipient | list[_Recipient] = Field(
+    to: _To = Field(
         description="the recipient in the channel's form (GET /api/v1/providers/catalogue): an E.164 number, a chat "
         "id, a device token; on bot and webhook channels the configured provider's name. Email: up to "
-        "max_recipients addresses; other channels: one",
+        'max_recipients addresses; other channels: one. Or a user: {"user_id": "u1"} (their profile\'s address '
+        "on `channel`, or without `channel` the channels the routing rules choose)",
         examples=["+8613800138000"],
     )
     provider: str | None = Field(
@@ -153,9 +181,16 @@ class SendRequest(BaseModel):
     delay: str | int | None = None
     timezone: str | None = Field(default=None, max_length=64)
     category: Category | None = None
+    priority: Priority = Field(default="normal", description="urgent, high, normal or low; urgent ignores quiet hours")
+
+    @property
+    def user(self) -> UserRef | None:
+        return self.to if isinstance(self.to, UserRef) else None
 
     @property
     def to_list(self) -> list[str]:
+        if isinstance(self.to, UserRef):
+            return []
         return [self.to] if isinstance(self.to, str) else list(self.to)
 
     @property
@@ -266,11 +301,11 @@ async def send_wechat_mp(request: Request):
 async def _send(request: Request, body: SendRequest):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     settings = services.settings
-    if body.channel is None:
+    user = body.user
+    if body.channel is None and user is None:
         raise HeraldError(
-            ErrorCode.INVALID_PARAMS, "field required (routing rules that choose the channel come later)",
-            field="channel",
-        )  # fmt: skip
+            ErrorCode.INVALID_PARAMS, 'field required unless `to` names a user ({"user_id": ...})', field="channel"
+        )
     channel = body.channel
     templated = body.template_id is not None or body.template_name is not None
     if (error := _generic_mode_error(body, channel, templated)) is not None:
@@ -279,10 +314,22 @@ async def _send(request: Request, body: SendRequest):
     if opening.replayed is not None:
         return opening.replayed
     key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
-    to = _addresses(body, channel, settings.max_recipients)
-    if channel is not Channel.EMAIL:
+    profile: RecipientProfile | None = None
+    if user is not None:
+        profile = await _recipient(services, tenant_id, user.user_id, channel)
+        # With a channel, the profile's address on it; without, the router's rules choose
+        # channels and take the addresses from the snapshot the request carries.
+        to = [profile.addresses[channel]] if channel is not None else []
+        extra = len(body.email.cc) + len(body.email.bcc) if body.email else 0
+        if len(to) + extra > settings.max_recipients:
+            raise HeraldError(ErrorCode.INVALID_PARAMS, f"at most {settings.max_recipients} recipients in to, cc "
+                              "and bcc", field="email")  # fmt: skip
+    else:
+        assert channel is not None
+        to = _addresses(body, channel, settings.max_recipients)
+    if channel is not None and channel is not Channel.EMAIL:
         await _provider_configured(services.pool, tenant_id, channel, body.provider, to[0])
-    template = await _template_ref(request, tenant_id, body, channel.value) if templated else None
+    template = await _template_ref(request, tenant_id, body, channel.value if channel else None) if templated else None
     now = datetime.now(UTC)
     trace = Trace(request.state.request_id, request.state.traceparent)
     email = body.email
@@ -306,37 +353,48 @@ async def _send(request: Request, body: SendRequest):
         recorded=True,
         scheduled_at=scheduled_at,
         category=body.category,
+        priority=body.priority,
+        recipient=profile,
     )
     recipients = {"to": req.to, **({"cc": list(email.cc), "bcc": list(email.bcc)} if email else {})}
+    if user is not None:
+        recipients["user_id"] = [user.user_id]
     return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,
                         dedup=body.dedup)  # fmt: skip
 
 
-def _generic_mode_error(body: SendRequest, channel: Channel, templated: bool) -> HeraldError | None:
+async def _recipient(services: Any, tenant_id: str, user_id: str, channel: Channel | None) -> RecipientProfile:
+    """The tenant's profile of the user a send names, with an address on ``channel`` when one is
+    given; else the send is refused (nothing recorded) naming ``to.user_id``."""
+    profile = await load_profile(services.pool, tenant_id, user_id, services.settings.record_timeout_s)
+    if profile is None:
+        raise HeraldError(ErrorCode.NOT_FOUND, f"no recipient {user_id!r} (create their profile with "
+                          "PUT /api/v1/recipients/{user_id})", field="to.user_id")  # fmt: skip
+    if channel is not None and channel not in profile.addresses:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, f"the profile of {user_id!r} has no {channel.value} address "
+                          "(add one to the profile, or leave channel out to let the routing rules choose)",
+                          field="to.user_id")  # fmt: skip
+    return profile
+
+
+def _generic_mode_error(body: SendRequest, channel: Channel | None, templated: bool) -> HeraldError | None:
     """Email follows seed 004's rules (subject and content, or a template); other channels
-    need content, a card, or a template, and a content type the channel takes."""
+    need content, a card, or a template, and a content type the channel takes. Without a channel
+    (a send to a user the routing rules route) the channel's own limits are checked by the router."""
+    if channel is None:
+        if body.email is not None:
+            return HeraldError(ErrorCode.INVALID_PARAMS, "only with channel email", field="email")
+        if body.provider is not None:  # the routing chooses channels and their providers
+            return HeraldError(ErrorCode.INVALID_PARAMS, "only with channel", field="provider")
+        return _content_mode_error(body, templated) or _card_error(body)
     if channel is Channel.EMAIL:
         if (error := content_mode_error(body)) is not None:
             return error
     else:
         if body.email is not None:
             return HeraldError(ErrorCode.INVALID_PARAMS, f"only for email, not {channel.value}", field="email")
-        if body.template_id is not None and body.template_name is not None:
-            return HeraldError(
-                ErrorCode.INVALID_PARAMS, "give template_id or template_name, not both", field="template_name"
-            )
-        if templated and body.content is not None:
-            return HeraldError(ErrorCode.INVALID_PARAMS, "content and template_id are mutually exclusive",
-                               field="content")  # fmt: skip
-        if not templated:
-            if body.content is None and body.card is None:
-                if body.content_type is ContentType.CARD:
-                    return HeraldError(ErrorCode.INVALID_PARAMS, "field required with content_type card", field="card")
-                return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id or card",
-                                   field="content")  # fmt: skip
-            for name in ("template_vars", "template_version", "locale"):
-                if getattr(body, name) is not None:
-                    return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
+        if (error := _content_mode_error(body, templated)) is not None:
+            return error
     limits = channel_spec(channel)
     if body.content is not None and len(body.content) > limits.content_max:
         return HeraldError(ErrorCode.INVALID_PARAMS, f"at most {limits.content_max} characters on {channel.value}",
@@ -349,12 +407,39 @@ def _generic_mode_error(body: SendRequest, channel: Channel, templated: bool) ->
     if content_type is not None and content_type.value not in formats:
         return HeraldError(ErrorCode.INVALID_PARAMS, f"{channel.value} takes {', '.join(sorted(formats))}",
                            field="content_type")  # fmt: skip
+    return _card_error(body)
+
+
+def _card_error(body: SendRequest) -> HeraldError | None:
+    """A card goes with ``content_type: card`` (implied when a card comes without content)."""
+    content_type = body.content_type or (ContentType.CARD if body.card is not None and body.content is None else None)
     if content_type is ContentType.CARD and body.card is None:
         return HeraldError(ErrorCode.INVALID_PARAMS, "field required with content_type card", field="card")
     if body.card is not None and content_type is not ContentType.CARD:
         return HeraldError(ErrorCode.INVALID_PARAMS, 'only with "content_type": "card"', field="card")
     if body.content_type is None and content_type is ContentType.CARD:
         body.content_type = ContentType.CARD
+    return None
+
+
+def _content_mode_error(body: SendRequest, templated: bool) -> HeraldError | None:
+    """Channels other than email: content, a card or a template, one of them."""
+    if body.template_id is not None and body.template_name is not None:
+        return HeraldError(
+            ErrorCode.INVALID_PARAMS, "give template_id or template_name, not both", field="template_name"
+        )
+    if templated and body.content is not None:
+        return HeraldError(ErrorCode.INVALID_PARAMS, "content and template_id are mutually exclusive",
+                           field="content")  # fmt: skip
+    if not templated:
+        if body.content is None and body.card is None:
+            if body.content_type is ContentType.CARD:
+                return HeraldError(ErrorCode.INVALID_PARAMS, "field required with content_type card", field="card")
+            return HeraldError(ErrorCode.INVALID_PARAMS, "field required without template_id or card",
+                               field="content")  # fmt: skip
+        for name in ("template_vars", "template_version", "locale"):
+            if getattr(body, name) is not None:
+                return HeraldError(ErrorCode.INVALID_PARAMS, "only with template_id or template_name", field=name)
     return None
 
 
@@ -467,21 +552,23 @@ async def _send_email(request: Request, *, schedule_required: bool):
         recorded=True,
         scheduled_at=scheduled_at,
         category=body.category,
+        priority=body.priority,
     )
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
     return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,
                         dedup=body.dedup)  # fmt: skip
 
 
-async def _template_ref(request: Request, tenant_id: str, body: Any, channel: str = "email") -> TemplateRef:
+async def _template_ref(request: Request, tenant_id: str, body: Any, channel: str | None = "email") -> TemplateRef:
     """The template version this send uses, pinned; its declared variables must all be given
-    (2004 naming the first one missing) and it needs a variant for the channel (2003).
-    Answered from ingest's template store."""
+    (2004 naming the first one missing) and it needs a variant for the channel (2003; without a
+    channel the router takes the variant of the channel it routes to). Answered from ingest's
+    template store."""
     version = await resolve_template(request, tenant_id, body.template_id, body.template_name, body.template_version)
     variables = body.template_vars or {}
     if (missing := missing_variable(version.variables, variables)) is not None:
         raise HeraldError(ErrorCode.TEMPLATE_RENDER_FAILED, missing[1], field=f"template_vars.{missing[0]}")
-    if not any(v.channel == channel for v in version.variants):
+    if channel is not None and not any(v.channel == channel for v in version.variants):
         raise HeraldError(ErrorCode.TEMPLATE_NOT_FOUND, f"template {version.template_id} has no {channel} variant",
                           field="template_id")  # fmt: skip
     return TemplateRef(template_id=version.template_id, version=version.version, vars=variables, locale=body.locale)
@@ -614,7 +701,42 @@ async def get_message(
     )
     if row is None:
         raise HeraldError(ErrorCode.MESSAGE_NOT_FOUND, f"message {message_id} not found", field="message_id")
-    return envelope(_record(row))
+    out = _record(row)
+    out["routing"] = _routing_of(await services.pool.fetch(_ROUTING_EVENTS, tenant_id, message_id))
+    return envelope(out)
+
+
+# The events that carry routing decisions: the router's (why these channels and providers, in
+# this order) and the senders' hand-overs (a provider that failed over to the next, a channel whose
+# rule's next channel took over).
+_ROUTING_EVENTS = """
+SELECT state, attempt, channel, provider, error_code, error, detail, occurred_at FROM message_events
+WHERE tenant_id = $1 AND message_id = $2
+  AND (state = 'routed' OR detail ? 'failover' OR detail ? 'fallback')
+ORDER BY occurred_at, id
+"""
+
+
+def _routing_of(rows: list[Any]) -> dict[str, Any] | None:
+    """The message's routing decision and what happened to it (smart routing, issue 10)."""
+    decision: dict[str, Any] | None = None
+    handovers: list[dict[str, Any]] = []
+    for r in rows:
+        detail = r["detail"] if isinstance(r["detail"], dict) else orjson.loads(r["detail"] or "{}")
+        if r["state"] == State.ROUTED.value:
+            decision = detail.get("routing") or decision
+            continue
+        item = {"at": iso_z(r["occurred_at"]), "attempt": r["attempt"], "channel": r["channel"],
+                "provider": r["provider"], "provider_name": detail.get("provider_name"),
+                "error_code": r["error_code"], "error": r["error"]}  # fmt: skip
+        if detail.get("fallback"):
+            item.update(kind="next_channel", to=detail["fallback"].get("to"), reason=detail["fallback"].get("reason"))
+        else:
+            item["kind"] = "next_provider"
+        handovers.append(item)
+    if decision is None and not handovers:
+        return None
+    return {"decision": decision, "handovers": handovers}
 
 
 @router.get("/{message_id}/timeline", summary="Every event of one message, oldest first")
@@ -702,7 +824,9 @@ async def list_messages(
         p = arg(recipient.strip())
         where.append(
             f"(recipient = {p} OR recipients @> jsonb_build_object('to', jsonb_build_array({p}::text))"
-            f" OR recipients @> jsonb_build_object('cc', jsonb_build_array({p}::text)))"
+            f" OR recipients @> jsonb_build_object('cc', jsonb_build_array({p}::text))"
+            # a send to a user (issue 10), whichever address it went to
+            f" OR recipients @> jsonb_build_object('user_id', jsonb_build_array({p}::text)))"
         )
     if status:
         where.append(f"{status_column(status)} = {arg(status)}")

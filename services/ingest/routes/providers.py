@@ -2,8 +2,9 @@
 channel (``POST /api/v1/providers``), each an instance of a plugin from the catalogue
 (``GET /api/v1/providers/catalogue``) with its configuration validated by the plugin's model.
 Secret fields are stored encrypted (AES-256-GCM, bound to the row) and never returned: an
-answer says which are set. Every change is audited; senders follow them through NOTIFY.
-Email's providers are the mailbox pool (``/api/v1/email-accounts``)."""
+answer says which are set. Every change is audited; senders follow them through NOTIFY, routers
+through ``notify.config`` (the public facts only: :mod:`services.ingest.routing`). Email's
+providers are the mailbox pool (``/api/v1/email-accounts``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
+from services.ingest.routing import provider_route_of
 from services.senders.plugins import CATALOGUE, plugin
 from services.senders.plugins.base import Costs
 from services.senders.plugins.config import seal, secret_fields, split, unseal
@@ -187,6 +189,7 @@ async def create_provider(request: Request):
                               field="name") from None  # fmt: skip
         await audit.record(conn, request, "provider.create", "provider", provider_id,
                            {**body.model_dump(mode="json", exclude={"config"}), "config": public})  # fmt: skip
+    await services.routing.changed(provider_route_of(row))
     return envelope(_out(row), status_code=201)
 
 
@@ -281,6 +284,7 @@ async def update_provider(provider_id: int, request: Request):
         if body.config is not None:
             details["config"] = public_changes
         await audit.record(conn, request, "provider.update", "provider", provider_id, _jsonable(details))
+    await services.routing.changed(provider_route_of(row))
     return envelope(_out(row))
 
 
@@ -289,13 +293,14 @@ async def delete_provider(provider_id: int, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     async with services.pool.acquire() as conn, conn.transaction():
         await _fetch(conn, tenant_id, provider_id, lock=True)
-        await conn.execute(
-            """UPDATE providers SET deleted_at = now(), is_active = false, revision = revision + 1,
-                   updated_at = now(), secrets = '' WHERE tenant_id = $1 AND id = $2""",
+        row = await conn.fetchrow(
+            f"""UPDATE providers SET deleted_at = now(), is_active = false, revision = revision + 1,
+                   updated_at = now(), secrets = '' WHERE tenant_id = $1 AND id = $2 RETURNING {_COLUMNS}""",
             tenant_id,
             provider_id,
         )
         await audit.record(conn, request, "provider.delete", "provider", provider_id)
+    await services.routing.changed(provider_route_of(row, deleted=True))
     return envelope({"id": provider_id, "deleted": True})
 
 

@@ -1,0 +1,48 @@
+"""Recipient profiles (issue 10): a tenant's users with an address per channel, language, time
+zone, opt-outs, quiet hours and attributes (``/api/v1/recipients``). A send to
+``{"user_id": ...}`` reads the profile here and carries a snapshot of it on the request
+(``RequestV1.recipient``): routers never query PostgreSQL for one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+from shared.db import DB_UNAVAILABLE
+from shared.errors import ErrorCode, HeraldError
+from shared.events import RecipientProfile
+
+COLUMNS = "user_id, addresses, locale, timezone, opt_outs, quiet_hours, attributes, created_at, updated_at"
+
+
+def profile_of(row: asyncpg.Record | dict[str, Any]) -> RecipientProfile:
+    return RecipientProfile(
+        user_id=row["user_id"],
+        addresses=row["addresses"] or {},
+        locale=row["locale"],
+        timezone=row["timezone"],
+        opt_outs=row["opt_outs"] or {},
+        quiet_hours=row["quiet_hours"],
+        attributes=row["attributes"] or {},
+    )
+
+
+async def load_profile(pool: asyncpg.Pool, tenant_id: str, user_id: str, timeout_s: float) -> RecipientProfile | None:
+    """The tenant's profile of ``user_id`` (None: no such user); 503 / 5001 when PostgreSQL does
+    not answer within ``timeout_s`` (nothing is accepted then)."""
+    try:
+        row = await asyncio.wait_for(
+            pool.fetchrow(
+                f"SELECT {COLUMNS} FROM recipients WHERE tenant_id = $1 AND user_id = $2", tenant_id, user_id
+            ),  # fmt: skip
+            timeout_s,
+        )
+    except (TimeoutError, *DB_UNAVAILABLE) as exc:
+        raise HeraldError(
+            ErrorCode.SERVICE_UNAVAILABLE,
+            "database unavailable: the recipient's profile could not be read; try again",
+            http_status=503,
+        ) from exc
+    return None if row is None else profile_of(row)

@@ -1,0 +1,150 @@
+"""Ingest's side of smart routing (issue 10): routing rules, each tenant's quality policy and the
+configured providers' public facts, recorded in PostgreSQL and distributed on ``notify.config``
+(keys of :mod:`shared.routing`), as frequency rules are (:mod:`services.ingest.frequency`).
+
+A change commits in PostgreSQL (with its audit entry and a new ``revision``), then its record is
+published; :class:`services.ingest.distribute.Distributor` publishes everything again when that
+fails, at start-up and when the broker came back without its topics. Providers are published
+with their own per-row ``revision`` (bumped by every change in ``routes/providers.py``): each
+provider has its own key, so a per-row counter orders its records as well as a sequence would.
+Never published: a provider's configuration and secrets, and recipient profiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from services.ingest.distribute import Distributor
+from services.senders.plugins import plugin
+from shared.kafka import Topics
+from shared.routing import (
+    ProviderRoute,
+    RoutingPolicy,
+    RoutingRule,
+    RuleMatch,
+    policy_key,
+    provider_key,
+    rule_key,
+)
+
+log = logging.getLogger("herald.ingest.routing")
+
+RULE_COLUMNS = """id, tenant_id, name, position, match, channels, strategy, step_timeout_s, is_active,
+    description, revision, created_at, updated_at, deleted_at IS NOT NULL AS deleted"""
+POLICY_COLUMNS = "tenant_id, min_success_rate, max_p95_ms, min_samples, revision, updated_at"
+PROVIDER_COLUMNS = """id, tenant_id, channel, provider, name, priority, weight, costs, is_active, revision,
+    deleted_at IS NOT NULL AS deleted"""
+
+Record = ProviderRoute | RoutingRule | RoutingPolicy
+
+
+def rule_of(row: asyncpg.Record | dict[str, Any]) -> RoutingRule:
+    return RoutingRule(
+        rule_id=row["id"],
+        tenant_id=row["tenant_id"],
+        name=row["name"],
+        position=row["position"],
+        match=RuleMatch.model_validate(row["match"] or {}),
+        channels=list(row["channels"]),
+        strategy=row["strategy"],
+        step_timeout_s=row["step_timeout_s"],
+        is_active=row["is_active"],
+        deleted=row["deleted"],
+        revision=row["revision"],
+    )
+
+
+def policy_of(row: asyncpg.Record | dict[str, Any]) -> RoutingPolicy:
+    return RoutingPolicy(
+        tenant_id=row["tenant_id"],
+        min_success_rate=row["min_success_rate"],
+        max_p95_ms=row["max_p95_ms"],
+        min_samples=row["min_samples"],
+        revision=row["revision"],
+    )
+
+
+def _default_cost(channel: str, provider: str) -> Decimal:
+    """The plugin's list price, which the sender charges when the tenant configured no cost."""
+    try:
+        return Decimal(plugin(channel, provider).default_cost)
+    except LookupError:  # a plugin no longer in the catalogue: its messages cannot be sent anyway
+        return Decimal(0)
+
+
+def provider_route_of(row: asyncpg.Record | dict[str, Any], *, deleted: bool | None = None) -> ProviderRoute:
+    """A ``providers`` row as routers see it: no configuration, no secret. ``deleted`` overrides
+    the row's (routes that read ``providers`` without the ``deleted`` column say it)."""
+    present = set(row.keys())
+    return ProviderRoute(
+        provider_id=row["id"],
+        tenant_id=row["tenant_id"],
+        channel=row["channel"],
+        provider=row["provider"],
+        name=row["name"],
+        priority=row["priority"],
+        weight=row["weight"],
+        costs=row["costs"] or {},
+        default_cost=_default_cost(row["channel"], row["provider"]),
+        is_active=row["is_active"],
+        deleted=deleted if deleted is not None else bool(row["deleted"]) if "deleted" in present else False,
+        revision=row["revision"],
+    )
+
+
+def _record(item: Record) -> tuple[bytes, bytes]:
+    if isinstance(item, ProviderRoute):
+        key = provider_key(item.tenant_id, item.provider_id)
+    elif isinstance(item, RoutingRule):
+        key = rule_key(item.tenant_id, item.rule_id)
+    else:
+        key = policy_key(item.tenant_id)
+    return key, item.model_dump_json(by_alias=True).encode()
+
+
+class RoutingDistributor(Distributor):
+    """Publishes providers, routing rules and routing policies to ``notify.config``."""
+
+    what = "providers, routing rules and policies"
+
+    def __init__(self, pool: asyncpg.Pool, producer: AIOKafkaProducer, timeout_s: float) -> None:
+        super().__init__(timeout_s)
+        self.pool = pool
+        self.producer = producer
+
+    async def changed(self, item: Record) -> None:
+        """After a committed change: every router soon (or after a republish)."""
+        await self.publish_change(self._publish([item]))
+
+    async def _publish(self, items: list[Record]) -> None:
+        futures = []
+        for item in items:
+            key, value = _record(item)
+            futures.append(await self.producer.send(Topics.CONFIG, value, key=key))
+        await asyncio.gather(*futures)
+
+    async def republish_all(self) -> int:
+        """Every provider, rule and policy of every tenant (deleted ones too, so a reader that saw
+        one live learns it is gone)."""
+        async with self.pool.acquire() as conn:
+            providers = await conn.fetch(f"SELECT {PROVIDER_COLUMNS} FROM providers")
+            rules = await conn.fetch(f"SELECT {RULE_COLUMNS} FROM routing_rules")
+            policies = await conn.fetch(f"SELECT {POLICY_COLUMNS} FROM routing_policies")
+        everything: list[Record] = []
+        for convert, rows in ((provider_route_of, providers), (rule_of, rules), (policy_of, policies)):
+            for row in rows:
+                try:
+                    everything.append(convert(row))
+                except ValidationError as exc:  # a row no router could read: skipped, not fatal
+                    first = exc.errors(include_url=False)[0]  # where and why, never the value
+                    log.warning("not publishing %s row %s: %s %s", convert.__name__.removesuffix("_of"), row[0],
+                                ".".join(map(str, first["loc"])), first["msg"])  # fmt: skip
+        await asyncio.wait_for(self._publish(everything), self.timeout_s * 4)
+        return len(everything)
