@@ -307,6 +307,58 @@ def first_rule(rules: list[RoutingRule], **facts: Any) -> RoutingRule | None:
     return next((r for r in rules if matches(r, **facts)), None)
 
 
+@dataclass(slots=True)
+class Steps:
+    """The channels a message to a recipient goes to, in order, with their addresses; the rule
+    that chose them (None: the send named its channel) and the channels left out, and why."""
+
+    rule: RoutingRule | None
+    strategy: str
+    timeout_s: int | None
+    channels: list[tuple[Channel, list[str]]]
+    left_out: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class NoChannel:
+    """Why a message to a recipient has no channel: ``no_route`` (no channel named and no rule
+    matches), ``opted_out`` (every channel it could take is opted out of), ``no_address``."""
+
+    reason: Literal["no_route", "opted_out", "no_address"]
+    wanted: list[Channel]
+    left_out: list[dict[str, str]]
+
+
+def channels_for(rules: list[RoutingRule], profile: RecipientProfile, *, channel: Channel | None, to: list[str],
+                 priority: str, category: str | None, now: datetime) -> Steps | NoChannel:  # fmt: skip
+    """The first matching rule's channels (or the one the send named) that the recipient has an
+    address on and did not opt out of. Used by the router to route, and by ingest to count a
+    channel-less send against the monthly quota of the channel it will take."""
+    rule = None
+    if channel is not None:
+        wanted, strategy, timeout = [channel], "first_success", None
+    else:
+        rule = first_rule(rules, priority=priority, category=category, profile=profile, now=now)
+        if rule is None:
+            return NoChannel("no_route", [], [])
+        wanted, strategy, timeout = list(rule.channels), rule.strategy, rule.step_timeout_s
+    chosen: list[tuple[Channel, list[str]]] = []
+    left_out: list[dict[str, str]] = []
+    for wanted_channel in wanted:
+        if wanted_channel in profile.opt_outs.channels:
+            left_out.append({"channel": wanted_channel.value, "why": "opted out"})
+        elif wanted_channel is channel and to:
+            chosen.append((wanted_channel, list(to)))
+        elif wanted_channel in profile.addresses:
+            chosen.append((wanted_channel, [profile.addresses[wanted_channel]]))
+        else:
+            left_out.append({"channel": wanted_channel.value, "why": "no address in the profile"})
+    if not chosen:
+        opted = any(x["why"] == "opted out" for x in left_out)
+        return NoChannel("opted_out" if opted else "no_address", wanted, left_out)
+    return Steps(rule, strategy, timeout, chosen, left_out)
+
+
 # --- providers within a channel --------------------------------------------------------------
 
 

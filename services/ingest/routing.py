@@ -148,3 +148,14 @@ class RoutingDistributor(Distributor):
                                 ".".join(map(str, first["loc"])), first["msg"])  # fmt: skip
         await asyncio.wait_for(self._publish(everything), self.timeout_s * 4)
         return len(everything)
+
+
+async def live_rules(pool: asyncpg.Pool, tenant_id: str) -> list[RoutingRule]:
+    """The tenant's active rules, in the order routers try them (for ingest's quota count of a
+    send that names no channel)."""
+    rows = await pool.fetch(
+        f"""SELECT {RULE_COLUMNS} FROM routing_rules WHERE tenant_id = $1 AND is_active AND deleted_at IS NULL
+            ORDER BY position, id""",
+        tenant_id,
+    )
+    return [rule_of(r) for r in rows]

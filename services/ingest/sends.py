@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -13,9 +14,12 @@ from services.ingest.dedup import fingerprint_of, request_hash
 from services.ingest.http import JSONResponse, envelope, iso_z
 from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
+from services.ingest.routing import live_rules
+from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
 from shared.events import SEED_STATUS, RequestV1, State
 from shared.kafka import Trace
+from shared.routing import Steps, channels_for
 from shared.schedule import ScheduleError, due_at
 from shared.settings import Settings
 
@@ -136,8 +140,8 @@ async def accept(
     """The end of every single send: the duplicate check (content fingerprint, unless a key or
     ``dedup: false``), the channel's monthly quota, the record and the request (or the record a
     key already names), the key remembered; 202 with the message's id and state. A message without
-    a channel (to a user, routed by the tenant's rules) is counted against no channel's quota here:
-    its channel is not known yet."""
+    a channel (to a user, routed by the tenant's rules) counts against the quota of the first
+    channel the rules give it now (:func:`_channel_to_count`)."""
     guard = services.guard
     channel = req.channel.value if req.channel is not None else None
     fp, skipped = None, False
@@ -153,6 +157,8 @@ async def accept(
                 f'{window} s (send with "dedup": false to force)',
                 field="content",
             )
+    if channel is None and req.recipient is not None:
+        channel = await _channel_to_count(services, tenant_id, req, now)
     try:
         counted = channel is not None and await services.quotas.take(tenant_id, channel, tenant.quotas.get(channel))
     except QuotaExceeded as exc:
@@ -180,6 +186,23 @@ async def accept(
     if key is not None:
         await guard.remember(tenant_id, key, outcome.message_id, digest, response)
     return envelope(response, status_code=202)
+
+
+async def _channel_to_count(services: Any, tenant_id: str, req: RequestV1, now: datetime) -> str | None:
+    """The channel a send to a user without a channel will take, as the router will decide it
+    (the same :func:`shared.routing.channels_for` over the tenant's rules and the profile): its
+    monthly quota is the one to count. None when no rule gives it one (the router rejects or
+    suppresses it: nothing to count). A rule's later channels (a first_success fallback, the
+    other channels of an "all" rule) are not counted at acceptance."""
+    assert req.recipient is not None
+    try:
+        rules = await asyncio.wait_for(live_rules(services.pool, tenant_id), services.settings.record_timeout_s)
+    except (TimeoutError, *DB_UNAVAILABLE) as exc:
+        raise HeraldError(ErrorCode.SERVICE_UNAVAILABLE, "database unavailable: routing rules could not be read",
+                          http_status=503) from exc  # fmt: skip
+    found = channels_for(rules, req.recipient, channel=None, to=[], priority=req.priority, category=req.category,
+                         now=now)  # fmt: skip
+    return found.channels[0][0].value if isinstance(found, Steps) else None
 
 
 @dataclass(slots=True)

@@ -33,10 +33,10 @@ from shared.ids import derived_message_id, is_message_id, new_message_id
 from shared.routing import (
     HealthStore,
     Probes,
-    RoutingRule,
     RoutingStore,
     Scored,
-    first_rule,
+    Steps,
+    channels_for,
     quiet_until,
     rank,
     score,
@@ -373,17 +373,6 @@ def _prepare(
     return request
 
 
-@dataclass(slots=True)
-class Steps:
-    """The channels a message goes to, in order, with their addresses; what chose them."""
-
-    rule: RoutingRule | None
-    strategy: str
-    timeout_s: int | None
-    channels: list[tuple[Channel, list[str]]]
-    left_out: list[dict[str, str]] = field(default_factory=list)  # channels skipped, and why
-
-
 def _personal(
     request: RequestV1, data: dict[str, Any], routing: Routing | None, now: datetime
 ) -> Steps | Rejected | Parked | Held:
@@ -399,35 +388,20 @@ def _personal(
         until = quiet_until(profile, now)
         if until is not None:
             return park(request, until, "quiet_hours", now)
-    rule = None
-    if request.channel is not None:
-        wanted, strategy, timeout = [request.channel], "first_success", None
-    else:
-        rules = routing.store.rules_of(request.tenant_id) if routing is not None else []
-        rule = first_rule(rules, priority=request.priority, category=request.category, profile=profile, now=now)
-        if rule is None:
-            errors = [{"field": "channel", "message": "no channel given and no routing rule of the tenant matches"}]
-            return _reject(message_id, "no_route", errors, data, request.tenant_id, now)
-        wanted, strategy, timeout = list(rule.channels), rule.strategy, rule.step_timeout_s
-    channels: list[tuple[Channel, list[str]]] = []
-    left_out: list[dict[str, str]] = []
-    for channel in wanted:
-        if channel in profile.opt_outs.channels:
-            left_out.append({"channel": channel.value, "why": "opted out"})
-        elif request.channel is channel and request.to:
-            channels.append((channel, list(request.to)))
-        elif channel in profile.addresses:
-            channels.append((channel, [profile.addresses[channel]]))
-        else:
-            left_out.append({"channel": channel.value, "why": "no address in the profile"})
-    if not channels:
-        if any(x["why"] == "opted out" for x in left_out):
-            return _opted_out(request, now, {"channels": [x["channel"] for x in left_out]},
-                              "the recipient opted out of every channel the message could go to")  # fmt: skip
-        errors = [{"field": "to.user_id", "message": "the recipient's profile has no address on "
-                   + ", ".join(c.value for c in wanted)}]  # fmt: skip
-        return _reject(message_id, "no_address", errors, data, request.tenant_id, now)
-    return Steps(rule, strategy, timeout, channels, left_out)
+    rules = routing.store.rules_of(request.tenant_id) if routing is not None else []
+    found = channels_for(rules, profile, channel=request.channel, to=request.to, priority=request.priority,
+                         category=request.category, now=now)  # fmt: skip
+    if isinstance(found, Steps):
+        return found
+    if found.reason == "no_route":
+        errors = [{"field": "channel", "message": "no channel given and no routing rule of the tenant matches"}]
+        return _reject(message_id, "no_route", errors, data, request.tenant_id, now)
+    if found.reason == "opted_out":
+        return _opted_out(request, now, {"channels": [x["channel"] for x in found.left_out]},
+                          "the recipient opted out of every channel the message could go to")  # fmt: skip
+    errors = [{"field": "to.user_id", "message": "the recipient's profile has no address on "
+               + ", ".join(c.value for c in found.wanted)}]  # fmt: skip
+    return _reject(message_id, "no_address", errors, data, request.tenant_id, now)
 
 
 def _opted_out(request: RequestV1, now: datetime, what: dict[str, Any], why: str) -> Held:

@@ -44,6 +44,7 @@ SMS_OPTIONS = {"providers": {"aliyun": {"template_code": "SMS_154950909", "param
 @dataclass
 class Tenant:
     client: httpx.AsyncClient
+    key: str  # the tenant's
     cheap: dict  # the Aliyun account, 0.03 a message
     dear: dict  # the Tencent account, 0.05 a message
 
@@ -76,7 +77,7 @@ async def tenant(pipeline: Pipeline, vendors) -> AsyncIterator[Tenant]:
         dear = await _provider(client, "tencent", "dear", "0.05",
                                {"secret_id": TENCENT_ID, "secret_key": TENCENT_KEY, "sdk_app_id": TENCENT_APP,
                                 "sign_name": "Herald", "endpoint": tencent.url})  # fmt: skip
-        yield Tenant(client, cheap, dear)
+        yield Tenant(client, name, cheap, dear)
     for emu in vendors:
         emu.recover()
 
@@ -253,6 +254,11 @@ async def test_a_failing_im_channel_falls_back_to_sms(tenant: Tenant, db, vendor
     assert fallback["detail"]["fallback"] == {"reason": "failed", "from": "feishu", "to": "sms", "step": 2,
                                               "attempt": 2}  # fmt: skip
     assert [e["channel"] for e in events if e["state"] == "sent"] == ["sms"]
+    shown = (await tenant.client.get(f"/api/v1/messages/{message_id}")).json()["data"]["routing"]
+    assert shown["decision"] == routed
+    assert [(h["kind"], h["channel"], h["to"], h["error_code"]) for h in shown["handovers"]] == [
+        ("next_channel", "feishu", "sms", 2012)
+    ]
 
 
 async def test_quiet_hours_hold_a_normal_message_and_let_an_urgent_one_through(tenant: Tenant, db, vendors) -> None:
@@ -296,3 +302,17 @@ async def test_an_opted_out_category_is_not_sent_and_recorded_as_such(tenant: Te
     assert suppressed["detail"] == {"reason": "opted_out", "category": "marketing"}
     await asyncio.sleep(1)  # nothing may follow: no vendor hears of it
     assert len(aliyun.calls) + len(tencent.calls) == calls
+
+
+async def test_a_send_without_channel_counts_against_the_quota_of_the_channel_its_rule_gives(
+    tenant: Tenant, pipeline: Pipeline
+) -> None:
+    await asyncio.to_thread(access.admin, pipeline.backing.env, "set-quota", tenant.key, "sms", "1")
+    await _profile(tenant, "counted")
+    r = await tenant.client.post("/api/v1/routing/rules", json={"name": "sms only", "channels": ["sms"]})
+    assert r.status_code == 201, r.text
+    body = {"to": {"user_id": "counted"}, "content": "one", "content_type": "text", "options": SMS_OPTIONS}
+    assert (await tenant.client.post("/api/v1/messages/send", json=body)).status_code == 202
+    r = await tenant.client.post("/api/v1/messages/send", json={**body, "content": "two"})
+    assert (r.status_code, r.json()["code"]) == (429, 1008), r.text
+    assert "sms quota" in r.json()["message"]
