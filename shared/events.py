@@ -237,6 +237,12 @@ ClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5]
 UserId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@+\-]*$")]
 
 
+def _seconds(clock: str) -> int:
+    """Seconds after midnight of an ``HH:MM[:SS]`` time."""
+    parts = [int(p) for p in clock.split(":")] + [0]
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 class QuietHours(BaseModel):
     """The recipient's quiet hours, in their time zone: non-urgent messages wait until ``end``.
     ``start`` after ``end`` spans midnight (22:00-07:00)."""
@@ -249,7 +255,8 @@ class QuietHours(BaseModel):
     @field_validator("end")
     @classmethod
     def _not_empty(cls, value: str, info: Any) -> str:
-        if info.data.get("start") == value:
+        start = info.data.get("start")
+        if start is not None and _seconds(start) == _seconds(value):  # "22:00" is "22:00:00"
             raise ValueError("start and end are the same time")
         return value
 
@@ -366,6 +373,9 @@ class RequestV1(_Event):
     recipient: RecipientProfile | None = None
     # Set on the other channels' messages of an "all" rule: the message they were routed with.
     parent_id: str | None = Field(default=None, max_length=64)
+    # Set by the sweeper on a first_success rule's message that had moved on to a later channel
+    # (its fallback events name the step): routed again from that step, not from the first.
+    step: int | None = Field(default=None, ge=1, le=8)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 

@@ -29,6 +29,7 @@ in the list, the others behind it so the message still goes at once if the probe
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from decimal import Decimal
@@ -76,22 +77,26 @@ class ProviderRoute(BaseModel):
     revision: int = 0
 
     def cost(self, to: str | None) -> Decimal:
-        """One message to ``to`` as the sender prices it (services/senders/plugins/base.py): the
-        country's price (longest calling code first), else the configured default, else the
-        plugin's."""
-        by_country = self.costs.get("by_country") or {}
-        if by_country and to and to.startswith("+"):
-            digits = to[1:]
-            for n in (4, 3, 2, 1):
-                if digits[:n] in by_country:
-                    return Decimal(str(by_country[digits[:n]]))
-        if self.costs.get("default") is not None:
-            return Decimal(str(self.costs["default"]))
-        return self.default_cost
+        """One message to ``to``, priced as the sender prices it (:func:`price`)."""
+        return price(self.costs.get("by_country"), self.costs.get("default"), self.default_cost, to)
 
     @property
     def live(self) -> bool:
         return self.is_active and not self.deleted
+
+
+def price(by_country: Mapping[str, Any] | None, default: Any, fallback: Decimal, to: str | None) -> Decimal:
+    """One message to ``to``: the price of its country (calling code, longest first: "1242" before
+    "1"), else the configured default, else ``fallback`` (the plugin's list price). The sender
+    prices deliveries with it and the router ranks providers with it: one function, one price."""
+    if by_country and to and to.startswith("+"):
+        digits = to[1:]
+        for n in (4, 3, 2, 1):
+            if digits[:n] in by_country:
+                return Decimal(str(by_country[digits[:n]]))
+    if default is not None:
+        return Decimal(str(default))
+    return fallback
 
 
 class TimeWindow(BaseModel):
@@ -111,6 +116,13 @@ class RuleMatch(BaseModel):
     attributes: dict[str, AttributeValue | list[AttributeValue]] = Field(default_factory=dict, max_length=20)
     # The recipient's local time is within the window (start after end spans midnight).
     local_time: TimeWindow | None = None
+
+
+def distinct_channels(value: list[Channel]) -> list[Channel]:
+    """A rule's channels, each once (the API's models validate with it too)."""
+    if len(set(value)) != len(value):
+        raise ValueError("a channel is listed twice")
+    return value
 
 
 class RoutingRule(BaseModel):
@@ -134,9 +146,7 @@ class RoutingRule(BaseModel):
     @field_validator("channels")
     @classmethod
     def _distinct(cls, value: list[Channel]) -> list[Channel]:
-        if len(set(value)) != len(value):
-            raise ValueError("a channel is listed twice")
-        return value
+        return distinct_channels(value)
 
     @property
     def live(self) -> bool:
@@ -151,7 +161,7 @@ class RoutingPolicy(BaseModel):
     schema_: Literal["notify.config.routing-policy.v1"] = Field(default=POLICY_SCHEMA, alias="schema")
     tenant_id: str
     min_success_rate: float = Field(default=0.9, ge=0, le=1)
-    max_p95_ms: float | None = Field(default=None, gt=0)
+    max_p95_ms: float | None = Field(default=None, gt=0, le=3_600_000)
     # Fewer tries than this in the window: not enough to judge, the provider counts as good.
     min_samples: int = Field(default=10, ge=1, le=10_000)
     revision: int = 0
@@ -230,8 +240,12 @@ class HealthStore:
     """The latest ``notify.provider-health`` record of each configured provider (a compacted
     topic read whole and followed: every router holds all of it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stale_after_s: float | None = None) -> None:
         self.by_provider: dict[int, ProviderHealthV1] = {}
+        # The tracker publishes every provider it measures at least every quality_refresh_s; a
+        # record older than this (no tracker leads, Redis away) is not trusted: an open breaker
+        # or a demotion must not outlive the measurements that made it.
+        self.stale_after_s = stale_after_s
 
     def apply(self, value: bytes | None) -> None:
         if not value:
@@ -243,8 +257,11 @@ class HealthStore:
         # occurred_at is the publishing tracker's clock, which may lag another tracker's).
         self.by_provider[record.provider_id] = record
 
-    def get(self, provider_id: int) -> ProviderHealthV1 | None:
-        return self.by_provider.get(provider_id)
+    def get(self, provider_id: int, now: datetime | None = None) -> ProviderHealthV1 | None:
+        record = self.by_provider.get(provider_id)
+        if record is None or now is None or self.stale_after_s is None:
+            return record
+        return record if (now - record.occurred_at).total_seconds() <= self.stale_after_s else None
 
 
 # --- recipients, rules, quiet hours ------------------------------------------------------------
@@ -255,9 +272,18 @@ def _clock(value: str) -> time:
 
 
 def _within(now: time, start: time, end: time) -> bool:
+    if start == end:
+        return False  # an empty window (the models refuse it; a record from elsewhere might not)
     if start < end:
         return start <= now < end
     return now >= start or now < end  # spans midnight
+
+
+def _same(have: Any, wanted: Any) -> bool:
+    """Attribute equality without Python's ``True == 1 == 1.0``: a bool matches only a bool."""
+    if isinstance(have, bool) or isinstance(wanted, bool):
+        return type(have) is type(wanted) and have == wanted
+    return have is not None and have == wanted
 
 
 def local_now(profile: RecipientProfile | None, now: datetime) -> datetime:
@@ -292,9 +318,8 @@ def matches(rule: RoutingRule, *, priority: str, category: str | None, profile: 
         attributes = profile.attributes if profile is not None else {}
         for name, wanted in m.attributes.items():
             have = attributes.get(name)
-            if isinstance(wanted, list) and have not in wanted:
-                return False
-            if not isinstance(wanted, list) and have != wanted:
+            options = wanted if isinstance(wanted, list) else [wanted]
+            if not any(_same(have, option) for option in options):
                 return False
     if m.local_time is not None:
         here = local_now(profile, now).time().replace(microsecond=0)
@@ -317,6 +342,18 @@ class Steps:
     timeout_s: int | None
     channels: list[tuple[Channel, list[str]]]
     left_out: list[dict[str, str]] = field(default_factory=list)
+    first: int = 1  # the number of the first step in ``channels`` (a resumed message's is later)
+
+    def resume_at(self, step: int) -> None:
+        """Drop the steps before ``step`` (a message the sweeper publishes again after a later
+        channel had taken over: the channels before it failed already)."""
+        skip = min(step - 1, len(self.channels) - 1)
+        if self.strategy != "first_success" or skip <= 0:
+            return
+        self.left_out += [{"channel": c.value, "why": f"failed before; resumed at step {step}"}
+                          for c, _ in self.channels[:skip]]  # fmt: skip
+        self.channels = self.channels[skip:]
+        self.first += skip
 
 
 @dataclass(slots=True)
@@ -456,7 +493,9 @@ def _weighted_order(group: list[Scored], rng: random.Random) -> list[Scored]:
     return out
 
 
-def rank(scored: list[Scored], *, probes: Probes, now: datetime, rng: random.Random | None = None) -> list[Scored]:
+def rank(
+    scored: list[Scored], *, probes: Probes | None, now: datetime, rng: random.Random | None = None
+) -> list[Scored]:
     """The order to try providers in (see the module doc)."""
     rng = rng or random.Random()
     good = sorted((s for s in scored if s.tier == 0), key=lambda s: s.cost)
@@ -470,7 +509,8 @@ def rank(scored: list[Scored], *, probes: Probes, now: datetime, rng: random.Ran
         i = j
     below = sorted((s for s in scored if s.tier == 1), key=lambda s: (-(s.success_rate or 0), s.cost))
     broken = sorted((s for s in scored if s.tier == 2), key=lambda s: s.cost)
-    probing = [s for s in broken if s.breaker == "half_open" and probes.take(s.route.provider_id, now)]
+    probing = [s for s in broken if s.breaker == "half_open" and probes is not None
+               and probes.take(s.route.provider_id, now)]  # fmt: skip
     for s in probing:
         s.probe = True
     rest = [s for s in broken if not s.probe]

@@ -186,15 +186,21 @@ class Settings(BaseSettings):
     # bucket shorter; events older than the window are not counted).
     quality_bucket_s: int = Field(default=10, ge=1, le=3600)
     quality_window_s: int = Field(default=300, ge=1, le=86_400)
-    # One tracker (holding a Redis lease) publishes to notify.provider-health: it looks this
-    # often, publishes what changed, and every provider seen in the window at least every
-    # quality_refresh_s (so a router that missed a record catches up).
+    # One tracker (holding a Redis lease) publishes to notify.provider-health: it looks every
+    # quality_tick_s, publishes what changed, and republishes every provider seen in the window
+    # or with an open breaker at least every quality_refresh_s. Routers take a record older than
+    # 4 x quality_refresh_s for unknown (shared/routing.HealthStore's stale_after_s), so a record
+    # never goes stale while a tracker leads. Every refresh is one more record on the topic, and
+    # Tansu never compacts it: broker memory and each router's start-up read grow with it, hence
+    # not much more often than this.
     quality_tick_s: float = Field(default=1.0, gt=0, le=60)
-    quality_refresh_s: float = Field(default=5.0, gt=0)
+    quality_refresh_s: float = Field(default=30.0, gt=0)
     # A provider's breaker opens after this many consecutive provider faults, or when at least
     # breaker_min_samples tries in the window fail at breaker_error_rate or more. Open, routers
-    # send it nothing until breaker_cooldown_s has passed, then probe it with one message: a
-    # success closes it (statistics start afresh), a failure opens it for another cooldown.
+    # send it nothing (unless no other provider is left) until breaker_cooldown_s has passed,
+    # then probe it with one message: a success at or after opened + cooldown (a probe's) closes
+    # it (statistics start afresh), a failure then opens it for another cooldown. Tries within
+    # the cooldown were on their way before routers heard it opened: they change nothing.
     breaker_failures: int = Field(default=5, ge=1)
     breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
     breaker_min_samples: int = Field(default=10, ge=1)

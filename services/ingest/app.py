@@ -38,7 +38,7 @@ from services.ingest.routes import (
     templates,
     tenants,
 )
-from services.ingest.routing import RoutingDistributor
+from services.ingest.routing import RoutingDistributor, RuleCache
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
@@ -118,6 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
             quotas=Quotas(redis, pool, settings.rate_limit_fail_open),
             rules=rules,
             routing=routing_config,
+            routing_rules=RuleCache(pool),
         )
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:

@@ -14,7 +14,7 @@ from services.ingest.dedup import Guard
 from services.ingest.frequency import RuleDistributor
 from services.ingest.limits import Quotas, RateLimiter
 from services.ingest.publish import Publisher
-from services.ingest.routing import RoutingDistributor
+from services.ingest.routing import RoutingDistributor, RuleCache
 from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
 from shared.errors import ErrorCode, HeraldError
@@ -39,6 +39,7 @@ class Services:
     quotas: Quotas
     rules: RuleDistributor  # frequency caps and digest rules (issue 8)
     routing: RoutingDistributor  # providers, routing rules and policies (issue 10)
+    routing_rules: RuleCache  # each tenant's live routing rules, for sends without a channel
 
 
 # Routes call these directly rather than through ``Depends``: in the ingest profile FastAPI's

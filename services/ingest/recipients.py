@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import orjson
 
 from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
@@ -46,3 +47,33 @@ async def load_profile(pool: asyncpg.Pool, tenant_id: str, user_id: str, timeout
             http_status=503,
         ) from exc
     return None if row is None else profile_of(row)
+
+
+def without_profiles(value: Any) -> Any:
+    """``value`` (decoded JSON) with every recipient profile in it, the ``recipient`` object a
+    request to a user carries, cut down to ``{"user_id": ...}``; everything else kept. A profile
+    is ``config``-scope contact data (every channel's address, attributes); requests are copied
+    into places ``read`` keys see (the 'scheduled' event of a message held for quiet hours, dead
+    letters), and those answers go through this. A ``recipient`` that is a string (a record's or
+    an event's recipient address) stays."""
+    if isinstance(value, dict):
+        return {
+            k: {"user_id": v.get("user_id")} if k == "recipient" and isinstance(v, dict) else without_profiles(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [without_profiles(v) for v in value]
+    return value
+
+
+def text_without_profiles(text: str | None) -> str | None:
+    """:func:`without_profiles` of JSON text (a dead letter's payload): the text unchanged when it
+    holds no profile or is not JSON (Herald only ever writes profiles into valid JSON)."""
+    if not text or '"recipient"' not in text:
+        return text
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    redacted = without_profiles(value)
+    return text if redacted == value else orjson.dumps(redacted).decode()

@@ -8,12 +8,20 @@ fails, at start-up and when the broker came back without its topics. Providers a
 with their own per-row ``revision`` (bumped by every change in ``routes/providers.py``): each
 provider has its own key, so a per-row counter orders its records as well as a sequence would.
 Never published: a provider's configuration and secrets, and recipient profiles.
+
+Ingest reads the tenant's live rules itself for one thing: a send to a user without a channel is
+checked (can it be routed at all?) and counted against the monthly quota of the channel its rule
+gives it (:mod:`services.ingest.sends`). :class:`RuleCache` keeps each tenant's rules for
+``RULES_TTL_S`` so a stream of such sends costs one query per tenant every few seconds, not one per
+send. A change through this ingest's API forgets the tenant's entry at once; another ingest replica
+sees the change within ``RULES_TTL_S`` (routers learn it from ``notify.config``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -151,11 +159,50 @@ class RoutingDistributor(Distributor):
 
 
 async def live_rules(pool: asyncpg.Pool, tenant_id: str) -> list[RoutingRule]:
-    """The tenant's active rules, in the order routers try them (for ingest's quota count of a
-    send that names no channel)."""
+    """The tenant's active rules, in the order routers try them (for ingest's check and quota
+    count of a send that names no channel; read through :class:`RuleCache`)."""
     rows = await pool.fetch(
         f"""SELECT {RULE_COLUMNS} FROM routing_rules WHERE tenant_id = $1 AND is_active AND deleted_at IS NULL
             ORDER BY position, id""",
         tenant_id,
     )
     return [rule_of(r) for r in rows]
+
+
+RULES_TTL_S = 5.0
+RULES_MAX_TENANTS = 10_000
+
+
+class RuleCache:
+    """Each tenant's live routing rules (:func:`live_rules`), kept ``ttl_s`` seconds, for at most
+    ``max_tenants`` tenants (the oldest entry goes first). :meth:`forget` drops a tenant's entry
+    when its rules change through this process's API; other replicas see the change within
+    ``ttl_s``. A read that began before a change never stores what it read after it (so a send
+    accepted after the change's answer is checked against the new rules)."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = RULES_TTL_S, max_tenants: int = RULES_MAX_TENANTS) -> None:
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self.max_tenants = max_tenants
+        # Insertion order is expiry order (one TTL for all): the first entry is the oldest.
+        self._entries: dict[str, tuple[float, list[RoutingRule]]] = {}
+        self._generation = 0  # one more at every forget()
+
+    async def get(self, tenant_id: str) -> list[RoutingRule]:
+        """The tenant's live rules in the order routers try them; database errors propagate."""
+        hit = self._entries.get(tenant_id)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        generation = self._generation
+        rules = await live_rules(self.pool, tenant_id)
+        if generation == self._generation:
+            self._entries.pop(tenant_id, None)
+            while len(self._entries) >= self.max_tenants:
+                del self._entries[next(iter(self._entries))]
+            self._entries[tenant_id] = (time.monotonic() + self.ttl_s, rules)
+        return rules
+
+    def forget(self, tenant_id: str) -> None:
+        """The tenant's rules changed (committed): read them again at the next send."""
+        self._generation += 1
+        self._entries.pop(tenant_id, None)

@@ -14,12 +14,11 @@ from services.ingest.dedup import fingerprint_of, request_hash
 from services.ingest.http import JSONResponse, envelope, iso_z
 from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord
-from services.ingest.routing import live_rules
 from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
-from shared.events import SEED_STATUS, RequestV1, State
+from shared.events import SEED_STATUS, RecipientProfile, RequestV1, State
 from shared.kafka import Trace
-from shared.routing import Steps, channels_for
+from shared.routing import Steps, channels_for, first_rule, quiet_until
 from shared.schedule import ScheduleError, due_at
 from shared.settings import Settings
 
@@ -136,14 +135,16 @@ async def accept(
     key: str | None,
     digest: str,
     dedup: bool,
+    count_as: str | None = None,
 ) -> JSONResponse:
     """The end of every single send: the duplicate check (content fingerprint, unless a key or
     ``dedup: false``), the channel's monthly quota, the record and the request (or the record a
     key already names), the key remembered; 202 with the message's id and state. A message without
-    a channel (to a user, routed by the tenant's rules) counts against the quota of the first
-    channel the rules give it now (:func:`_channel_to_count`)."""
+    a channel (to a user, routed by the tenant's rules) counts against the quota of ``count_as``:
+    what :func:`check_route` answered for it, which must have run before (it refuses what can never
+    be routed, and a refused send must leave neither a fingerprint nor a quota count)."""
     guard = services.guard
-    channel = req.channel.value if req.channel is not None else None
+    channel = req.channel.value if req.channel is not None else count_as
     fp, skipped = None, False
     tenant = await services.tenants.get(tenant_id)
     if key is None and dedup:
@@ -157,8 +158,6 @@ async def accept(
                 f'{window} s (send with "dedup": false to force)',
                 field="content",
             )
-    if channel is None and req.recipient is not None:
-        channel = await _channel_to_count(services, tenant_id, req, now)
     try:
         counted = channel is not None and await services.quotas.take(tenant_id, channel, tenant.quotas.get(channel))
     except QuotaExceeded as exc:
@@ -188,21 +187,54 @@ async def accept(
     return envelope(response, status_code=202)
 
 
-async def _channel_to_count(services: Any, tenant_id: str, req: RequestV1, now: datetime) -> str | None:
-    """The channel a send to a user without a channel will take, as the router will decide it
-    (the same :func:`shared.routing.channels_for` over the tenant's rules and the profile): its
-    monthly quota is the one to count. None when no rule gives it one (the router rejects or
-    suppresses it: nothing to count). A rule's later channels (a first_success fallback, the
-    other channels of an "all" rule) are not counted at acceptance."""
-    assert req.recipient is not None
+async def check_route(
+    services: Any,
+    tenant_id: str,
+    profile: RecipientProfile,
+    *,
+    priority: str,
+    category: str | None,
+    scheduled_at: datetime | None,
+    now: datetime,
+) -> str | None:
+    """A send to a user without a channel, before it claims a fingerprint or a quota: decided as
+    the router will decide it (:func:`shared.routing.channels_for` over the tenant's live rules and
+    the profile), at the time the router will route it (its scheduled time, then the end of the
+    recipient's quiet hours unless urgent). Answers the channel whose monthly quota it counts
+    against (the first its rule gives; a first_success rule's later channels and an "all" rule's
+    other channels are not counted at acceptance), or None when there is nothing to count: the
+    recipient opted out (of the category, or of every channel the rule gives), which the router
+    records as ``suppressed``. Refuses (1001, nothing recorded) what the router could only reject:
+    no rule matches (naming ``channel``), or the profile has no address on any channel the rule
+    gives (naming ``to.user_id``). The rules are this ingest's cached copy
+    (:class:`services.ingest.routing.RuleCache`): a change made through another replica counts
+    here within a few seconds."""
+    if category is not None and category in profile.opt_outs.categories:
+        return None  # suppressed by the router before any rule is looked at
+    at = scheduled_at if scheduled_at is not None and scheduled_at > now else now
+    if priority != "urgent" and (quiet_end := quiet_until(profile, at)) is not None:
+        at = quiet_end
     try:
-        rules = await asyncio.wait_for(live_rules(services.pool, tenant_id), services.settings.record_timeout_s)
+        rules = await asyncio.wait_for(services.routing_rules.get(tenant_id), services.settings.record_timeout_s)
     except (TimeoutError, *DB_UNAVAILABLE) as exc:
         raise HeraldError(ErrorCode.SERVICE_UNAVAILABLE, "database unavailable: routing rules could not be read",
                           http_status=503) from exc  # fmt: skip
-    found = channels_for(rules, req.recipient, channel=None, to=[], priority=req.priority, category=req.category,
-                         now=now)  # fmt: skip
-    return found.channels[0][0].value if isinstance(found, Steps) else None
+    facts: dict[str, Any] = {"priority": priority, "category": category, "now": at}
+    found = channels_for(rules, profile, channel=None, to=[], **facts)
+    if isinstance(found, Steps):
+        return found.channels[0][0].value
+    if found.reason == "opted_out":
+        return None
+    if found.reason == "no_route":
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "no channel given and no routing rule of the tenant matches this "
+                          "message: name a channel, or add a rule (POST /api/v1/routing/rules)",
+                          field="channel")  # fmt: skip
+    rule = first_rule(rules, profile=profile, **facts)
+    wanted = ", ".join(c.value for c in found.wanted)
+    named = f"routing rule {rule.name!r}" if rule is not None else "the routing rule"
+    raise HeraldError(ErrorCode.INVALID_PARAMS, f"the profile of {profile.user_id!r} has no address on {wanted}, "
+                      f"the channels {named} gives this message (add one to the profile, or name a channel)",
+                      field="to.user_id")  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -228,8 +260,17 @@ async def open_send(services: Any, request: Request, tenant_id: str, body: Any, 
         scheduled_at = due_time(services.settings, body.scheduled_time, body.delay, body.timezone, datetime.now(UTC),
                                 required=required)  # fmt: skip
     except HeraldError:
-        if key is not None and (first := await keyed(services.pool, tenant_id, key)) is not None:
-            response = answer(first["message_id"], first["state"], first["scheduled_at"])
-            return Opening(key, digest, replay(first["message_id"], first["request_hash"], digest, response))
+        if (replayed := await replay_keyed(services, tenant_id, key, digest)) is not None:
+            return Opening(key, digest, replayed)
         raise
     return Opening(key, digest, scheduled_at=scheduled_at)
+
+
+async def replay_keyed(services: Any, tenant_id: str, key: str | None, digest: str) -> JSONResponse | None:
+    """The first answer again for a key PostgreSQL already has a message under (None: no such
+    message): for a retry that a check would refuse now (a time since passed, a routing rule since
+    changed) although its first send was accepted, and that Redis no longer remembers."""
+    if key is None or (first := await keyed(services.pool, tenant_id, key)) is None:
+        return None
+    response = answer(first["message_id"], first["state"], first["scheduled_at"])
+    return replay(first["message_id"], first["request_hash"], digest, response)

@@ -43,7 +43,10 @@ FROM (
     FOR UPDATE SKIP LOCKED
 ) stalled
 WHERE m.id = stalled.id
-RETURNING m.message_id, m.tenant_id, m.recipient, m.state, m.attempt, m.request, m.request_id
+RETURNING m.message_id, m.tenant_id, m.recipient, m.state, m.attempt, m.request, m.request_id,
+    -- A first_success rule's message that had moved on to a later channel resumes there.
+    (SELECT max((e.detail->'fallback'->>'step')::int) FROM message_events e
+     WHERE e.message_id = m.message_id AND e.tenant_id = m.tenant_id AND e.detail ? 'fallback') AS step
 """
 
 
@@ -65,6 +68,8 @@ async def sweep_stalled(pool: asyncpg.Pool, producer: AIOKafkaProducer, settings
         request = dict(row["request"])
         request["attempt"] = attempt_to_dispatch(row["state"], row["attempt"])
         request["recorded"] = True
+        if row["step"]:
+            request["step"] = row["step"]
         headers = [("request_id", row["request_id"].encode())] if row["request_id"] else []
         futures.append(
             await producer.send(

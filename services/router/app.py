@@ -68,6 +68,7 @@ def create_app(settings: Settings) -> faust.App:
         loghandlers=[],
     )
     requests = app.topic(Topics.REQUESTS, key_serializer="raw", value_serializer="raw")
+    requests_out = requests  # what the router itself asks to send (an "all" rule's other channels)
     events_topic = app.topic(Topics.EVENTS, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(Topics.DLQ, key_serializer="raw", value_serializer="raw")
     dispatch_topics = {
@@ -80,7 +81,8 @@ def create_app(settings: Settings) -> faust.App:
     rules = RuleStore()  # frequency caps and digest rules, from the same topic
     # Providers, routing rules and policies come the same way; providers' live quality from the
     # compacted notify.provider-health (the tracker's), read whole and followed by every router.
-    routing = Routing(RoutingStore(), HealthStore(), Probes(every_s=settings.breaker_probe_every_s))
+    health_store = HealthStore(stale_after_s=4 * settings.quality_refresh_s)
+    routing = Routing(RoutingStore(), health_store, Probes(every_s=settings.breaker_probe_every_s))
     follower = ConfigFollower(settings, templates, rules, routing.store)
     health_follower = ConfigFollower(settings, routing.health, topic=Topics.PROVIDER_HEALTH)
     app.herald_routing = routing  # type: ignore[attr-defined]
@@ -163,12 +165,19 @@ def create_app(settings: Settings) -> faust.App:
         decide = {"origin": origin, "templates": templates, "renderer": renderer, "horizon_s": horizon,
                   "routing": routing}  # fmt: skip
         decision = plan(record.value, **decide)
-        if isinstance(decision, Unknown):
-            # Published a moment ago? Read the config topic to its end, then decide again.
+        if isinstance(decision, Unknown) or (isinstance(decision, Rejected) and decision.reason == "no_route"):
+            # A template version, or a routing rule, published a moment ago? Read the config
+            # topic to its end, then decide again.
             synced = await follower.sync(timeout=10)
             decision = plan(record.value, **decide)
             if isinstance(decision, Unknown):
                 decision = settle_unknown(decision, record.value, synced=synced, templates=templates)
+        if isinstance(decision, Routed) and decision.children:
+            # An "all" rule's other channels: messages of their own, routed (and capped) on
+            # their own, whatever becomes of this one.
+            for child in decision.children:
+                await requests_out.send(key=message_key(child.tenant_id, child.to[0]), value=child.to_bytes(),
+                                        headers=trace.headers())  # fmt: skip
         if isinstance(decision, Routed):
             # Frequency caps and digests, before the dispatch is sent (services/router/frequency.py).
             decision = await frequency.apply(decision, record.value)
@@ -187,22 +196,22 @@ def create_app(settings: Settings) -> faust.App:
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             await _emit(decision.events, trace)
-            for dispatch in (decision.dispatch, *decision.extra):
-                await dispatch_topics[dispatch.channel.value].send(
-                    key=message_key(dispatch.tenant_id, dispatch.to[0]),
-                    value=dispatch.to_bytes(),
-                    headers=trace.headers(),
-                )
-                MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
-                log_event(
-                    log,
-                    logging.INFO,
-                    "message routed",
-                    message_id=dispatch.message_id,
-                    channel=dispatch.channel.value,
-                    recipient=dispatch.to[0],
-                    provider=dispatch.candidates[0].name if dispatch.candidates else None,
-                )
+            dispatch = decision.dispatch
+            await dispatch_topics[dispatch.channel.value].send(
+                key=message_key(dispatch.tenant_id, dispatch.to[0]),
+                value=dispatch.to_bytes(),
+                headers=trace.headers(),
+            )
+            MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
+            log_event(
+                log,
+                logging.INFO,
+                "message routed",
+                message_id=dispatch.message_id,
+                channel=dispatch.channel.value,
+                recipient=dispatch.to[0],
+                provider=dispatch.candidates[0].name if dispatch.candidates else None,
+            )
             return
         assert isinstance(decision, Rejected)
         await _emit(decision.events, trace)

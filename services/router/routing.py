@@ -76,8 +76,9 @@ class Routed:
     request: RequestV1
     dispatch: DispatchV1
     events: list[EventV1]
-    # The other channels' dispatches of an "all" rule (each its own message, see _route_all).
-    extra: list[DispatchV1] = field(default_factory=list)
+    # The other channels' messages of an "all" rule: requests of their own, published to
+    # notify.requests and routed like any (see _child).
+    children: list[RequestV1] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -331,13 +332,30 @@ def plan(
             return personal
         steps = personal
     assert steps is not None
+    if request.step:
+        steps.resume_at(request.step)
     prepared: list[RequestV1] = []
+    refused: list[Rejected] = []
     for channel, to in steps.channels:
         one = _prepare(request.model_copy(update={"channel": channel, "to": to}), data, templates, renderer, now)
-        if not isinstance(one, RequestV1):
+        if isinstance(one, Unknown):
             return one
+        if isinstance(one, Rejected):  # a channel this message cannot take (its format, no subject)
+            refused.append(one)
+            why = "; ".join(f"{e['field']}: {e['message']}" for e in one.errors[:3])
+            steps.left_out.append({"channel": channel.value, "why": f"the message does not fit it ({why})"})
+            continue
         prepared.append(one)
-    return _route_steps(prepared, steps, now, routing)
+    if not prepared:
+        return refused[0]
+    if refused:
+        steps.channels = [(r.channel, r.to) for r in prepared]  # type: ignore[misc]
+    children: list[RequestV1] = []
+    if steps.strategy == "all":  # as sent (rendered again when each is routed), on its channel
+        children = [_child(request.model_copy(update={"channel": r.channel, "to": r.to}), message_id, now)
+                    for r in prepared[1:]]  # fmt: skip
+        prepared = prepared[:1]
+    return _route_steps(prepared, steps, now, routing, children)
 
 
 def _prepare(
@@ -532,12 +550,19 @@ def _accepted(request: RequestV1, message_id: str, snapshot: MessageSnapshot) ->
     acceptance yet); none for one ingest recorded."""
     if request.recorded:
         return []
+    # The other channels' messages of an "all" rule carry their request, which the tracker keeps
+    # on the record: the sweeper can publish it again if the broker loses it (as for what ingest
+    # records). A direct publisher's message does not: its request is in the producer's hands.
+    detail = (
+        {"parent_id": request.parent_id, "request": orjson.loads(request.to_bytes())} if request.parent_id else None
+    )
     return [
         EventV1(
             event_id=event_id(message_id, 0, State.ACCEPTED),
             state=State.ACCEPTED,
             occurred_at=snapshot.accepted_at or utcnow(),
             message=snapshot,
+            detail=detail,
             **_common(request, message_id),
         )
     ]
@@ -586,7 +611,10 @@ def _route(request: RequestV1, now: datetime, routing: Routing | None = None) ->
                         routing)  # fmt: skip
 
 
-def _route_steps(prepared: list[RequestV1], steps: Steps, now: datetime, routing: Routing | None) -> Routed:
+def _route_steps(
+    prepared: list[RequestV1], steps: Steps, now: datetime, routing: Routing | None,
+    children: list[RequestV1] | None = None,
+) -> Routed:  # fmt: skip
     """The dispatch of the first channel (with the next ones chained as its fallbacks for a
     first_success rule), or of every channel at once (``all``: the other channels' deliveries
     are messages of their own, linked to this one by ``parent_id``), and the 'routed' event that
@@ -597,23 +625,20 @@ def _route_steps(prepared: list[RequestV1], steps: Steps, now: datetime, routing
     snapshot = _snapshot_of(first, accepted_at)
     events = _accepted(first, message_id, snapshot)
     attempt = first.attempt or 1
-    chained = prepared if steps.strategy == "first_success" else prepared[:1]
+    chained = prepared
+    children = children or []
     dispatches: list[DispatchV1] = []
     decisions: list[dict[str, Any]] = []
     for i, request in enumerate(chained):
-        candidates, decision = _candidates(request, routing, now)
-        decisions.append({"step": i + 1, "channel": request.channel.value, **decision})  # type: ignore[union-attr]
-        dispatches.append(_dispatch(request, message_id, attempt, now, candidates, step=i + 1,
+        candidates, decision = _candidates(request, routing, now, probe=i == 0)
+        decisions.append({"step": steps.first + i, "channel": request.channel.value, **decision})  # type: ignore[union-attr]
+        dispatches.append(_dispatch(request, message_id, attempt, now, candidates, step=steps.first + i,
                                     timeout_s=steps.timeout_s if len(chained) > 1 else None))  # fmt: skip
     for i in range(len(dispatches) - 2, -1, -1):  # each step carries the ones after it
         dispatches[i] = dispatches[i].model_copy(update={"fallback": dispatches[i + 1]})
     head = dispatches[0]
     if head.step_timeout_s:
         head = head.model_copy(update={"step_deadline": now + timedelta(seconds=head.step_timeout_s)})
-    children: list[Routed] = []
-    if steps.strategy == "all":
-        for request in prepared[1:]:
-            children.append(_route(_child(request, message_id, now), now, routing))
     detail = _routed_detail(first)
     if routing is not None or steps.rule is not None or first.recipient is not None:
         detail["routing"] = _decision(steps, decisions, children)
@@ -627,10 +652,7 @@ def _route_steps(prepared: list[RequestV1], steps: Steps, now: datetime, routing
             **_common(first, message_id),
         )
     )
-    for child in children:
-        events.extend(child.events)
-    extra = [c.dispatch for c in children]
-    return Routed(first.model_copy(update={"message_id": message_id}), head, events, extra)
+    return Routed(first.model_copy(update={"message_id": message_id}), head, events, children)
 
 
 def _dispatch(request: RequestV1, message_id: str, attempt: int, now: datetime, candidates: list[Candidate], *,
@@ -669,7 +691,7 @@ def _child(request: RequestV1, parent_id: str, now: datetime) -> RequestV1:
                                       "idempotency_key": None, "batch_id": None, "attempt": None})  # fmt: skip
 
 
-def _decision(steps: Steps, decisions: list[dict[str, Any]], children: list[Routed]) -> dict[str, Any]:
+def _decision(steps: Steps, decisions: list[dict[str, Any]], children: list[RequestV1]) -> dict[str, Any]:
     """What the 'routed' event records of the routing decision (GET /api/v1/messages/{id})."""
     out: dict[str, Any] = {
         "strategy": steps.strategy,
@@ -683,12 +705,14 @@ def _decision(steps: Steps, decisions: list[dict[str, Any]], children: list[Rout
     if steps.left_out:
         out["left_out"] = steps.left_out
     if children:
-        out["children"] = [{"message_id": c.dispatch.message_id, "channel": c.dispatch.channel.value,
-                            "candidates": [x.name for x in c.dispatch.candidates]} for c in children]  # fmt: skip
+        out["children"] = [{"message_id": c.message_id, "channel": c.channel.value}  # type: ignore[union-attr]
+                           for c in children]  # fmt: skip
     return out
 
 
-def _candidates(request: RequestV1, routing: Routing | None, now: datetime) -> tuple[list[Candidate], dict[str, Any]]:
+def _candidates(
+    request: RequestV1, routing: Routing | None, now: datetime, *, probe: bool = True
+) -> tuple[list[Candidate], dict[str, Any]]:
     """The providers of the request's channel in the order to try them, and why (see
     :mod:`shared.routing`). None known to the router (no routing state, the email pool, a
     provider configured a moment ago): no candidates, the sender chooses as it always has."""
@@ -709,8 +733,10 @@ def _candidates(request: RequestV1, routing: Routing | None, now: datetime) -> t
         return [], {"reason": "no provider of this channel known to the router yet: the sender chooses"}
     policy = store.policy(request.tenant_id)
     to = request.to[0] if channel is Channel.SMS else None
-    scored = [score(r, routing.health.get(r.provider_id), policy, to, now) for r in routes]
-    ordered = rank(scored, probes=routing.probes, now=now, rng=routing.rng)
+    scored = [score(r, routing.health.get(r.provider_id, now), policy, to, now) for r in routes]
+    # Only the step that goes now may probe a half-open breaker (a later step's order is a plan
+    # that may never be used, and would spend the probe).
+    ordered = rank(scored, probes=routing.probes if probe else None, now=now, rng=routing.rng)
     decision = {
         "chosen": ordered[0].route.name,
         "reason": _why_first(ordered, named),

@@ -34,6 +34,9 @@ class DeliveryError(Exception):
         self.detail: dict[str, Any] = {}
         # Providers tried before this failure within the same attempt (smart routing's failover).
         self.tries: list[dict[str, Any]] = []
+        # The request may have reached the provider (the connection broke or timed out after it
+        # was written): trying another provider now could deliver the message twice.
+        self.unsure = False
 
 
 class Retryable(DeliveryError):

@@ -179,9 +179,9 @@ def provider_fault(exc: DeliveryError) -> bool:
     """Whether a failure says something about the provider (its quality, its breaker): a 5xx, the
     network, its credentials or quota do; a refused recipient or content, or our own rate limit's
     wait, do not."""
-    if isinstance(exc, Deferred):
-        return False
-    if exc.code in (ErrorCode.RECIPIENT_INVALID, ErrorCode.CHANNEL_SEND_FAILED, ErrorCode.RATE_LIMITED):
+    if isinstance(exc, Deferred) or exc.code == ErrorCode.RATE_LIMITED:
+        return False  # a vendor's throttling (even per number) says nothing of its health
+    if exc.code in (ErrorCode.RECIPIENT_INVALID, ErrorCode.CHANNEL_SEND_FAILED):
         return exc.sender_fault
     return True
 
@@ -208,7 +208,7 @@ def _after(exc: DeliveryError, tries: list[DeliveryError]) -> DeliveryError:
             final = transient[-1]
         else:
             final = exc
-    final.tries = [_try(t) for t in tries if t is not final]  # type: ignore[attr-defined]
+    final.tries = [_try(t) for t in [*tries, exc] if t is not final]
     return final
 
 
@@ -313,8 +313,9 @@ class ChannelSender:
     async def send(self, dispatch: DispatchV1, handoff: Handoff | None = None) -> SendResult:
         """Deliver through the router's candidates in order: a provider that fails moves the
         dispatch to the next at once (its failure kept in ``tries`` for the timeline and the
-        provider's quality); only a recipient the vendor refused stops there (another vendor
-        would refuse it too). Without candidates (a router that knew no provider yet), the
+        provider's quality); a recipient the vendor refused (another would refuse it too) and a
+        request that may have reached the vendor (a timeout after it was written) stop there.
+        Without candidates (a router that knew no provider yet), the
         configured choice of :meth:`Directory.choose`."""
         entries = await self._entries(dispatch)
         tries: list[DeliveryError] = []
@@ -323,7 +324,9 @@ class ChannelSender:
                 result = await self._send_with(entry, dispatch)
             except DeliveryError as exc:
                 last = i == len(entries) - 1
-                if last or exc.code == ErrorCode.RECIPIENT_INVALID:
+                if last or exc.code == ErrorCode.RECIPIENT_INVALID or exc.unsure:
+                    # A refused recipient would be refused elsewhere too; a request that may
+                    # have landed is retried later rather than sent again elsewhere now.
                     raise _after(exc, tries) from None
                 tries.append(exc)
                 continue

@@ -79,6 +79,7 @@ from shared.metrics import (
     RETRIES_SCHEDULED,
     SEND_DURATION,
 )
+from shared.redis_scripts import RELEASE_IF_OWNER
 from shared.settings import Settings
 
 log = logging.getLogger("herald.sender")
@@ -110,13 +111,6 @@ _TAKE_OVER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
     return 1
-end
-return 0
-"""
-# Drop a claim only if it is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -182,7 +176,7 @@ class SenderRunner:
         self._stopping = asyncio.Event()
         self._delivering: set[str] = set()
         self._take_over = redis.register_script(_TAKE_OVER)
-        self._release_claim = redis.register_script(_RELEASE)
+        self._release_claim = redis.register_script(RELEASE_IF_OWNER)  # a claim only if still ours
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -608,8 +602,13 @@ class SenderRunner:
     # --- pieces ----------------------------------------------------------------------------
 
     def _event(self, dispatch: DispatchV1, state: State, provider: str | None = None, **fields: Any) -> EventV1:
+        eid = event_id(dispatch.message_id, dispatch.attempt, state)
+        if dispatch.deferrals and state is State.RETRYING:
+            # A run of the attempt after a rate-limit wait: its own 'retrying' (a failure, a
+            # failover, another wait) is not the wait that deferred it.
+            eid = f"{eid}.d{dispatch.deferrals}"
         return EventV1(
-            event_id=event_id(dispatch.message_id, dispatch.attempt, state),
+            event_id=eid,
             message_id=dispatch.message_id,
             tenant_id=dispatch.tenant_id,
             state=state,
@@ -772,8 +771,9 @@ async def _settled(marks: list[asyncio.Future[bool]]) -> None:
 
 
 def _outcome_state(outputs: list[_Out]) -> str:
-    """The state of the outcome event among a delivery's records."""
-    for o in outputs:
+    """The state of the outcome event among a delivery's records: the last event (the failover
+    events of providers tried before it come first)."""
+    for o in reversed(outputs):
         if o.topic == Topics.EVENTS:
             return str(orjson.loads(o.value)["state"])
     return ""

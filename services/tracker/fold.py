@@ -60,7 +60,9 @@ def fold_plan(events: list[EventV1]) -> FoldPlan:
                 parked[event.message_id] = parking
             continue
         best = furthest.get(event.message_id)
-        if best is None or _order(event) > _order(best):
+        # Equal order: the later one (a failed attempt's own 'retrying' after the failover
+        # events of the providers tried before it carries the attempt's error).
+        if best is None or _order(event) >= _order(best):
             furthest[event.message_id] = event
     plan.new_records = list(snapshots.values())
     plan.moves = list(furthest.values())
@@ -100,14 +102,14 @@ class Parking:
 _CREATE = """
 INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients, subject,
     content, content_type, idempotency_key, request_id, created_at, updated_at,
-    status, state, state_rank, category)
+    status, state, state_rank, category, request)
 SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients::jsonb, u.subject, u.content,
     u.content_type, u.idempotency_key, u.request_id, u.created_at, u.created_at,
-    'pending', 'accepted', 0, u.category
+    'pending', 'accepted', 0, u.category, u.request::jsonb
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-            $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[])
+            $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[], $13::text[])
      AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
-          content_type, idempotency_key, request_id, created_at, category)
+          content_type, idempotency_key, request_id, created_at, category, request)
 ON CONFLICT DO NOTHING
 RETURNING message_id
 """
@@ -255,6 +257,9 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
                 m.request_id,
                 m.accepted_at or e.occurred_at,
                 m.category,
+                # A message the router made (an "all" rule's other channel) brings its request,
+                # so the sweeper can publish it again.
+                _json((e.detail or {}).get("request")) if e.state is State.ACCEPTED else None,
             )
         )
     timeline = [
@@ -292,7 +297,7 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
     async with conn.transaction():
         created: list[str] = []
         if creates:
-            created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 12))]
+            created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 13))]
         if timeline:
             await conn.execute(_TIMELINE, *_columns(timeline, 12))
         if moves:

@@ -16,8 +16,11 @@ Two halves, because several trackers fold the partitions of ``notify.events`` be
 - :class:`QualityPublisher` (one tracker at a time, holding a Redis lease) sums each provider's
   buckets over the window, steps its breaker (:func:`step`, a pure function; the state lives in
   Redis so the next leader continues it) and publishes :class:`ProviderHealthV1` to the compacted
-  ``notify.provider-health`` topic when a value changed, and at least every ``quality_refresh_s``.
-  Routers keep the latest record of each provider and route on it (``shared.routing.score``).
+  ``notify.provider-health`` topic when a value changed, and every provider seen in the window or
+  with an open breaker again at least every ``quality_refresh_s`` (:func:`refresh_due`). Routers
+  keep the latest record of each provider and route on it (``shared.routing.score``); one older
+  than 4 x ``quality_refresh_s`` they take for unknown (Tansu never compacts the topic: each
+  refresh is one more record there, so refreshes are few).
 
 Redis keys (``<p>`` the prefix, "herald"; ``{...}`` are Redis Cluster hash tags: a provider's keys
 share one slot, as the counting script needs, and so do the publisher's own):
@@ -27,7 +30,8 @@ share one slot, as the counting script needs, and so do the publisher's own):
   (successes by answer time) (TTL window + bucket);
 - ``<p>:quality:{<id>}:facts``: hash ``consecutive``, ``last_ok_ms``, ``last_fault_ms``,
   ``tenant_id``, ``channel``, ``provider`` (TTL a week, or 4 windows, refreshed by each try);
-- ``<p>:{quality}:index``: sorted set, provider id → its latest try (ms);
+- ``<p>:{quality}:index``: sorted set, provider id → its latest try (ms); a provider leaves it
+  two windows after its latest try, but one with an open breaker only when its facts expire;
 - ``<p>:{quality}:breakers``: hash, provider id → its breaker (JSON);
 - ``<p>:{quality}:leader``: string, the publishing tracker (PX lease).
 
@@ -43,6 +47,9 @@ Approximations, on purpose:
   latest success does not count, a success older than the latest fault does not reset;
 - closing a breaker restarts the statistics at the first bucket boundary after the close (the
   bucket holding the close also holds the failures that opened it);
+- an open breaker closes on a success at or after its cooldown, taken for a probe's: a send
+  routed before the routers heard it opened but sent after the cooldown (a sender far behind its
+  topic) closes it too;
 - tries are placed by their ``occurred_at`` (the senders' clocks) and breakers judged by the
   publisher's clock: hosts are assumed synchronised well within a bucket and a cooldown.
 """
@@ -69,6 +76,7 @@ from redis.exceptions import RedisError
 from shared.events import EventV1, ProviderHealthV1, State, utcnow
 from shared.logging import log_event
 from shared.metrics import PROVIDER_BREAKER_OPEN, PROVIDER_SUCCESS_RATE
+from shared.redis_scripts import RELEASE_IF_OWNER
 from shared.routing import health_identity
 from shared.settings import Settings
 
@@ -136,13 +144,7 @@ end
 return 0
 """
 
-# Give the lease up (shutdown), if still ours. KEYS: the lease. ARGV: owner.
-RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+# The lease is given up (shutdown), if still ours, with shared.redis_scripts.RELEASE_IF_OWNER.
 
 # Store a breaker, only while holding the lease: a leader paused past its lease must not undo
 # what the next one decided. KEYS: the lease, the breakers. ARGV: owner, provider id, breaker.
@@ -152,6 +154,29 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
+"""
+
+# Forget providers without a try for two windows, only while holding the lease, and only those
+# still without one (a try counted meanwhile raised their score). KEYS: the lease, the index, the
+# breakers. ARGV: owner, cutoff (ms), then per provider its id and 1 to drop its breaker (closed)
+# or 0 to keep it. Answers the ids forgotten.
+PRUNE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return {}
+end
+local cutoff = tonumber(ARGV[2])
+local gone = {}
+for i = 3, #ARGV, 2 do
+    local score = redis.call('ZSCORE', KEYS[2], ARGV[i])
+    if score and tonumber(score) < cutoff then
+        redis.call('ZREM', KEYS[2], ARGV[i])
+        if ARGV[i + 1] == '1' then
+            redis.call('HDEL', KEYS[3], ARGV[i])
+        end
+        gone[#gone + 1] = ARGV[i]
+    end
+end
+return gone
 """
 
 
@@ -425,20 +450,35 @@ def step(breaker: Breaker, stats: Stats, now: datetime, rules: BreakerRules) -> 
     """The breaker after looking at ``stats`` at ``now``:
 
     - closed → open when :func:`trip_reason` has one;
-    - open → closed when a success happened after it opened (a router's probe got through):
-      ``since`` = now, the statistics start afresh;
-    - open → open again from now when a fault happened after the cooldown (a failed probe);
+    - open → closed when a success happened at or after ``opened_at`` + cooldown (a router's
+      probe got through): ``since`` = now, the statistics start afresh;
+    - open → open again from now when a fault happened after ``opened_at`` + cooldown (a failed
+      probe); a probe's success seen in the same look wins;
     - otherwise unchanged.
+
+    Routers probe only after the cooldown, so a try within it is traffic that was on its way
+    (started before the breaker opened, or routed before the routers heard of it): it neither
+    closes the breaker nor opens it again. Closing on such a success would reset the statistics
+    and let a provider failing most of its tries flap back in at once instead of being held out
+    for the cooldown.
     """
     if breaker.state == "closed":
         why = trip_reason(stats, rules)
         return Breaker("open", now, breaker.since, why) if why else breaker
-    opened = breaker.opened_at or now
-    if stats.last_ok_at is not None and stats.last_ok_at > opened:
+    probed_from = (breaker.opened_at or now) + timedelta(seconds=rules.cooldown_s)
+    if stats.last_ok_at is not None and stats.last_ok_at >= probed_from:
         return Breaker("closed", None, now, None)
-    if stats.last_fault_at is not None and stats.last_fault_at > opened + timedelta(seconds=rules.cooldown_s):
+    if stats.last_fault_at is not None and stats.last_fault_at > probed_from:
         return Breaker("open", now, breaker.since, f"probe failed; {stats.consecutive} consecutive failures")
     return breaker
+
+
+def refresh_due(sent_at: datetime, now: datetime, *, refresh_s: float, tick_s: float) -> bool:
+    """Whether a live provider's unchanged record is published again now: when waiting for the
+    next look (``tick_s`` on) would leave the latest one older than ``refresh_s``. Looking every
+    ``tick_s``, a live provider's records are then at most ``refresh_s`` apart (or one tick, if
+    that is longer); routers take a record older than 4 x ``refresh_s`` for unknown."""
+    return (now - sent_at).total_seconds() + tick_s >= refresh_s
 
 
 # --- the record ---------------------------------------------------------------------------------
@@ -563,7 +603,8 @@ class QualityPublisher:
         # A leader that stops renewing is replaced within this (a few ticks).
         self.lease_ms = int(max(3 * settings.quality_tick_s, 2.0) * 1000)
         self._lease = redis.register_script(LEASE_SCRIPT)
-        self._release = redis.register_script(RELEASE_SCRIPT)
+        self._release = redis.register_script(RELEASE_IF_OWNER)
+        self._forget = redis.register_script(PRUNE_SCRIPT)
         self._save = redis.register_script(SAVE_SCRIPT)
         self._sent: dict[int, _Sent] = {}
         self._leading = False
@@ -621,6 +662,7 @@ class QualityPublisher:
             judged = await self._judge(p, now)
             if judged is None:
                 return published  # the lease was lost meanwhile
+            p.breaker = judged[1]  # as stored now
             record = health_record(p.provider_id, p.facts, *judged, self.settings, now)
             self._gauges(p.provider_id, record)
             if not self._due(p, record, now):
@@ -704,28 +746,33 @@ class QualityPublisher:
         if sent is None or sent.fingerprint != fingerprint(record):
             return True
         live = p.seen_ms >= _ms(now) - self.window_ms or record.breaker == "open"
-        return live and (now - sent.at).total_seconds() >= self.settings.quality_refresh_s
+        return live and refresh_due(sent.at, now, refresh_s=self.settings.quality_refresh_s,
+                                    tick_s=self.settings.quality_tick_s)  # fmt: skip
 
     async def _prune(self, now_ms: int, providers: list[_Provider]) -> None:
         """Forget providers without a try for two windows (their last record, published when
-        they left the window, says 0 samples). An open breaker is kept in its hash: the try that
-        brings the provider back into the index finds it."""
+        they left the window, says 0 samples; routers soon take it for unknown, which says the
+        same). A provider whose breaker is open stays, and is refreshed (:meth:`_due`): its
+        record must not age into unknown, which routers would send traffic to; it goes only
+        when its facts expire (no try for a week), its breaker kept in the hash so that the try
+        that brings it back into the index finds it."""
         cutoff = now_ms - 2 * self.window_ms
-        gone = [p for p in providers if p.seen_ms < cutoff]
+        unnamed = {p.provider_id for p in providers if not p.facts.provider or not p.facts.channel}
+        gone = [p for p in providers
+                if p.seen_ms < cutoff and (p.breaker.state == "closed" or p.provider_id in unnamed)]  # fmt: skip
         if not gone:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zremrangebyscore(self.keys.index, "-inf", f"({cutoff}")
-            closed = [str(p.provider_id) for p in gone if p.breaker.state == "closed"]
-            if closed:
-                pipe.hdel(self.keys.breakers, *closed)
-            await pipe.execute()
+        args: list[str | int] = [self.owner, cutoff]
         for p in gone:
-            self._sent.pop(p.provider_id, None)
+            args += [str(p.provider_id), 1 if p.breaker.state == "closed" else 0]
+        forgotten = await self._forget(keys=[self.keys.leader, self.keys.index, self.keys.breakers], args=args)
+        for member in forgotten:
+            provider_id = int(_text(member))  # one of the ids given
+            self._sent.pop(provider_id, None)
             with contextlib.suppress(KeyError):
-                PROVIDER_BREAKER_OPEN.remove(str(p.provider_id))
+                PROVIDER_BREAKER_OPEN.remove(str(provider_id))
             with contextlib.suppress(KeyError):
-                PROVIDER_SUCCESS_RATE.remove(str(p.provider_id))
+                PROVIDER_SUCCESS_RATE.remove(str(provider_id))
 
     @staticmethod
     def _gauges(provider_id: int, record: ProviderHealthV1) -> None:

@@ -93,3 +93,25 @@ async def test_malformed_requests_are_listed_by_reason_and_replayed_in_bulk(
     assert missing.status_code == 404 and missing.json()["code"] == 1004
     empty = await client.post(f"{LETTERS}/replay", json={})
     assert empty.status_code == 400
+
+
+async def test_a_letter_of_a_request_to_a_user_names_the_user_not_their_profile(
+    client: httpx.AsyncClient, producer: AIOKafkaProducer
+) -> None:
+    marker, phone = uuid.uuid4().hex, "+8613800138099"
+    profile = {"user_id": "dl-user", "addresses": {"sms": phone}, "attributes": {"team": "secret-team"}}
+    bad = {"channel": "email", "to": ["not-an-address"], "subject": marker, "content": "c", "recipient": profile}
+    await producer.send_and_wait("notify.requests", orjson.dumps(bad))
+    deadline = time.monotonic() + 30
+    while True:
+        page = (await client.get(LETTERS, params={"reason": "invalid_request", "page_size": 100})).json()["data"]
+        mine = [r for r in page["records"] if marker in r["payload"]]
+        if mine or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert len(mine) == 1, page
+    one = (await client.get(f"{LETTERS}/{mine[0]['id']}")).json()["data"]
+    for letter in (mine[0], one):
+        payload = orjson.loads(letter["payload"])
+        assert payload["recipient"] == {"user_id": "dl-user"} and payload["subject"] == marker, letter
+        assert phone not in orjson.dumps(letter).decode() and "secret-team" not in letter["payload"]

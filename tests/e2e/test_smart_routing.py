@@ -139,7 +139,7 @@ async def test_a_provider_failing_30_percent_loses_the_traffic_and_gets_it_back(
     aliyun.fail_ratio("server_error", 0.3)
     first: list[str] = []  # the provider the router put first for each message
     tried: list[bool] = []  # whether each message was tried at the cheap provider
-    for i in range(40):
+    for i in range(30):
         before = len(aliyun.calls)
         _, _, decision = await _sent_by(tenant.client, db, _sms(f"flaky {i}"))  # each one sent: failover
         first.append(decision["steps"][0]["chosen"])
@@ -160,10 +160,10 @@ async def test_a_provider_failing_30_percent_loses_the_traffic_and_gets_it_back(
             break
         assert time.monotonic() - started < 40, "traffic never came back to the recovered provider"
         await asyncio.sleep(0.3)
-    back = [(await _sent_by(tenant.client, db, _sms(f"steady {i}")))[1] for i in range(8)]
+    back = [(await _sent_by(tenant.client, db, _sms(f"steady {i}")))[1] for i in range(5)]
     print(f"30 % failures: traffic back after recovery in {sent} messages ({time.monotonic() - started:.1f} s); "
-          f"then {back.count('cheap')}/8 through it")  # fmt: skip
-    assert back.count("cheap") >= 7, back
+          f"then {back.count('cheap')}/5 through it")  # fmt: skip
+    assert back.count("cheap") >= 4, back
 
 
 async def test_a_dead_provider_opens_its_breaker_loses_nothing_and_gets_traffic_back(tenant, db, vendors) -> None:
@@ -316,3 +316,29 @@ async def test_a_send_without_channel_counts_against_the_quota_of_the_channel_it
     r = await tenant.client.post("/api/v1/messages/send", json={**body, "content": "two"})
     assert (r.status_code, r.json()["code"]) == (429, 1008), r.text
     assert "sms quota" in r.json()["message"]
+
+
+async def test_an_all_rule_delivers_on_every_channel_as_linked_messages(tenant: Tenant, db, vendors) -> None:
+    aliyun, _, feishu = vendors
+    bot = await _feishu_bot(tenant, feishu)
+    await _profile(tenant, "everywhere", addresses={"feishu": bot, "sms": PHONE})
+    r = await tenant.client.post("/api/v1/routing/rules", json={
+        "name": "urgent: everything", "match": {"priorities": ["urgent"]}, "channels": ["feishu", "sms"],
+        "strategy": "all"})  # fmt: skip
+    assert r.status_code == 201, r.text
+    token = uniq("all-")
+    r = await tenant.client.post("/api/v1/messages/send", json={
+        "to": {"user_id": "everywhere"}, "priority": "urgent", "content": f"fire {token}", "content_type": "text",
+        "options": SMS_OPTIONS})  # fmt: skip
+    assert r.status_code == 202, r.text
+    message_id = r.json()["data"]["message_id"]
+    record = await wait_for_state(tenant.client, message_id, "sent", timeout=30)
+    assert record["message_type"] == "feishu"
+    [child] = record["routing"]["decision"]["children"]
+    assert child["channel"] == "sms"
+    other = await wait_for_state(tenant.client, child["message_id"], "sent", timeout=30)
+    assert other["message_type"] == "sms" and other["recipient"] == PHONE
+    assert any(token in str(c.json()) for c in feishu.verified())
+    stored = await db.fetchval("SELECT request->>'parent_id' FROM message_records WHERE message_id = $1",
+                               child["message_id"])  # fmt: skip
+    assert stored == message_id  # its request is kept: the sweeper can publish it again

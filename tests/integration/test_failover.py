@@ -11,6 +11,7 @@ import os
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -125,6 +126,8 @@ def test_what_counts_against_a_provider() -> None:
     assert provider_fault(Permanent("content refused", code=ErrorCode.CHANNEL_SEND_FAILED)) is False
     assert provider_fault(Deferred("our own rate limit", retry_after=3)) is False
     assert provider_fault(Retryable("throttled", code=ErrorCode.RATE_LIMITED)) is False
+    # plugins mark a vendor's throttling as the sending account's: still not a fault of its health
+    assert provider_fault(Retryable("per-number limit", code=ErrorCode.RATE_LIMITED, sender_fault=True)) is False
 
 
 async def test_each_provider_reads_its_own_options(pair) -> None:
@@ -136,3 +139,62 @@ async def test_each_provider_reads_its_own_options(pair) -> None:
     await sender.send(dispatch)
     body = b.verified()[0].json()
     assert (body["priority"], body["tags"]) == (5, ["by-plugin"])  # the configured name's, then the plugin's
+
+
+async def test_the_last_providers_failure_is_kept_when_an_earlier_one_decides(pair) -> None:
+    sender, a, b = pair
+    a.fail("server_error", times=-1)  # transient: it is the failure the attempt ends with ...
+    b.fail("auth", times=-1)  # ... and b's bad credentials must still be on the timeline
+    with pytest.raises(Retryable) as caught:
+        await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert caught.value.detail["provider_id"] == 1
+    [tried] = caught.value.tries
+    assert tried["detail"]["provider_id"] == 2 and tried["error_code"] == ErrorCode.PROVIDER_AUTH_FAILED
+
+
+async def test_a_request_that_may_have_landed_is_not_sent_elsewhere(pair) -> None:
+    sender, a, b = pair
+    a.slow(3)  # answers after the sender's timeout: the vendor may well have the message
+    sender.settings = sender.settings.model_copy(update={"provider_timeout_s": 0.5})
+    sender._default_client = sender._client({})
+    with pytest.raises(Retryable) as caught:
+        await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert caught.value.unsure is True and caught.value.tries == []
+    assert b.calls == []  # not sent a second time elsewhere; the retry schedule decides
+
+
+async def test_a_provider_that_cannot_be_reached_is_failed_over_at_once(pair) -> None:
+    sender, a, b = pair
+    await a.stop()  # nothing listens: the connection is refused, nothing was sent
+    result = await sender.send(_dispatch((1, "primary"), (2, "backup")))
+    assert result.detail["provider_name"] == "backup" and result.tries[0]["detail"]["provider_id"] == 1
+
+
+def test_the_ledger_keeps_the_attempts_outcome_not_its_first_failover() -> None:
+    # What a redelivered dispatch replays once its records are compacted: "sent", so the sweeper
+    # never sends a message again that a second provider delivered.
+    from services.senders.runner import _Out, _outcome_state
+    from shared.kafka import Topics
+
+    def event(state: str) -> _Out:
+        return _Out.of(Topics.EVENTS, b"m", orjson.dumps({"state": state}), [])
+
+    outputs = [event("retrying"), event("retrying"), event("sent")]
+    assert _outcome_state(outputs) == "sent"
+    assert _outcome_state([event("retrying"), event("failed"), _Out.of(Topics.DLQ, b"m", b"{}", [])]) == "failed"
+
+
+def test_a_run_after_a_rate_limit_wait_has_event_ids_of_its_own(pair) -> None:
+    # The wait's 'retrying' and the re-run's failure (or failover) must both reach the timeline.
+    from services.senders.runner import SenderRunner
+    from shared.events import State
+
+    sender, _, _ = pair
+    runner = SenderRunner.__new__(SenderRunner)
+    runner.service, runner.channel, runner.provider = "sender-ntfy", "ntfy", sender
+    first = _dispatch((1, "primary"))
+    rerun = first.model_copy(update={"deferrals": 1, "dispatch_id": f"{first.message_id}:1.1"})
+    waited = runner._event(first, State.RETRYING).event_id
+    failed = runner._event(rerun, State.RETRYING).event_id
+    assert waited == f"{first.message_id}:1:retrying" and failed == f"{first.message_id}:1:retrying.d1"
+    assert runner._event(rerun, State.SENT).event_id == f"{first.message_id}:1:sent"  # one outcome per attempt

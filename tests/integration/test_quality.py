@@ -123,7 +123,10 @@ async def test_nothing_changed_is_published_again_only_after_the_refresh(redis: 
     publisher = QualityPublisher(redis, SETTINGS, sent, owner="a", keys=k)
     assert len(await publisher.tick(now=now)) == 1
     assert await publisher.tick(now=now + timedelta(seconds=1)) == []
-    assert len(await publisher.tick(now=now + timedelta(seconds=5))) == 1
+    assert await publisher.tick(now=now + timedelta(seconds=4.7)) == []
+    # Refreshed by the last tick before the record would be older than the refresh (5 s).
+    assert len(await publisher.tick(now=now + timedelta(seconds=4.9))) == 1
+    assert await publisher.tick(now=now + timedelta(seconds=5)) == []
     # Out of the window: its samples drop to 0 (a change, published), then no more refreshes.
     [gone] = await publisher.tick(now=now + timedelta(seconds=32))
     assert gone.samples == 0 and gone.success_rate is None
@@ -157,12 +160,20 @@ async def test_the_breaker_opens_closes_and_opens_again(redis: Redis) -> None:
     [record] = await publisher.tick(now=opened_at + timedelta(seconds=2))
     assert (record.breaker, record.opened_at, record.failures) == ("open", opened_at, 6)
 
+    # Nor does a success that was on its way: only a probe (after the cooldown) closes it.
+    await book.record([try_event(pid, True, opened_at + timedelta(seconds=1.5))])
+    [record] = await publisher.tick(now=opened_at + timedelta(seconds=2.5))
+    assert (record.breaker, record.opened_at, record.failures) == ("open", opened_at, 0)
+    await book.record([try_event(pid, False, opened_at + timedelta(seconds=2.6))])
+    [record] = await publisher.tick(now=opened_at + timedelta(seconds=2.8))
+    assert (record.breaker, record.opened_at, record.failures) == ("open", opened_at, 1)
+
     # A failed probe after the cooldown opens it again from now.
     await book.record([try_event(pid, False, opened_at + timedelta(seconds=3.5))])
     reopened_at = opened_at + timedelta(seconds=4)
     [record] = await publisher.tick(now=reopened_at)
     assert (record.breaker, record.opened_at) == ("open", reopened_at)
-    assert record.reason == "probe failed; 7 consecutive failures"
+    assert record.reason == "probe failed; 2 consecutive failures"
 
     # A probe that gets through closes it; the statistics start afresh.
     await book.record([try_event(pid, True, reopened_at + timedelta(seconds=3.5), ms=80.0)])
@@ -183,6 +194,43 @@ async def test_the_breaker_opens_closes_and_opens_again(redis: Redis) -> None:
     successor = QualityPublisher(redis, SETTINGS, other, owner="b", keys=k)
     [record] = await successor.tick(now=later + timedelta(seconds=1.5))
     assert (record.breaker, record.samples) == ("closed", 4)
+
+
+async def test_an_open_breaker_is_refreshed_while_its_provider_gets_no_tries(redis: Redis) -> None:
+    # Routers take a record older than 4 x quality_refresh_s for unknown (and route to it as to a
+    # provider without data): an open breaker's record must not age, however long it gets no try.
+    k, now = keys(), utcnow()
+    broken, idle = next(_ids), next(_ids)
+    book = QualityBook(redis, SETTINGS, k)
+    await book.record([*(try_event(broken, False, now) for _ in range(5)), try_event(idle, True, now)])
+    sent = Captured()
+    publisher = QualityPublisher(redis, SETTINGS, sent, owner="a", keys=k)
+    assert {r.provider_id: r.breaker for r in await publisher.tick(now=now)} == {broken: "open", idle: "closed"}
+    for second in range(5, 180, 5):
+        await publisher.tick(now=now + timedelta(seconds=second))
+    # Two windows (60 s) without a try: the idle one is forgotten, the broken one is not.
+    assert await redis.zscore(k.index, str(idle)) is None
+    assert await redis.zscore(k.index, str(broken)) is not None
+    times = [r.occurred_at for r in sent.of(broken)]
+    assert all(r.breaker == "open" and r.opened_at == now for r in sent.of(broken))
+    assert times[-1] >= now + timedelta(seconds=170)
+    assert max((b - a).total_seconds() for a, b in itertools.pairwise(times)) <= SETTINGS.quality_refresh_s
+    # Its first try in a while, a failed probe, opens it again (its breaker was kept).
+    await book.record([try_event(broken, False, now + timedelta(seconds=180))], now=now + timedelta(seconds=180))
+    [record] = await publisher.tick(now=now + timedelta(seconds=181))
+    assert (record.breaker, record.opened_at) == ("open", now + timedelta(seconds=181))
+
+
+async def test_a_provider_whose_facts_expired_is_forgotten_even_with_an_open_breaker(redis: Redis) -> None:
+    k, pid, now = keys(), next(_ids), utcnow()
+    await QualityBook(redis, SETTINGS, k).record([try_event(pid, False, now) for _ in range(5)])
+    publisher = QualityPublisher(redis, SETTINGS, Captured(), owner="a", keys=k)
+    [record] = await publisher.tick(now=now)
+    assert record.breaker == "open"
+    await redis.delete(k.facts(pid))  # a week without a try: nothing left to name it by
+    assert await publisher.tick(now=now + timedelta(seconds=61)) == []
+    assert await redis.zscore(k.index, str(pid)) is None
+    assert await redis.hexists(k.breakers, str(pid))  # kept: a try that brings it back finds it
 
 
 async def test_an_error_rate_over_enough_tries_opens_it(redis: Redis) -> None:

@@ -1,11 +1,17 @@
 """Ingest's side of smart routing (issue 10), without servers: what the config topic carries for
 providers, rules and policies (and that routers' stores read it back), the bodies of the routing
-and recipient APIs, and a send to a user (its ``to``, its record, its fingerprint)."""
+and recipient APIs (with the limits of the shared models), a send to a user (its ``to``, its
+record, its fingerprint, the check of a send without a channel), the cache of each tenant's rules,
+and profiles cut out of what ``read`` keys see."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
 
+import orjson
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -13,13 +19,15 @@ from pydantic import ValidationError
 from services.ingest.dedup import fingerprint, fingerprint_of
 from services.ingest.http import _field_name
 from services.ingest.publish import NewRecord
+from services.ingest.recipients import text_without_profiles, without_profiles
 from services.ingest.routes.messages import SendRequest, UserRef
 from services.ingest.routes.recipients import RecipientIn, RecipientPatch, _audited, _normalised, _profile
 from services.ingest.routes.routing import PolicyIn, RuleIn, RulePatch
-from services.ingest.routing import _record, policy_of, provider_route_of, rule_of
-from shared.errors import HeraldError
-from shared.events import Channel, RequestV1
-from shared.routing import RoutingStore, policy_key, provider_key, rule_key
+from services.ingest.routing import RuleCache, _record, policy_of, provider_route_of, rule_of
+from services.ingest.sends import check_route
+from shared.errors import ErrorCode, HeraldError
+from shared.events import Channel, RecipientProfile, RequestV1
+from shared.routing import RoutingPolicy, RoutingRule, RoutingStore, policy_key, provider_key, rule_key
 
 NOW = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 
@@ -209,3 +217,206 @@ def test_the_fingerprint_of_a_send_to_a_user_names_the_user_and_the_priority() -
     # Sends without a user at the default priority keep the fingerprint they had.
     assert fingerprint_of(direct) == fingerprint("default", "email", ["u1@example.com"], None, "x")
     assert fingerprint_of(direct) != fingerprint_of(direct.model_copy(update={"priority": "low"}))
+
+
+# --- one place for the limits --------------------------------------------------------------------
+
+# Values at and around every limit of the fields the API bodies share with what routers read.
+_PROBES: dict[str, list[Any]] = {
+    "name": ["", "r", "x" * 100, "x" * 101],
+    "position": [-1, 0, 100_000, 100_001],
+    "channels": [[], ["sms"], ["sms", "sms"], ["sms", "email", "pigeon"], [c.value for c in Channel][:8],
+                 [c.value for c in Channel][:9]],
+    "strategy": ["first_success", "all", "random"],
+    "step_timeout_s": [4, 5, 86_400, 86_401],
+    "min_success_rate": [-0.01, 0, 1, 1.01],
+    "max_p95_ms": [None, 0, 0.5, 3_600_000],
+    "min_samples": [0, 1, 10_000, 10_001],
+}  # fmt: skip
+
+
+def _accepts(model: type, body: dict, field: str) -> bool:
+    try:
+        model.model_validate(body)
+    except ValidationError as exc:
+        assert {e["loc"][0] for e in exc.errors()} == {field}, exc
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("api", "shared", "base"), [
+    (RuleIn, RoutingRule, {"rule_id": 1, "tenant_id": "t", "name": "r", "channels": ["sms"]}),
+    (RulePatch, RoutingRule, {"rule_id": 1, "tenant_id": "t", "name": "r", "channels": ["sms"]}),
+    (PolicyIn, RoutingPolicy, {"tenant_id": "t"}),
+])  # fmt: skip
+def test_the_api_bodies_take_their_limits_from_the_shared_models(api: type, shared: type, base: dict) -> None:
+    common = [name for name in api.model_fields if name in shared.model_fields and name in _PROBES]
+    assert common, api
+    for name in common:
+        for value in _PROBES[name]:
+            ours = {} if api is RulePatch else {k: v for k, v in base.items() if k in api.model_fields}
+            same = _accepts(api, {**ours, name: value}, name) == _accepts(shared, {**base, name: value}, name)
+            assert same, (api.__name__, name, value)
+        # The very definitions, not copies of them: a limit changed in shared/routing.py is the API's.
+        if api is not RulePatch:
+            limits = api.model_fields[name].metadata
+            assert all(any(ours is theirs for ours in limits) for theirs in shared.model_fields[name].metadata), name
+    assert set(PolicyIn().model_dump()) == {"min_success_rate", "max_p95_ms", "min_samples"}
+    assert PolicyIn().model_dump() == RoutingPolicy(tenant_id="t").model_dump(include=set(PolicyIn.model_fields))
+
+
+def test_an_unbounded_latency_threshold_is_refused() -> None:
+    # RoutingPolicy has no upper bound on max_p95_ms yet; the API keeps its own until it has.
+    for raw in (b'{"max_p95_ms": 3600001}', b'{"max_p95_ms": 1e400}', b'{"max_p95_ms": Infinity}'):
+        with pytest.raises(ValidationError) as caught:
+            PolicyIn.model_validate_json(raw)
+        assert _fields(caught.value) == ["max_p95_ms"], raw
+
+
+# --- a send to a user without a channel ------------------------------------------------------------
+
+
+def _rule(rule_id: int, channels: list[str], **match: Any) -> RoutingRule:
+    return RoutingRule(rule_id=rule_id, tenant_id="acme", name=f"rule-{rule_id}", position=rule_id, channels=channels,
+                       match=match)  # fmt: skip
+
+
+class _Rules:
+    def __init__(self, rules: list[RoutingRule]) -> None:
+        self.rules = rules
+        self.asked = 0
+
+    async def get(self, tenant_id: str) -> list[RoutingRule]:
+        self.asked += 1
+        return self.rules
+
+
+def _services(rules: list[RoutingRule]) -> Any:
+    return SimpleNamespace(routing_rules=_Rules(rules), settings=SimpleNamespace(record_timeout_s=1.0))
+
+
+async def _route(rules: list[RoutingRule], profile: dict, **facts: Any) -> str | None:
+    facts = {"priority": "normal", "category": None, "scheduled_at": None, "now": NOW, **facts}
+    return await check_route(_services(rules), "acme", RecipientProfile.model_validate(profile), **facts)
+
+
+async def test_a_send_without_a_channel_that_can_never_be_routed_is_refused_naming_the_field() -> None:
+    user = {"user_id": "u1", "addresses": {"email": "u1@example.com"}}
+    # No rule matches: 1001 naming channel.
+    with pytest.raises(HeraldError) as caught:
+        await _route([_rule(1, ["email"], categories=["billing"])], user, category="ops")
+    assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_PARAMS, "channel")
+    with pytest.raises(HeraldError):
+        await _route([], user)
+    # The rule's channels have no address in the profile: 1001 naming to.user_id, and the channels.
+    with pytest.raises(HeraldError) as caught:
+        await _route([_rule(1, ["sms", "wecom"]), _rule(2, ["email"])], user)
+    assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_PARAMS, "to.user_id")
+    assert "sms, wecom" in caught.value.message and "'rule-1'" in caught.value.message
+    # Routed: the first channel with an address counts; opted out: accepted, nothing counted.
+    assert await _route([_rule(1, ["sms", "email"])], user) == "email"
+    assert await _route([_rule(1, ["email"])], {**user, "opt_outs": {"channels": ["email"]}}) is None
+    assert await _route([], {**user, "opt_outs": {"categories": ["ads"]}}, category="ads") is None
+
+
+async def test_a_send_without_a_channel_is_checked_at_the_time_the_router_will_route_it() -> None:
+    nights = _rule(1, ["email"], local_time={"start": "22:00", "end": "06:00"})
+    user = {"user_id": "u1", "addresses": {"email": "u1@example.com"}}  # UTC; NOW is 09:30
+    with pytest.raises(HeraldError):
+        await _route([nights], user)
+    assert await _route([nights], user, scheduled_at=NOW.replace(hour=23)) == "email"
+    # Quiet hours until 23:00: routed when they end (unless urgent, routed now).
+    quiet = {**user, "quiet_hours": {"start": "08:00", "end": "23:00"}}
+    assert await _route([nights], quiet) == "email"
+    with pytest.raises(HeraldError):
+        await _route([nights], quiet, priority="urgent")
+    # A time already past is now (and then the quiet hours).
+    assert await _route([nights], quiet, scheduled_at=NOW - timedelta(minutes=1)) == "email"
+
+
+# --- each tenant's rules, cached ---------------------------------------------------------------------
+
+
+class _Pool:
+    """Answers live_rules' query with the rules set for each tenant, counting the queries; a
+    query may be held until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[dict]] = {}
+        self.queries = 0
+        self.release: asyncio.Event | None = None
+
+    async def fetch(self, query: str, tenant_id: str) -> list[dict]:
+        self.queries += 1
+        rows = list(self.rows.get(tenant_id, []))
+        if self.release is not None:
+            await self.release.wait()
+        return rows
+
+
+async def test_a_tenants_rules_are_read_once_per_ttl_and_again_at_once_after_a_change(monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("services.ingest.routing.time.monotonic", lambda: clock[0])
+    pool = _Pool()
+    pool.rows["acme"] = [_rule_row()]
+    cache = RuleCache(pool, ttl_s=5.0, max_tenants=2)  # type: ignore[arg-type]
+    first = await cache.get("acme")
+    assert [r.rule_id for r in first] == [11]
+    for _ in range(50):
+        assert await cache.get("acme") == first
+    assert pool.queries == 1
+    clock[0] += 5.0  # expired
+    await cache.get("acme")
+    assert pool.queries == 2
+    # A change through this ingest's API: read again at once.
+    pool.rows["acme"] = [_rule_row(), _rule_row(id=12, position=20)]
+    cache.forget("acme")
+    assert [r.rule_id for r in await cache.get("acme")] == [11, 12] and pool.queries == 3
+    # At most max_tenants entries: the oldest goes first.
+    await cache.get("beta")
+    await cache.get("gamma")
+    assert list(cache._entries) == ["beta", "gamma"]
+    await cache.get("acme")
+    assert pool.queries == 6
+
+
+async def test_a_read_begun_before_a_change_is_not_kept_after_it() -> None:
+    pool = _Pool()
+    pool.rows["acme"] = [_rule_row()]
+    cache = RuleCache(pool)  # type: ignore[arg-type]
+    pool.release = asyncio.Event()
+    reading = asyncio.create_task(cache.get("acme"))
+    await asyncio.sleep(0)
+    pool.rows["acme"] = []
+    cache.forget("acme")  # the change committed while the read was under way
+    pool.release.set()
+    assert len(await reading) == 1  # its caller began before the change
+    assert await cache.get("acme") == [] and pool.queries == 2
+
+
+# --- profiles are config-scope data ----------------------------------------------------------------
+
+
+def test_profiles_are_cut_to_the_user_id_and_nothing_else_changes() -> None:
+    profile = {"user_id": "u1", "addresses": {"sms": "+8613800138000", "email": "u1@example.com"},
+               "attributes": {"team": "ops"}, "timezone": "Asia/Shanghai"}  # fmt: skip
+    detail = {"scheduled_at": "2026-03-01T23:00:00+00:00", "reason": "quiet_hours", "seq": 1,
+              "request": {"tenant_id": "acme", "to": [], "content": "x", "recipient": profile,
+                          "children": [{"recipient": profile}]}}  # fmt: skip
+    cut = without_profiles(detail)
+    assert cut["request"]["recipient"] == {"user_id": "u1"}
+    assert cut["request"]["children"] == [{"recipient": {"user_id": "u1"}}]
+    kept = {k: v for k, v in cut["request"].items() if k not in ("recipient", "children")}
+    assert kept == {"tenant_id": "acme", "to": [], "content": "x"}
+    assert {k: v for k, v in cut.items() if k != "request"} == {k: v for k, v in detail.items() if k != "request"}
+    assert detail["request"]["recipient"] == profile  # the original is left alone
+    assert without_profiles({"recipient": "+8613800138000"}) == {"recipient": "+8613800138000"}
+    assert without_profiles(None) is None and without_profiles([1, "a"]) == [1, "a"]
+    # A dead letter's payload: JSON text.
+    raw = orjson.dumps(detail["request"]).decode()
+    assert orjson.loads(text_without_profiles(raw))["recipient"] == {"user_id": "u1"}
+    assert "+8613800138000" not in text_without_profiles(raw)
+    plain = '{"channel": "email", "to": ["a@example.com"]}'
+    assert text_without_profiles(plain) is plain
+    assert text_without_profiles("not json, recipient") == "not json, recipient"
+    assert text_without_profiles('{"recipient": "a@example.com"}') == '{"recipient": "a@example.com"}'

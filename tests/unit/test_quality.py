@@ -21,6 +21,7 @@ from services.tracker.quality import (
     health_record,
     latency_field,
     p95_ms,
+    refresh_due,
     step,
     sum_buckets,
     trip_reason,
@@ -151,12 +152,27 @@ def test_an_error_rate_opens_it_only_over_enough_tries() -> None:
     assert trip_reason(Stats(samples=10, faults=6), RULES) == "error rate 60% over 10 tries"
 
 
-def test_a_success_after_it_opened_closes_it_and_restarts_the_statistics() -> None:
+def test_only_a_success_after_the_cooldown_closes_it() -> None:
+    # Routers probe an open breaker only once its cooldown has passed; a success before that is
+    # a send that started before it opened, or was routed before the routers heard of it.
     opened = Breaker("open", NOW, None, "5 consecutive failures")
     failing = Stats(samples=20, faults=20, consecutive=20, last_fault_at=at(1))
     assert step(opened, replace_ok(failing, at(-1)), at(5), RULES) == opened  # before it opened
     assert step(opened, replace_ok(failing, NOW), at(5), RULES) == opened
-    assert step(opened, replace_ok(failing, at(0.5)), at(5), RULES) == Breaker("closed", None, at(5), None)
+    assert step(opened, replace_ok(failing, at(1)), at(5), RULES) == opened  # in flight: cooldown 30
+    assert step(opened, replace_ok(failing, at(29.999)), at(31), RULES) == opened
+    # A probe's success (at or after the cooldown) closes it and restarts the statistics.
+    assert step(opened, replace_ok(failing, at(30)), at(31), RULES) == Breaker("closed", None, at(31), None)
+    assert step(opened, replace_ok(failing, at(31)), at(32), RULES) == Breaker("closed", None, at(32), None)
+
+
+def test_a_flaky_provider_is_held_out_for_the_whole_cooldown() -> None:
+    # 60 % of its tries fail: successes of the traffic that was on its way keep coming in for a
+    # while after it opened; none of them closes it, so it stays out until a probe.
+    opened = Breaker("open", NOW, at(-300), "error rate 60% over 10 tries")
+    for second in range(1, 30):
+        stats = Stats(samples=10, faults=6, consecutive=1, last_ok_at=at(second - 0.5), last_fault_at=at(second))
+        assert step(opened, stats, at(second), RULES) == opened
 
 
 def replace_ok(stats: Stats, last_ok_at: datetime) -> Stats:
@@ -174,10 +190,13 @@ def test_a_fault_after_the_cooldown_is_a_failed_probe_and_opens_it_again() -> No
     assert step(again, Stats(consecutive=9, last_fault_at=at(30.001)), at(80), RULES) == again
 
 
-def test_a_success_wins_over_a_fault_after_it_opened() -> None:
+def test_a_probes_success_wins_over_a_fault_after_the_cooldown() -> None:
     opened = Breaker("open", NOW, None, "5 consecutive failures")
     stats = Stats(consecutive=1, last_ok_at=at(40), last_fault_at=at(41))
     assert step(opened, stats, at(42), RULES).state == "closed"
+    # A success within the cooldown is no probe's: the failed probe opens it again.
+    stats = Stats(consecutive=1, last_ok_at=at(10), last_fault_at=at(35))
+    assert step(opened, stats, at(36), RULES) == Breaker("open", at(36), None, "probe failed; 1 consecutive failures")
 
 
 def test_a_breaker_is_stored_and_read_back() -> None:
@@ -210,10 +229,34 @@ def test_the_record_carries_what_routers_score_on() -> None:
     assert fingerprint(healthy) != fingerprint(record)
 
 
+def test_a_live_record_is_refreshed_before_it_is_older_than_the_refresh() -> None:
+    # The publisher looks every tick_s: it refreshes when waiting for the next tick would leave
+    # the record older than refresh_s (routers take one older than 4 x refresh_s for unknown).
+    assert not refresh_due(NOW, at(28.9), refresh_s=30, tick_s=1)
+    assert refresh_due(NOW, at(29), refresh_s=30, tick_s=1)
+    assert refresh_due(NOW, at(45), refresh_s=30, tick_s=1)
+    for refresh_s, tick_s in ((30, 1), (5, 0.7), (2, 0.5), (30, 7), (1, 2)):
+        sent, gaps = 0.0, []
+        for k in range(1, 400):
+            if refresh_due(at(sent), at(k * tick_s), refresh_s=refresh_s, tick_s=tick_s):
+                gaps.append(k * tick_s - sent)
+                sent = k * tick_s
+        assert gaps and max(gaps) <= max(refresh_s, tick_s), (refresh_s, tick_s, max(gaps))
+
+
+def test_the_lease_is_released_with_the_shared_script() -> None:
+    import services.tracker.quality as quality
+    from shared import redis_scripts
+
+    assert quality.RELEASE_IF_OWNER is redis_scripts.RELEASE_IF_OWNER
+    assert not hasattr(quality, "RELEASE_SCRIPT")  # one copy, in shared/redis_scripts.py
+
+
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = Settings()
     assert (defaults.quality_window_s, defaults.quality_bucket_s, defaults.quality_tick_s) == (300, 10, 1.0)
-    assert (defaults.quality_refresh_s, defaults.breaker_failures, defaults.breaker_error_rate) == (5.0, 5, 0.5)
+    # Every live provider is republished this often onto a topic Tansu never compacts: not 5 s.
+    assert (defaults.quality_refresh_s, defaults.breaker_failures, defaults.breaker_error_rate) == (30.0, 5, 0.5)
     assert defaults.breaker_min_samples == 10
     monkeypatch.setenv("HERALD_QUALITY_WINDOW_S", "30")
     monkeypatch.setenv("HERALD_QUALITY_BUCKET_S", "2")

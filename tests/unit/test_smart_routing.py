@@ -21,6 +21,7 @@ from shared.routing import (
     RoutingPolicy,
     RoutingRule,
     RoutingStore,
+    RuleMatch,
     matches,
     quiet_until,
     rank,
@@ -181,16 +182,21 @@ def test_all_sends_every_channel_as_linked_messages() -> None:
     rule = FALLBACK.model_copy(update={"strategy": "all"})
     decision = plan(_request(), now=NOW, routing=_routing(rule))
     assert isinstance(decision, Routed) and decision.dispatch.fallback is None
-    [child] = decision.extra
-    assert child.channel.value == "sms" and child.message_id != decision.dispatch.message_id
-    child_events = [e for e in decision.events if e.message_id == child.message_id]
-    assert [e.state for e in child_events] == [State.ACCEPTED, State.ROUTED]  # a record of its own
-    parent = next(
-        e for e in decision.events if e.state is State.ROUTED and e.message_id == decision.dispatch.message_id
-    )
-    assert parent.detail["routing"]["children"][0]["message_id"] == child.message_id
+    assert decision.dispatch.channel.value == "feishu"
+    [child] = decision.children  # a request of its own, published to notify.requests
+    assert (child.channel.value, child.to, child.parent_id) == ("sms", ["+8613800138000"], decision.dispatch.message_id)
+    assert child.message_id != decision.dispatch.message_id and not child.recorded and child.idempotency_key is None
+    parent = next(e for e in decision.events if e.state is State.ROUTED)
+    assert parent.detail["routing"]["children"] == [{"message_id": child.message_id, "channel": "sms"}]
     again = plan(_request(message_id=decision.dispatch.message_id), now=NOW, routing=_routing(rule))
-    assert again.extra[0].message_id == child.message_id  # a replay gives the same ids
+    assert again.children[0].message_id == child.message_id  # a replay gives the same ids
+    # Routed in its turn: recorded by its 'accepted' event, which brings the request for the sweeper.
+    routed = plan(child.to_bytes(), now=NOW, routing=_routing(rule))
+    assert isinstance(routed, Routed) and routed.dispatch.candidates[0].name == "cheap" and routed.children == []
+    accepted = routed.events[0]
+    assert accepted.state is State.ACCEPTED and accepted.detail["parent_id"] == decision.dispatch.message_id
+    stored = accepted.detail["request"]
+    assert stored["channel"] == "sms" and stored["message_id"] == child.message_id
 
 
 def test_opted_out_category_is_suppressed_and_says_why() -> None:
@@ -246,3 +252,57 @@ def test_a_plain_send_is_ranked_too_and_a_named_provider_is_kept() -> None:
     named = orjson.loads(plain) | {"provider": "dear"}
     decision = plan(orjson.dumps(named), now=NOW, routing=_routing())
     assert [c.name for c in decision.dispatch.candidates] == ["dear"]
+
+
+def test_quiet_hours_that_start_when_they_end_are_refused_however_written() -> None:
+    with pytest.raises(ValueError, match="same time"):
+        _profile(quiet_hours={"start": "22:00", "end": "22:00:00"})
+    window = RuleMatch(local_time={"start": "08:00", "end": "08:00:00"})  # no validator there: never within
+    rule = RoutingRule(rule_id=1, tenant_id="acme", name="r", channels=["sms"], match=window)
+    assert not matches(rule, priority="normal", category=None, profile=_profile(), now=NOW)
+
+
+def test_attribute_values_match_by_type_too() -> None:
+    rule = RoutingRule(rule_id=1, tenant_id="acme", name="r", channels=["sms"], match={"attributes": {"vip": True}})
+    facts = {"priority": "normal", "category": None, "now": NOW}
+    assert matches(rule, profile=_profile(attributes={"vip": True}), **facts)
+    assert not matches(rule, profile=_profile(attributes={"vip": 1}), **facts)
+    tier = RoutingRule(rule_id=2, tenant_id="acme", name="t", channels=["sms"], match={"attributes": {"tier": [1, 2]}})
+    assert matches(tier, profile=_profile(attributes={"tier": 2}), **facts)
+    assert not matches(tier, profile=_profile(attributes={"tier": True}), **facts)
+    assert not matches(tier, profile=_profile(), **facts)  # absent
+
+
+def test_a_channel_the_message_cannot_take_is_left_out_not_the_message() -> None:
+    rule = RoutingRule(rule_id=9, tenant_id="acme", name="mail then sms", channels=["email", "sms"])
+    decision = plan(_request(), now=NOW, routing=_routing(rule))  # no subject: not an email
+    assert isinstance(decision, Routed) and decision.dispatch.channel.value == "sms"
+    assert decision.dispatch.fallback is None
+    routed = next(e for e in decision.events if e.state is State.ROUTED)
+    [left] = routed.detail["routing"]["left_out"]
+    assert left["channel"] == "email" and "subject" in left["why"]
+    only_email = RoutingRule(rule_id=9, tenant_id="acme", name="mail", channels=["email"])
+    rejected = plan(_request(), now=NOW, routing=_routing(only_email))
+    assert isinstance(rejected, Rejected) and rejected.errors[0]["field"] == "subject"
+
+
+def test_a_health_record_nobody_refreshes_is_not_trusted() -> None:
+    store = HealthStore(stale_after_s=120)
+    opened = _health(2, breaker="open", state="disabled", opened_at=NOW, cooldown_s=30)
+    store.apply(opened.to_bytes())
+    assert store.get(2, NOW + timedelta(seconds=119)) is not None
+    assert store.get(2, NOW + timedelta(seconds=121)) is None  # no tracker measured it since
+    store.apply(_health(2, breaker="closed", occurred_at=NOW - timedelta(hours=1)).to_bytes())
+    assert store.get(2, NOW) is None  # the last record read wins, and it is old
+
+
+def test_a_message_swept_after_its_next_channel_took_over_resumes_there() -> None:
+    # The sweeper publishes attempt 3 (the fallback's) with step 2: feishu had failed already.
+    decision = plan(_request(step=2, attempt=3, recorded=True, message_id="msg_20261202_resumed000000001"), now=NOW,
+                    routing=_routing(FALLBACK))  # fmt: skip
+    assert isinstance(decision, Routed)
+    d = decision.dispatch
+    assert (d.channel.value, d.step, d.attempt, d.first_attempt, d.fallback) == ("sms", 2, 3, 3, None)
+    assert d.dispatch_id == "msg_20261202_resumed000000001:3"  # the lost fallback's own id: sent once
+    routed = next(e for e in decision.events if e.state is State.ROUTED)
+    assert routed.detail["routing"]["left_out"] == [{"channel": "feishu", "why": "failed before; resumed at step 2"}]

@@ -23,6 +23,7 @@ from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, json_body_schema, parse_body
+from services.ingest.recipients import text_without_profiles, without_profiles
 from shared.errors import ErrorCode, HeraldError
 from shared.kafka import Topics, message_key
 
@@ -44,7 +45,11 @@ class BulkReplay(BaseModel):
 
 
 def _out(row: asyncpg.Record) -> dict[str, Any]:
+    """A letter as ``read`` keys see it: a request to a user in its payload names the user, not
+    their profile (replays publish the stored payload, whole)."""
     out = dict(row)
+    out["payload"] = text_without_profiles(out["payload"])
+    out["errors"] = without_profiles(out["errors"])
     for key in ("occurred_at", "recorded_at", "replayed_at"):
         if out.get(key) is not None:
             out[key] = out[key].astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -15,15 +15,17 @@ from services.ingest.attachments import resolve_attachments
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
-from services.ingest.recipients import load_profile
+from services.ingest.recipients import load_profile, without_profiles
 from services.ingest.routes.templates import resolve as resolve_template
 from services.ingest.sends import (
     LOCALE,
     accept,
+    check_route,
     content_mode_error,
     due_time,
     missing_variable,
     open_send,
+    replay_keyed,
 )
 from shared.channels import AddressError, check_address
 from shared.channels import spec as channel_spec
@@ -142,7 +144,8 @@ class SendRequest(BaseModel):
 
     channel: Channel | None = Field(
         default=None,
-        description="the channel; may be left out when `to` names a user: the tenant's routing rules choose",
+        description="the channel; may be left out when `to` names a user: the tenant's routing rules choose (a send "
+        "no rule matches, or whose rule gives only channels the profile has no address on, is refused)",
         examples=["sms"],
     )
     to: _To = Field(
@@ -315,8 +318,19 @@ async def _send(request: Request, body: SendRequest):
         return opening.replayed
     key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
     profile: RecipientProfile | None = None
+    count_as: str | None = None  # without a channel: the quota the routing rules make it count against
     if user is not None:
         profile = await _recipient(services, tenant_id, user.user_id, channel)
+        if channel is None:  # refused now if it can never be routed, before a fingerprint or quota is taken
+            try:
+                count_as = await check_route(services, tenant_id, profile, priority=body.priority,
+                                             category=body.category, scheduled_at=scheduled_at,
+                                             now=datetime.now(UTC))  # fmt: skip
+            except HeraldError as exc:
+                refused = exc.code is ErrorCode.INVALID_PARAMS  # not a 503: the database is away
+                if refused and (replayed := await replay_keyed(services, tenant_id, key, digest)) is not None:
+                    return replayed  # accepted before the rules changed: the first answer again
+                raise
         # With a channel, the profile's address on it; without, the router's rules choose
         # channels and take the addresses from the snapshot the request carries.
         to = [profile.addresses[channel]] if channel is not None else []
@@ -360,7 +374,7 @@ async def _send(request: Request, body: SendRequest):
     if user is not None:
         recipients["user_id"] = [user.user_id]
     return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,
-                        dedup=body.dedup)  # fmt: skip
+                        dedup=body.dedup, count_as=count_as)  # fmt: skip
 
 
 async def _recipient(services: Any, tenant_id: str, user_id: str, channel: Channel | None) -> RecipientProfile:
@@ -763,6 +777,8 @@ async def get_timeline(
     for r in rows:
         item = {k: r[k] for k in r.keys() if k != "occurred_at"}
         item["occurred_at"] = iso_z(r["occurred_at"])
+        # A message held for quiet hours: its 'scheduled' event holds the request, profile and all.
+        item["detail"] = without_profiles(item["detail"])
         events.append(item)
     return envelope({"message_id": message_id, "events": events})
 

@@ -6,11 +6,11 @@ to the routers (:mod:`services.ingest.routing`); deletes are soft and published 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from services.ingest import audit
 from services.ingest.auth import Scope
@@ -19,19 +19,35 @@ from services.ingest.http import JSONResponse, envelope, iso_z, json_body_schema
 from services.ingest.routing import POLICY_COLUMNS, RULE_COLUMNS, policy_of, rule_of
 from shared.errors import ErrorCode, HeraldError
 from shared.events import Channel
-from shared.routing import RoutingPolicy, RuleMatch, Strategy
+from shared.routing import RoutingPolicy, RoutingRule, RuleMatch, distinct_channels
 
 router = APIRouter(prefix="/api/v1/routing", tags=["routing"])
 
 _TEXT = r"^[^\r\n\x00]*$"
 _NAME = r"^[^\r\n\x00]+$"
-_DEFAULTS = RoutingPolicy(tenant_id="-")
 
 
-def _distinct(value: list[Channel] | None) -> list[Channel] | None:
-    if value is not None and len(set(value)) != len(value):
-        raise ValueError("a channel is listed twice")
-    return value
+def _shared(model: type[BaseModel], name: str, *more: Any) -> Any:
+    """The type of ``model``'s field ``name`` with its own limits (and ``more``), without its
+    default: the API checks a value with the very limits routers read it with, defined once in
+    :mod:`shared.routing`."""
+    info = model.model_fields[name]
+    limits = (*info.metadata, *more)
+    return Annotated[(info.annotation, *limits)] if limits else info.annotation
+
+
+def _default(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].default
+
+
+_Channels = _shared(RoutingRule, "channels", AfterValidator(distinct_channels))
+_RuleName = _shared(RoutingRule, "name", StringConstraints(pattern=_NAME))
+_Position = _shared(RoutingRule, "position")
+_StepTimeout = _shared(RoutingRule, "step_timeout_s")
+_Strategy = _shared(RoutingRule, "strategy")
+_SuccessRate = _shared(RoutingPolicy, "min_success_rate")
+_P95 = _shared(RoutingPolicy, "max_p95_ms")
+_Samples = _shared(RoutingPolicy, "min_samples")
 
 
 class RuleIn(BaseModel):
@@ -40,19 +56,14 @@ class RuleIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    name: str = Field(min_length=1, max_length=100, pattern=_NAME, examples=["urgent-ops"])
-    position: int = Field(default=100, ge=0, le=100_000, description="lower is tried first")
+    name: _RuleName = Field(examples=["urgent-ops"])
+    position: _Position = Field(default=_default(RoutingRule, "position"), description="lower is tried first")
     match: RuleMatch = Field(default_factory=RuleMatch, description="empty matches every message")
-    channels: list[Channel] = Field(min_length=1, max_length=8, examples=[["wecom", "sms", "email"]])
-    strategy: Strategy = "first_success"
-    step_timeout_s: int = Field(default=300, ge=5, le=86_400)
+    channels: _Channels = Field(examples=[["wecom", "sms", "email"]])
+    strategy: _Strategy = _default(RoutingRule, "strategy")
+    step_timeout_s: _StepTimeout = _default(RoutingRule, "step_timeout_s")
     is_active: bool = True
     description: str | None = Field(default=None, max_length=500, pattern=_TEXT)
-
-    @field_validator("channels")
-    @classmethod
-    def _distinct_channels(cls, value: list[Channel]) -> list[Channel]:
-        return _distinct(value)  # type: ignore[return-value]
 
 
 class RulePatch(BaseModel):
@@ -60,19 +71,14 @@ class RulePatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=_NAME)
-    position: int | None = Field(default=None, ge=0, le=100_000)
+    name: _RuleName | None = None
+    position: _Position | None = None
     match: RuleMatch | None = None
-    channels: list[Channel] | None = Field(default=None, min_length=1, max_length=8)
-    strategy: Strategy | None = None
-    step_timeout_s: int | None = Field(default=None, ge=5, le=86_400)
+    channels: _Channels | None = None
+    strategy: _Strategy | None = None
+    step_timeout_s: _StepTimeout | None = None
     is_active: bool | None = None
     description: str | None = Field(default=None, max_length=500, pattern=_TEXT)
-
-    @field_validator("channels")
-    @classmethod
-    def _distinct_channels(cls, value: list[Channel] | None) -> list[Channel] | None:
-        return _distinct(value)
 
 
 class PolicyIn(BaseModel):
@@ -80,9 +86,9 @@ class PolicyIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_success_rate: float = Field(default=_DEFAULTS.min_success_rate, ge=0, le=1)
-    max_p95_ms: float | None = Field(default=None, gt=0, le=3_600_000, description="null: latency not judged")
-    min_samples: int = Field(default=_DEFAULTS.min_samples, ge=1, le=10_000)
+    min_success_rate: _SuccessRate = _default(RoutingPolicy, "min_success_rate")
+    max_p95_ms: _P95 = Field(default=_default(RoutingPolicy, "max_p95_ms"), description="null: latency not judged")
+    min_samples: _Samples = _default(RoutingPolicy, "min_samples")
 
 
 def _out(row: asyncpg.Record) -> dict[str, Any]:
@@ -121,7 +127,12 @@ def _column_values(values: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _publish(request: Request, row: asyncpg.Record) -> None:
-    await services_of(request).routing.changed(rule_of(row))
+    """After a committed change to a rule: this ingest's sends see it at once (other replicas
+    within their cache's few seconds, :class:`services.ingest.routing.RuleCache`), routers when
+    they read it from ``notify.config``."""
+    services = services_of(request)
+    services.routing_rules.forget(row["tenant_id"])
+    await services.routing.changed(rule_of(row))
 
 
 # --- rules ---------------------------------------------------------------------------------------

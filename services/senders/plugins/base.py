@@ -57,6 +57,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from services.senders.base import Permanent, Retryable, SendResult
 from shared.errors import ErrorCode
 from shared.events import Card, CardField  # noqa: F401 - plugins take the card from here
+from shared.routing import price
 from shared.ssrf import UnsafeURL
 
 Format = Literal["text", "markdown", "html", "card"]
@@ -214,26 +215,25 @@ class Plugin(Generic[C]):
             raise Permanent(
                 f"{self.name}: refused URL: {exc}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
             ) from None
-        except httpx.TimeoutException:
-            raise Retryable(f"{self.name}: timed out", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True) from None
         except httpx.TransportError as exc:
-            raise Retryable(
-                f"{self.name}: {exc.__class__.__name__}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True
-            ) from None
+            what = "timed out" if isinstance(exc, httpx.TimeoutException) else exc.__class__.__name__
+            failure = Retryable(f"{self.name}: {what}", code=ErrorCode.CHANNEL_SEND_FAILED, sender_fault=True)
+            # Only a connection never made is sure not to have delivered: a read timeout or a
+            # connection cut after the request was written may have (no failover then).
+            failure.unsure = not isinstance(exc, _NOT_SENT)
+            raise failure from None
 
     @classmethod
     def cost(cls, costs: Costs | None, to: str) -> Decimal:
         """One message to ``to``: the configured country price, else the configured default,
-        else the plugin's ``default_cost``."""
-        if costs is not None:
-            if costs.by_country and to.startswith("+"):
-                digits = to[1:]
-                for n in (4, 3, 2, 1):  # longest calling code first ("1" vs "1242")
-                    if digits[:n] in costs.by_country:
-                        return costs.by_country[digits[:n]]
-            if costs.default is not None:
-                return costs.default
-        return cls.default_cost
+        else the plugin's ``default_cost`` (:func:`shared.routing.price`, which routers rank with)."""
+        if costs is None:
+            return cls.default_cost
+        return price(costs.by_country, costs.default, cls.default_cost, to)
+
+
+# Transport failures before any byte of the request left: the vendor cannot have the message.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
 # --- helpers every plugin uses ---------------------------------------------------------------
