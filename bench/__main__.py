@@ -24,9 +24,13 @@ Phases (each on servers this run starts; nothing is shared with a running ``make
    scheduled_time), how late they were sent, and the rate of that burst from its time to the last
    'sent' against the rate of phase 2 (the same pipeline with messages sent at once).
 
+7. routing (issue 10): the router's decision per record (bench/routing.py), without servers: an
+   SMS ranked among three providers by cost and live quality, and a user's message that a rule
+   sends to Feishu then SMS, against the same SMS decided without routing state (the baseline).
+
 Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200"),
 BENCH_BASE_REF (f705016; "" skips it), BENCH_SCHEDULED_N (5000; 0 skips phase 5), BENCH_WEBHOOK_N (N;
-0 skips phase 6).
+0 skips phase 6), BENCH_ROUTING_N (20000; 0 skips phase 7).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import asyncpg
 import httpx
 import psutil
 
+from bench.routing import ROUTING_N, phase_routing
 from devstack import access, servers
 from devstack.pipeline import ROOT, start_services, stop_services, wait_ready
 
@@ -675,6 +680,13 @@ def summary(result: dict) -> str:
                      f"{d['release_late_p99_s']} / {d['release_late_max_s']} | | |")  # fmt: skip
         lines.append(f"| scheduled: sent late p50 / p99 s; sent before their time | {d['sent_late_p50_s']} / "
                      f"{d['sent_late_p99_s']}; {d['sent_before_due']} | | |")  # fmt: skip
+    r = result.get("routing")
+    if r:
+        lines.append(f"| router decisions/s, an SMS ranked among 3 providers by cost and quality (N={r['records']}) "
+                     f"| {r['ranked_per_s']} | unranked {r['baseline_per_s']} | {r['ranked_ratio']} |")  # fmt: skip
+        lines.append(f"| router decisions/s, a user's message by rule: Feishu then SMS, both ranked "
+                     f"| {r['rule_chain_per_s']} | unranked SMS {r['baseline_per_s']} "
+                     f"| {r['rule_chain_ratio']} |")  # fmt: skip
     lines.append("")
     lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
     lines.append("|---|---|---|")
@@ -721,6 +733,9 @@ async def run() -> dict:
         "settings": {"n": N, "duration_s": DURATION, "levels": LEVELS},
     }
     try:
+        if ROUTING_N:
+            log(f"routing: the router's decision for {ROUTING_N} records, with and without smart routing")
+            result["routing"] = phase_routing()
         result["ingest"] = phase_ingest(tmp, env)
         log("access: server time of token checks and rate-limit counts")
         result["ingest"]["access_cost"] = await auth_cost(env, *result["ingest"].pop("keys"))

@@ -191,6 +191,12 @@ class RoutingStore:
         self.providers: dict[int, ProviderRoute] = {}
         self.rules: dict[tuple[str, int], RoutingRule] = {}
         self.policies: dict[str, RoutingPolicy] = {}
+        # What a message asks for, kept sorted as changes arrive (every message asks; few change),
+        # each change re-sorting only its own tenant's group.
+        self._groups: dict[tuple[str, Channel], dict[int, ProviderRoute]] = {}
+        self._live: dict[tuple[str, Channel], list[ProviderRoute]] = {}
+        self._rule_groups: dict[str, dict[int, RoutingRule]] = {}
+        self._live_rules: dict[str, list[RoutingRule]] = {}
 
     def apply(self, value: bytes | None) -> None:
         if not value:
@@ -206,14 +212,26 @@ class RoutingStore:
 
     def put_provider(self, route: ProviderRoute) -> None:
         old = self.providers.get(route.provider_id)
-        if old is None or route.revision >= old.revision:
-            self.providers[route.provider_id] = route
+        if old is not None and route.revision < old.revision:
+            return  # published late: a newer change is already known
+        self.providers[route.provider_id] = route
+        if old is not None:
+            self._groups.get((old.tenant_id, old.channel), {}).pop(old.provider_id, None)
+        self._groups.setdefault((route.tenant_id, route.channel), {})[route.provider_id] = route
+        for key in {(route.tenant_id, route.channel), *([(old.tenant_id, old.channel)] if old else [])}:
+            found = [p for p in self._groups.get(key, {}).values() if p.live]
+            self._live[key] = sorted(found, key=lambda p: (p.priority, p.provider_id))
 
     def put_rule(self, rule: RoutingRule) -> None:
         key = (rule.tenant_id, rule.rule_id)
         old = self.rules.get(key)
-        if old is None or rule.revision >= old.revision:
-            self.rules[key] = rule
+        if old is not None and rule.revision < old.revision:
+            return
+        self.rules[key] = rule
+        group = self._rule_groups.setdefault(rule.tenant_id, {})
+        group[rule.rule_id] = rule
+        self._live_rules[rule.tenant_id] = sorted((r for r in group.values() if r.live),
+                                                  key=lambda r: (r.position, r.rule_id))  # fmt: skip
 
     def put_policy(self, policy: RoutingPolicy) -> None:
         old = self.policies.get(policy.tenant_id)
@@ -225,15 +243,14 @@ class RoutingStore:
 
     def providers_of(self, tenant_id: str, channel: Channel) -> list[ProviderRoute]:
         """The tenant's live providers of ``channel``, by priority then id."""
-        found = [p for p in self.providers.values() if p.tenant_id == tenant_id and p.channel is channel and p.live]
-        return sorted(found, key=lambda p: (p.priority, p.provider_id))
+        return self._live.get((tenant_id, channel), [])
 
     def named(self, tenant_id: str, channel: Channel, name: str) -> ProviderRoute | None:
         return next((p for p in self.providers_of(tenant_id, channel) if p.name == name), None)
 
     def rules_of(self, tenant_id: str) -> list[RoutingRule]:
-        found = [r for r in self.rules.values() if r.tenant_id == tenant_id and r.live]
-        return sorted(found, key=lambda r: (r.position, r.rule_id))
+        """The tenant's live rules, in the order they are tried (position, then id)."""
+        return self._live_rules.get(tenant_id, [])
 
 
 class HealthStore:

@@ -306,3 +306,21 @@ def test_a_message_swept_after_its_next_channel_took_over_resumes_there() -> Non
     assert d.dispatch_id == "msg_20261202_resumed000000001:3"  # the lost fallback's own id: sent once
     routed = next(e for e in decision.events if e.state is State.ROUTED)
     assert routed.detail["routing"]["left_out"] == [{"channel": "feishu", "why": "failed before; resumed at step 2"}]
+
+
+def test_the_store_follows_changes_and_late_records() -> None:
+    store = RoutingStore()
+    store.put_provider(_route(1, "a", "0.03", revision=2))
+    store.put_provider(_route(2, "b", "0.03", revision=1, priority=1))
+    assert [p.name for p in store.providers_of("acme", "sms")] == ["b", "a"]  # by priority
+    store.put_provider(_route(1, "a", "0.03", revision=1, is_active=False))  # published late: ignored
+    assert [p.name for p in store.providers_of("acme", "sms")] == ["b", "a"]
+    store.put_provider(_route(1, "a", "0.03", revision=3, deleted=True))
+    assert [p.name for p in store.providers_of("acme", "sms")] == ["b"] and store.named("acme", "sms", "a") is None
+    store.put_provider(_route(2, "b", "0.03", revision=2, channel="push"))  # moved to another channel
+    assert store.providers_of("acme", "sms") == [] and [p.name for p in store.providers_of("acme", "push")] == ["b"]
+    store.put_rule(RoutingRule(rule_id=1, tenant_id="acme", name="x", channels=["sms"], position=5, revision=1))
+    store.put_rule(RoutingRule(rule_id=2, tenant_id="acme", name="y", channels=["sms"], position=1, revision=1))
+    assert [r.name for r in store.rules_of("acme")] == ["y", "x"] and store.rules_of("other") == []
+    store.put_rule(RoutingRule(rule_id=2, tenant_id="acme", name="y", channels=["sms"], deleted=True, revision=2))
+    assert [r.name for r in store.rules_of("acme")] == ["x"]
