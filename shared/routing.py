@@ -361,16 +361,17 @@ class Steps:
     left_out: list[dict[str, str]] = field(default_factory=list)
     first: int = 1  # the number of the first step in ``channels`` (a resumed message's is later)
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int) -> int:
         """Drop the steps before ``step`` (a message the sweeper publishes again after a later
-        channel had taken over: the channels before it failed already)."""
+        channel had taken over: the channels before it failed already); answers how many."""
         skip = min(step - 1, len(self.channels) - 1)
         if self.strategy != "first_success" or skip <= 0:
-            return
+            return 0
         self.left_out += [{"channel": c.value, "why": f"failed before; resumed at step {step}"}
                           for c, _ in self.channels[:skip]]  # fmt: skip
         self.channels = self.channels[skip:]
         self.first += skip
+        return skip
 
 
 @dataclass(slots=True)

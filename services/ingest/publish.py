@@ -40,6 +40,10 @@ class NewRecord:
     accepted_at: datetime
     request_hash: str | None = None
     dedup_skipped: bool = False
+    # A message to a user without a channel: the channel its routing rules give it now, whose
+    # quota it was counted against (so a cancellation gives it back there); the router's 'routed'
+    # event puts the channel it took.
+    counted_as: str | None = None
     _payload: bytes | None = None
 
     @property
@@ -53,8 +57,11 @@ class NewRecord:
 
     @property
     def message_type(self) -> str:
-        """The record's ``message_type``: the channel, or ``auto`` until routing chooses one."""
-        return self.request.channel.value if self.request.channel is not None else AUTO_CHANNEL
+        """The record's ``message_type``: the channel; for a message to a user without one, the
+        channel it was counted as (else ``auto``) until routing chooses."""
+        if self.request.channel is not None:
+            return self.request.channel.value
+        return self.counted_as or AUTO_CHANNEL
 
     @property
     def payload(self) -> bytes:

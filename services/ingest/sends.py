@@ -168,7 +168,8 @@ async def accept(
             f"the monthly {channel} quota of {exc.limit} messages is used up ({exc.used} this month); "
             f"it renews at {exc.resets_at.isoformat().replace('+00:00', 'Z')}",
         ) from None
-    record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped)
+    record = NewRecord(req, recipients, now, request_hash=digest, dedup_skipped=skipped,
+                       counted_as=channel if req.channel is None else None)  # fmt: skip
     try:
         outcome = await services.publisher.accept(record, trace)
     except HeraldError:

@@ -332,8 +332,6 @@ def plan(
             return personal
         steps = personal
     assert steps is not None
-    if request.step:
-        steps.resume_at(request.step)
     prepared: list[RequestV1] = []
     refused: list[Rejected] = []
     for channel, to in steps.channels:
@@ -350,12 +348,14 @@ def plan(
         return refused[0]
     if refused:
         steps.channels = [(r.channel, r.to) for r in prepared]  # type: ignore[misc]
+    if request.step:  # numbered as when it was first routed: after the channels left out
+        prepared = prepared[steps.resume_at(request.step) :]
     children: list[RequestV1] = []
     if steps.strategy == "all":  # as sent (rendered again when each is routed), on its channel
         children = [_child(request.model_copy(update={"channel": r.channel, "to": r.to}), message_id, now)
                     for r in prepared[1:]]  # fmt: skip
         prepared = prepared[:1]
-    return _route_steps(prepared, steps, now, routing, children)
+    return _route_steps(prepared, steps, now, routing, children, request)
 
 
 def _prepare(
@@ -402,7 +402,8 @@ def _personal(
     if request.category is not None and request.category in profile.opt_outs.categories:
         return _opted_out(request, now, {"category": request.category},
                           f"the recipient opted out of category {request.category!r}")  # fmt: skip
-    if request.priority != "urgent":
+    later_attempt = request.attempt is not None and request.attempt > 1  # a replay, a sweep: decided before
+    if request.priority != "urgent" and not later_attempt:
         until = quiet_until(profile, now)
         if until is not None:
             return park(request, until, "quiet_hours", now)
@@ -545,17 +546,23 @@ def router_event(request: RequestV1, message_id: str, state: State, now: datetim
     )
 
 
-def _accepted(request: RequestV1, message_id: str, snapshot: MessageSnapshot) -> list[EventV1]:
+def _accepted(
+    request: RequestV1, message_id: str, snapshot: MessageSnapshot, stored: RequestV1 | None = None
+) -> list[EventV1]:
     """The 'accepted' event of a request published straight to Kafka (nobody has recorded its
     acceptance yet); none for one ingest recorded."""
     if request.recorded:
         return []
-    # The other channels' messages of an "all" rule carry their request, which the tracker keeps
+    # The other channels' messages of an "all" rule carry their request as it was published
+    # (``stored``: not rendered, so it is routed again as the first time), which the tracker keeps
     # on the record: the sweeper can publish it again if the broker loses it (as for what ingest
-    # records). A direct publisher's message does not: its request is in the producer's hands.
-    detail = (
-        {"parent_id": request.parent_id, "request": orjson.loads(request.to_bytes())} if request.parent_id else None
-    )
+    # records). Its content then travels once, in the request (the record takes it from there).
+    # A direct publisher's message does not: its request is in the producer's hands.
+    detail = None
+    if request.parent_id:
+        kept = (stored or request).model_copy(update={"message_id": message_id})
+        detail = {"parent_id": request.parent_id, "request": orjson.loads(kept.to_bytes())}
+        snapshot = snapshot.model_copy(update={"content": None})
     return [
         EventV1(
             event_id=event_id(message_id, 0, State.ACCEPTED),
@@ -613,7 +620,7 @@ def _route(request: RequestV1, now: datetime, routing: Routing | None = None) ->
 
 def _route_steps(
     prepared: list[RequestV1], steps: Steps, now: datetime, routing: Routing | None,
-    children: list[RequestV1] | None = None,
+    children: list[RequestV1] | None = None, published: RequestV1 | None = None,
 ) -> Routed:  # fmt: skip
     """The dispatch of the first channel (with the next ones chained as its fallbacks for a
     first_success rule), or of every channel at once (``all``: the other channels' deliveries
@@ -623,7 +630,7 @@ def _route_steps(
     message_id = first.message_id or new_message_id(now)
     accepted_at = first.accepted_at or now
     snapshot = _snapshot_of(first, accepted_at)
-    events = _accepted(first, message_id, snapshot)
+    events = _accepted(first, message_id, snapshot, published)
     attempt = first.attempt or 1
     chained = prepared
     children = children or []

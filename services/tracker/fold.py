@@ -102,10 +102,14 @@ class Parking:
 _CREATE = """
 INSERT INTO message_records (message_id, tenant_id, message_type, recipient, recipients, subject,
     content, content_type, idempotency_key, request_id, created_at, updated_at,
-    status, state, state_rank, category, request)
-SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients::jsonb, u.subject, u.content,
+    status, state, state_rank, category, request, template_id, template_version)
+SELECT u.message_id, u.tenant_id, u.message_type, u.recipient, u.recipients::jsonb, u.subject,
+    -- A message that brings its request brings its content there (once); a templated one gets
+    -- what the router rendered from its 'routed' event (_RENDERED).
+    COALESCE(u.content, NULLIF(u.request::jsonb->>'content', '')),
     u.content_type, u.idempotency_key, u.request_id, u.created_at, u.created_at,
-    'pending', 'accepted', 0, u.category, u.request::jsonb
+    'pending', 'accepted', 0, u.category, u.request::jsonb,
+    (u.request::jsonb->'template'->>'template_id')::bigint, (u.request::jsonb->'template'->>'version')::int
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[], $13::text[])
      AS u(message_id, tenant_id, message_type, recipient, recipients, subject, content,
@@ -126,12 +130,15 @@ WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
   AND ((m.template_id IS NOT NULL AND (m.content IS NULL OR m.content = '')) OR u.digest)
 """
 
-# A send to a user without a channel is recorded by ingest as 'auto' to the user; the router's
-# 'routed' event names the channel and address its rules chose.
+# A send to a user without a channel is recorded by ingest to the user, as the channel its quota
+# was counted against (or 'auto'); the router's 'routed' event names the channel and address its
+# rules chose. (Its stored request names no channel: that is how it is recognised.)
 _RESOLVED = """
 UPDATE message_records m SET message_type = u.channel, recipient = u.recipient
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(message_id, tenant_id, channel, recipient)
-WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.message_type = 'auto'
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id
+  AND m.request IS NOT NULL AND m.request->>'channel' IS NULL AND m.request ? 'recipient'
+  AND (m.message_type <> u.channel OR m.recipient <> u.recipient)
 """
 
 _TIMELINE = """

@@ -227,11 +227,12 @@ async def test_a_send_to_a_user_without_a_channel_is_recorded_for_the_routing_ru
         "WHERE message_id = $1",
         message_id,
     )
-    assert (record["message_type"], record["recipient"], record["content_type"]) == ("auto", user, "text")
+    # Recorded as the channel its rule gives it now (its quota's), to the user, until it is routed.
+    assert (record["message_type"], record["recipient"], record["content_type"]) == ("sms", user, "text")
     request = orjson.loads(record["request"])
     assert "channel" not in request and request["to"] == [] and request["priority"] == "urgent"
     assert request["recipient"]["addresses"] == {"email": f"{user}@example.com", "sms": "+8613800138001"}
-    assert (await client.get(f"/api/v1/messages/{message_id}")).json()["data"]["message_type"] == "auto"
+    assert (await client.get(f"/api/v1/messages/{message_id}")).json()["data"]["message_type"] == "sms"
     assert (await client.post(f"/api/v1/messages/{message_id}/cancel")).status_code == 200
 
 

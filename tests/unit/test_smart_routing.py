@@ -324,3 +324,43 @@ def test_the_store_follows_changes_and_late_records() -> None:
     assert [r.name for r in store.rules_of("acme")] == ["y", "x"] and store.rules_of("other") == []
     store.put_rule(RoutingRule(rule_id=2, tenant_id="acme", name="y", channels=["sms"], deleted=True, revision=2))
     assert [r.name for r in store.rules_of("acme")] == ["x"]
+
+
+def test_a_resumed_chain_counts_its_steps_after_the_channels_left_out() -> None:
+    # [email, feishu, sms] without a subject: feishu was step 1 and sms step 2 when first routed.
+    rule = RoutingRule(rule_id=3, tenant_id="acme", name="three", channels=["email", "feishu", "sms"])
+    first = plan(_request(message_id="msg_20261202_resumedleftout01"), now=NOW, routing=_routing(rule))
+    assert (first.dispatch.channel.value, first.dispatch.fallback.channel.value) == ("feishu", "sms")
+    assert first.dispatch.fallback.step == 2
+    again = plan(_request(step=2, attempt=2, recorded=True, message_id="msg_20261202_resumedleftout01"), now=NOW,
+                 routing=_routing(rule))  # fmt: skip
+    assert (again.dispatch.channel.value, again.dispatch.step, again.dispatch.dispatch_id) == (
+        "sms", 2, "msg_20261202_resumedleftout01:2")  # fmt: skip
+
+
+def test_quiet_hours_do_not_hold_a_replayed_or_swept_attempt() -> None:
+    profile = _profile(quiet_hours={"start": "15:00", "end": "17:30"}).model_dump(mode="json")
+    replay = plan(_request(recipient=profile, channel="sms", attempt=3, recorded=True,
+                           message_id="msg_20261202_replayedquiet001"), now=NOW, routing=_routing())  # fmt: skip
+    assert isinstance(replay, Routed) and replay.dispatch.attempt == 3
+
+
+def test_a_linked_message_stores_its_request_unrendered_and_its_content_once() -> None:
+    from shared.template_store import TemplateStore
+    from shared.templates import TemplateHead, TemplateVersion, Variant
+
+    store = TemplateStore()
+    variant = Variant(channel="sms", format="text", content="code {{ n }}")
+    store.put_version(TemplateVersion(template_id=5, tenant_id="acme", template_name="t", template_type="sms",
+                                      version=1, variables=["n"], variants=[variant]))  # fmt: skip
+    store.put_head(TemplateHead(template_id=5, tenant_id="acme", template_name="t", version=1))
+    child = {"tenant_id": "acme", "channel": "sms", "to": ["+8613800138000"], "content_type": "text",
+             "parent_id": "msg_20261202_parent0000000001", "message_id": "msg_20261202_child00000000001",
+             "template": {"template_id": 5, "version": 1, "vars": {"n": 7}}}  # fmt: skip
+    decision = plan(orjson.dumps(child), now=NOW, routing=_routing(), templates=store)
+    assert isinstance(decision, Routed) and decision.dispatch.content == "code 7"
+    accepted = decision.events[0]
+    assert accepted.state is State.ACCEPTED and accepted.message.content is None  # not twice
+    stored = accepted.detail["request"]
+    assert stored["template"]["vars"] == {"n": 7} and not stored.get("content")  # routed again as published
+    assert isinstance(plan(orjson.dumps(stored), now=NOW, routing=_routing(), templates=store), Routed)
