@@ -387,6 +387,12 @@ class RequestV1(_Event):
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
 
+    @property
+    def later_attempt(self) -> bool:
+        """A replayed dead letter or a sweep names an attempt after the first: what the router
+        decides once (caps, digests, quiet hours) was decided when it was first routed."""
+        return self.attempt is not None and self.attempt > 1
+
 
 class DispatchV1(_Event):
     """``notify.dispatch.v1``: one delivery attempt of one message through one channel."""

@@ -13,12 +13,13 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from pydantic import BaseModel
 
 from services.ingest.distribute import Distributor
 from shared.frequency import DigestRule, FrequencyCap, cap_key, digest_key
 from shared.kafka import Topics
 
-R = TypeVar("R", FrequencyCap, DigestRule)
+R = TypeVar("R", bound=BaseModel)
 
 CAP_COLUMNS = """id, tenant_id, category, channel, max_count, window_s, action, is_active, description,
     revision, created_at, updated_at, deleted_at IS NOT NULL AS deleted"""
@@ -26,18 +27,20 @@ DIGEST_COLUMNS = """id, tenant_id, category, channel, window_s, template_id, is_
     revision, created_at, updated_at, deleted_at IS NOT NULL AS deleted"""
 
 
-def _rule_of(model: type[R], id_field: str, row: asyncpg.Record | dict[str, Any]) -> R:
-    """A rule record from its row (``*_COLUMNS``): the columns the model has, and the row's id."""
+def model_of_row(model: type[R], row: asyncpg.Record | dict[str, Any], id_field: str | None = None) -> R:
+    """A config record from its row (``*_COLUMNS``): the columns the model has, and the row's id
+    as ``id_field`` (frequency caps, digest rules, routing rules and policies)."""
     present = set(row.keys())
-    return model(**{name: row[name] for name in model.model_fields if name in present}, **{id_field: row["id"]})
+    ids = {id_field: row["id"]} if id_field else {}
+    return model(**{name: row[name] for name in model.model_fields if name in present}, **ids)
 
 
 def cap_of(row: asyncpg.Record | dict[str, Any]) -> FrequencyCap:
-    return _rule_of(FrequencyCap, "cap_id", row)
+    return model_of_row(FrequencyCap, row, "cap_id")
 
 
 def digest_of(row: asyncpg.Record | dict[str, Any]) -> DigestRule:
-    return _rule_of(DigestRule, "rule_id", row)
+    return model_of_row(DigestRule, row, "rule_id")
 
 
 def _record(rule: FrequencyCap | DigestRule) -> tuple[bytes, bytes]:

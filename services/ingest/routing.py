@@ -30,13 +30,13 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from services.ingest.distribute import Distributor
+from services.ingest.frequency import model_of_row
 from services.senders.plugins import plugin
 from shared.kafka import Topics
 from shared.routing import (
     ProviderRoute,
     RoutingPolicy,
     RoutingRule,
-    RuleMatch,
     policy_key,
     provider_key,
     rule_key,
@@ -54,29 +54,11 @@ Record = ProviderRoute | RoutingRule | RoutingPolicy
 
 
 def rule_of(row: asyncpg.Record | dict[str, Any]) -> RoutingRule:
-    return RoutingRule(
-        rule_id=row["id"],
-        tenant_id=row["tenant_id"],
-        name=row["name"],
-        position=row["position"],
-        match=RuleMatch.model_validate(row["match"] or {}),
-        channels=list(row["channels"]),
-        strategy=row["strategy"],
-        step_timeout_s=row["step_timeout_s"],
-        is_active=row["is_active"],
-        deleted=row["deleted"],
-        revision=row["revision"],
-    )
+    return model_of_row(RoutingRule, row, "rule_id")
 
 
 def policy_of(row: asyncpg.Record | dict[str, Any]) -> RoutingPolicy:
-    return RoutingPolicy(
-        tenant_id=row["tenant_id"],
-        min_success_rate=row["min_success_rate"],
-        max_p95_ms=row["max_p95_ms"],
-        min_samples=row["min_samples"],
-        revision=row["revision"],
-    )
+    return model_of_row(RoutingPolicy, row)
 
 
 def _default_cost(channel: str, provider: str) -> Decimal:

@@ -68,7 +68,6 @@ def create_app(settings: Settings) -> faust.App:
         loghandlers=[],
     )
     requests = app.topic(Topics.REQUESTS, key_serializer="raw", value_serializer="raw")
-    requests_out = requests  # what the router itself asks to send (an "all" rule's other channels)
     events_topic = app.topic(Topics.EVENTS, key_serializer="raw", value_serializer="raw")
     dlq = app.topic(Topics.DLQ, key_serializer="raw", value_serializer="raw")
     dispatch_topics = {
@@ -176,7 +175,7 @@ def create_app(settings: Settings) -> faust.App:
             # An "all" rule's other channels: messages of their own, routed (and capped) on
             # their own, whatever becomes of this one.
             for child in decision.children:
-                await requests_out.send(key=message_key(child.tenant_id, child.to[0]), value=child.to_bytes(),
+                await requests.send(key=message_key(child.tenant_id, child.to[0]), value=child.to_bytes(),
                                         headers=trace.headers())  # fmt: skip
         if isinstance(decision, Routed):
             # Frequency caps and digests, before the dispatch is sent (services/router/frequency.py).

@@ -189,7 +189,7 @@ class Frequency:
         now = now or utcnow()
         request = routed.request
         # A later attempt (a replayed dead letter) was decided when it was first routed.
-        later_attempt = request.attempt is not None and request.attempt > 1
+        later_attempt = request.later_attempt
         if request.digest is not None:
             released = await self._release(routed, raw, now)
             if not isinstance(released, Routed):

@@ -402,8 +402,7 @@ def _personal(
     if request.category is not None and request.category in profile.opt_outs.categories:
         return _opted_out(request, now, {"category": request.category},
                           f"the recipient opted out of category {request.category!r}")  # fmt: skip
-    later_attempt = request.attempt is not None and request.attempt > 1  # a replay, a sweep: decided before
-    if request.priority != "urgent" and not later_attempt:
+    if request.priority != "urgent" and not request.later_attempt:
         until = quiet_until(profile, now)
         if until is not None:
             return park(request, until, "quiet_hours", now)

@@ -338,22 +338,19 @@ class ChannelSender:
         """The configured providers to try: the router's candidates still configured, else the
         configured choice (Permanent 2011 when there is none, after reading the rows again: a
         provider configured a moment ago may not have been notified yet)."""
-        for attempt in range(2):
-            if dispatch.candidates:
-                known = {p.id: p for p in self.directory.by_tenant.get(dispatch.tenant_id, []) if p.is_active}
-                found = [known[c.id] for c in dispatch.candidates if c.id in known]
-                if found:
-                    return found
-            try:
-                return [self.directory.choose(dispatch)]
-            except Permanent:
-                if attempt:
-                    raise
+        try:
+            return self._known(dispatch)
+        except Permanent:
             try:
                 await self.directory.load(self.pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise Unavailable(f"providers could not be read: {exc.__class__.__name__}") from None
-        raise AssertionError("unreachable")
+            return self._known(dispatch)
+
+    def _known(self, dispatch: DispatchV1) -> list[Configured]:
+        active = {p.id: p for p in self.directory.by_tenant.get(dispatch.tenant_id, []) if p.is_active}
+        found = [active[c.id] for c in dispatch.candidates if c.id in active]
+        return found or [self.directory.choose(dispatch)]
 
     async def _send_with(self, entry: Configured, dispatch: DispatchV1) -> SendResult:
         plugin = self.plugin_for(entry)
