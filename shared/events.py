@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -422,11 +422,10 @@ class DispatchV1(_Event):
     # Smart routing (issue 10). The providers to try, in order: a failed try moves to the next at
     # once; the retry schedule starts when every one failed. Empty: the sender's own choice.
     candidates: list[Candidate] = Field(default_factory=list)
-    # first_success rules: the next channel's dispatch, sent when this one fails for good or is
-    # still unsent at ``step_deadline``; attempts go on counting from this step's.
+    # first_success rules: the next channel's dispatch, sent when this one fails for good or would
+    # still be unsent at ``step_deadline``; attempts go on counting from this step's.
     fallback: DispatchV1 | None = None  # noqa: UP037
     step: int = Field(default=1, ge=1)
-    step_deadline: datetime | None = None
     step_timeout_s: int | None = Field(default=None, ge=1)
     # The attempt this channel's step began with (retries count from it).
     first_attempt: int = Field(default=1, ge=1)
@@ -435,6 +434,12 @@ class DispatchV1(_Event):
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_none=True, by_alias=True))
+
+    @property
+    def step_deadline(self) -> datetime | None:
+        """When this channel's step gives way to the next: ``step_timeout_s`` after the step began
+        (its first attempt's ``created_at``, which its retries and deferrals keep)."""
+        return self.created_at + timedelta(seconds=self.step_timeout_s) if self.step_timeout_s else None
 
 
 class MessageSnapshot(BaseModel):

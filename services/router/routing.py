@@ -643,8 +643,6 @@ def _route_steps(
     for i in range(len(dispatches) - 2, -1, -1):  # each step carries the ones after it
         dispatches[i] = dispatches[i].model_copy(update={"fallback": dispatches[i + 1]})
     head = dispatches[0]
-    if head.step_timeout_s:
-        head = head.model_copy(update={"step_deadline": now + timedelta(seconds=head.step_timeout_s)})
     detail = _routed_detail(first)
     if routing is not None or steps.rule is not None or first.recipient is not None:
         detail["routing"] = _decision(steps, decisions, children)

@@ -580,11 +580,9 @@ class SenderRunner:
         nxt = dispatch.fallback
         assert nxt is not None
         attempt = dispatch.attempt + 1
-        now = utcnow()
-        deadline = now + timedelta(seconds=nxt.step_timeout_s) if nxt.step_timeout_s else None
-        later = nxt.model_copy(update={"attempt": attempt, "first_attempt": attempt, "created_at": now,
-                                       "dispatch_id": f"{dispatch.message_id}:{attempt}", "step_deadline": deadline,
-                                       "last_error": exc.message})  # fmt: skip
+        later = nxt.model_copy(update={"attempt": attempt, "first_attempt": attempt, "created_at": utcnow(),
+                                       "dispatch_id": f"{dispatch.message_id}:{attempt}",
+                                       "last_error": exc.message})  # the step begins now  # fmt: skip
         detail = {**exc.detail, "permanent": isinstance(exc, Permanent),
                   "fallback": {"reason": why, "from": dispatch.channel.value, "to": nxt.channel.value,
                                "step": nxt.step, "attempt": attempt}}  # fmt: skip

@@ -22,7 +22,7 @@ from services.senders.plugins.base import Costs
 from services.senders.plugins.config import Configured
 from shared.crypto import SecretBox
 from shared.errors import ErrorCode
-from shared.events import Candidate, DispatchV1
+from shared.events import Candidate, Channel, DispatchV1
 from shared.settings import Settings
 from tests.conftest import Backing
 from tests.emulators.ntfy import NtfyEmulator
@@ -198,3 +198,29 @@ def test_a_run_after_a_rate_limit_wait_has_event_ids_of_its_own(pair) -> None:
     failed = runner._event(rerun, State.RETRYING).event_id
     assert waited == f"{first.message_id}:1:retrying" and failed == f"{first.message_id}:1:retrying.d1"
     assert runner._event(rerun, State.SENT).event_id == f"{first.message_id}:1:sent"  # one outcome per attempt
+
+
+def test_a_retry_past_the_steps_deadline_hands_over_to_the_next_channel(pair) -> None:
+    from datetime import timedelta
+
+    from services.senders.runner import SenderRunner
+    from shared.events import utcnow
+
+    sender, _, _ = pair
+    runner = SenderRunner.__new__(SenderRunner)
+    runner.service, runner.channel, runner.provider = "sender-ntfy", "ntfy", sender
+    runner.settings = Settings(encryption_key=KEY, retry_delays_s="60,300")
+    nxt = _dispatch((2, "backup")).model_copy(update={"channel": Channel.SMS, "to": ["+8613800138000"], "step": 2,
+                                                      "step_timeout_s": 30})  # fmt: skip
+    head = _dispatch((1, "primary")).model_copy(update={"fallback": nxt, "step_timeout_s": 30})
+    assert head.step_deadline == head.created_at + timedelta(seconds=30)  # derived, never stored
+    outs = runner._failed(head, Retryable("503"), 0.1, [])  # its retry (60 s) would fall after the deadline
+    [event, dispatch] = outs
+    assert orjson.loads(event.value)["detail"]["fallback"]["reason"] == "step_timeout"
+    handed = DispatchV1.model_validate_json(dispatch.value)
+    assert (dispatch.topic, handed.attempt, handed.first_attempt, handed.dispatch_id) == (
+        "notify.dispatch.sms", 2, 2, f"{head.message_id}:2")  # fmt: skip
+    assert handed.created_at >= utcnow() - timedelta(seconds=5)  # its own step's clock starts now
+    patient = head.model_copy(update={"step_timeout_s": 3600})
+    [retry_event, retry] = runner._failed(patient, Retryable("503"), 0.1, [])  # within it: retried as usual
+    assert retry.topic == "notify.retry.1m" and "fallback" not in orjson.loads(retry_event.value)["detail"]
