@@ -180,6 +180,23 @@ class Settings(BaseSettings):
     # --- tracker --------------------------------------------------------------------------
     tracker_batch_max: int = Field(default=1000, ge=1)
 
+    # --- retention and statistics (issue 11; shared/retention.py) ---------------------------
+    # Seed 004 §3.1.5: message records (and their timelines) are kept retention_days, failed ones
+    # retention_failed_days, then folded into message_archive as counts. A record still on its
+    # way (pending, sending) is never deleted by age. Rollups by minute and by hour are kept
+    # stats_minute_days and stats_hour_days; by day, until deleted by hand.
+    retention_days: int = Field(default=30, ge=1)
+    retention_failed_days: int = Field(default=90, ge=1)
+    stats_minute_days: int = Field(default=2, ge=1)
+    stats_hour_days: int = Field(default=90, ge=1)
+    # One tracker at a time (a PostgreSQL advisory lock) archives this often; each transaction
+    # deletes at most archive_batch records.
+    archive_interval_s: float = Field(default=3600, gt=0)
+    archive_batch: int = Field(default=5000, ge=1, le=100_000)
+    # Where statistics are read from: the rollups in PostgreSQL, or ClickHouse (docs/clickhouse.md).
+    stats_backend: Literal["postgres", "clickhouse"] = "postgres"
+    clickhouse_url: SecretStr = SecretStr("http://default:@127.0.0.1:8123/herald")
+
     # --- provider quality and circuit breakers (issue 10; services/tracker/quality.py) -----
     # Tries of configured providers are counted in Redis per bucket of this many seconds, and a
     # provider is judged over the last quality_window_s (whole buckets: the window is 0 to one
@@ -205,6 +222,30 @@ class Settings(BaseSettings):
     breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
     breaker_min_samples: int = Field(default=10, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
+
+    # --- status callbacks (issue 11; services/tracker/callbacks.py, docs/callbacks.md) -----
+    # Waits before the 2nd, 3rd and 4th try of a callback; after the last failure it is 'failed'.
+    callback_retry_delays_s: str = "10,60,300"
+    callback_timeout_s: float = Field(default=10.0, gt=0)  # each try
+    callback_concurrency: int = Field(default=16, ge=1, le=1000)  # tries in flight per tracker
+    # The worker sleeps until the next try is due (woken by NOTIFY after a fold), never longer.
+    callback_max_sleep_s: float = Field(default=5.0, gt=0)
+    # After a rotation the previous signing secret signs beside the new one this long.
+    callback_secret_grace_s: int = Field(default=86_400, ge=0)
+    # Delivered and failed callbacks (and their tries) are deleted after this many days.
+    callback_keep_days: int = Field(default=30, ge=1)
+
+    @field_validator("callback_retry_delays_s")
+    @classmethod
+    def _callback_delays(cls, value: str) -> str:
+        delays = [float(v) for v in value.split(",") if v.strip()]
+        if any(d <= 0 for d in delays):
+            raise ValueError("callback_retry_delays_s: a comma-separated list of positive seconds")
+        return value
+
+    @property
+    def callback_retry_delays(self) -> list[float]:
+        return [float(v) for v in self.callback_retry_delays_s.split(",") if v.strip()]
 
     @field_validator("quality_window_s")
     @classmethod

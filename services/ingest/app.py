@@ -35,6 +35,7 @@ from services.ingest.routes import (
     providers,
     recipients,
     routing,
+    statistics,
     templates,
     tenants,
 )
@@ -166,6 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(audit_log.router)
+    app.include_router(statistics.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")
     async def event_schema(name: str, request: Request) -> JSONResponse:

@@ -29,6 +29,7 @@ from shared.health import HealthServer
 from shared.kafka import Topics, ensure_topics, keep_topics, make_consumer, make_producer, stop_quietly
 from shared.logging import log_event
 from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED
+from shared.retention import archive_periodically
 from shared.settings import Settings
 
 log = logging.getLogger("herald.tracker")
@@ -63,6 +64,10 @@ class Tracker:
         self.producer = producer
         self.quality = quality
         self._stopping = asyncio.Event()
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        return self._stopping
 
     def stop(self) -> None:
         self._stopping.set()
@@ -205,10 +210,12 @@ async def serve(settings: Settings) -> None:
     log.info("tracker started")
     keeper = asyncio.create_task(keep_topics(settings))
     publishing = asyncio.create_task(publisher.run())
+    archiving = asyncio.create_task(archive_periodically(pool, settings, tracker.stopping))
     try:
         await tracker.run()
     finally:
         keeper.cancel()
+        archiving.cancel()
         publisher.stop()  # its loop ends its tick and gives the lease up to the next tracker
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(publishing, 3)

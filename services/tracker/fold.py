@@ -15,7 +15,9 @@ from typing import Any
 import asyncpg
 import orjson
 
+from services.tracker import callbacks
 from shared.events import SEED_STATUS, STATE_RANK, DeadLetterV1, EventV1, State
+from shared.statistics import Outcome, count_outcomes
 
 
 @dataclass(slots=True)
@@ -149,6 +151,7 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[
     $7::text[], $8::text[], $9::int[], $10::text[], $11::text[], $12::timestamptz[])
     AS u(e, m, t, s, a, sv, c, p, ec, er, d, o)
 ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
 """
 
 _MOVE = """
@@ -244,8 +247,8 @@ WHERE message_id = ANY($1::text[]) AND NOT (event_id = ANY($2::text[]))
 """
 
 
-async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
-    """Apply a :class:`FoldPlan` in one transaction."""
+async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> list[Outcome]:
+    """Apply a :class:`FoldPlan` in one transaction; answers the outcomes it counted."""
     creates = []
     for e in plan.new_records:
         m = e.message
@@ -305,8 +308,12 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
         created: list[str] = []
         if creates:
             created = [r["message_id"] for r in await conn.fetch(_CREATE, *_columns(creates, 13))]
+        stored: list[EventV1] = []
         if timeline:
-            await conn.execute(_TIMELINE, *_columns(timeline, 12))
+            # The events stored for the first time: what they say is counted once (statistics)
+            # and announced once (status callbacks), whatever the times a batch is folded.
+            new_ids = {r["event_id"] for r in await conn.fetch(_TIMELINE, *_columns(timeline, 12))}
+            stored = [e for e in plan.timeline if e.event_id in new_ids]
         if moves:
             await conn.execute(_MOVE, *_columns(moves, 10))
         resolved = [(e.message_id, e.tenant_id, e.message.channel, e.message.recipient[:320])
@@ -336,6 +343,12 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> None:
                 troubled |= {mid for mid, (_, retried) in catch_up.items() if retried}
         if troubled:
             await conn.execute(_RETRY_LOGS, sorted(troubled))
+        counted: list[Outcome] = []
+        if stored:
+            # After the records moved and were created: their templates, channels and starts.
+            counted = await count_outcomes(conn, stored)
+            await callbacks.enqueue(conn, stored)
+    return counted
 
 
 def _move(
