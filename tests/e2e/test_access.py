@@ -328,6 +328,19 @@ ROUTE_SCOPES: dict[tuple[str, str], str | None] = {
     ("POST", "/api/v1/api-keys/{key_id}/disable"): "admin",
     ("DELETE", "/api/v1/api-keys/{key_id}"): "admin",
     ("GET", "/api/v1/audit-logs"): "admin",
+    # Status callbacks (issue 11): endpoints and secrets are config, the delivery log read.
+    ("POST", "/api/v1/webhooks"): "config",
+    ("GET", "/api/v1/webhooks"): "read",
+    ("GET", "/api/v1/webhooks/{webhook_id}"): "read",
+    ("PUT", "/api/v1/webhooks/{webhook_id}"): "config",
+    ("DELETE", "/api/v1/webhooks/{webhook_id}"): "config",
+    ("POST", "/api/v1/webhooks/{webhook_id}/rotate-secret"): "config",
+    ("POST", "/api/v1/webhooks/signing-secret"): "config",
+    ("GET", "/api/v1/webhooks/deliveries"): "read",
+    ("GET", "/api/v1/statistics/summary"): "read",
+    ("GET", "/api/v1/statistics/breakdown"): "read",
+    ("GET", "/api/v1/statistics/archive"): "read",
+    ("POST", "/api/v1/statistics/archive"): "admin",
     ("POST", "/api/v1/auth/refresh"): None,
     ("POST", "/api/v1/auth/revoke"): None,
 }
@@ -337,7 +350,7 @@ PATH_VALUES = {"message_id": "msg_nothing", "letter_id": "987654321", "template_
                "tenant_key": "default", "account_id": "987654321", "name": "notify.request.v1",
                "key_id": "987654321", "batch_id": "bat_nothing",
                "cap_id": "987654321", "rule_id": "987654321", "provider_id": "987654321",
-               "user_id": "scope-probe-987654321"}  # fmt: skip
+               "user_id": "scope-probe-987654321", "webhook_id": "987654321"}  # fmt: skip
 
 
 async def test_every_route_is_in_the_scope_table(client: httpx.AsyncClient) -> None:
