@@ -27,10 +27,12 @@ Phases (each on servers this run starts; nothing is shared with a running ``make
 7. routing (issue 10): the router's decision per record (bench/routing.py), without servers: an
    SMS ranked among three providers by cost and live quality, and a user's message that a rule
    sends to Feishu then SMS, against the same SMS decided without routing state (the baseline).
+8. fold (issue 11): the tracker's fold of batches of events into PostgreSQL (bench/fold.py), with
+   the delivery statistics' rollups against the same fold without them (the baseline).
 
 Settings by environment: BENCH_N (20000), BENCH_DURATION (10 s), BENCH_CONCURRENCY ("50,200"),
 BENCH_BASE_REF (f705016; "" skips it), BENCH_SCHEDULED_N (5000; 0 skips phase 5), BENCH_WEBHOOK_N (N;
-0 skips phase 6), BENCH_ROUTING_N (20000; 0 skips phase 7).
+0 skips phase 6), BENCH_ROUTING_N (20000; 0 skips phase 7), BENCH_FOLD_N (20000; 0 skips phase 8).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import asyncpg
 import httpx
 import psutil
 
+from bench.fold import FOLD_N, phase_fold
 from bench.routing import ROUTING_N, phase_routing
 from devstack import access, servers
 from devstack.pipeline import ROOT, start_services, stop_services, wait_ready
@@ -687,6 +690,10 @@ def summary(result: dict) -> str:
         lines.append(f"| router decisions/s, a user's message by rule: Feishu then SMS, both ranked "
                      f"| {r['rule_chain_per_s']} | unranked SMS {r['baseline_per_s']} "
                      f"| {r['rule_chain_ratio']} |")  # fmt: skip
+    f = result.get("fold")
+    if f:
+        lines.append(f"| tracker fold events/s with the statistics' rollups (N={f['events']}) "
+                     f"| {f['with_rollups_per_s']} | without {f['baseline_per_s']} | {f['ratio']} |")  # fmt: skip
     lines.append("")
     lines.append("| process (end-to-end phase) | peak RSS MB | CPU s |")
     lines.append("|---|---|---|")
@@ -736,6 +743,9 @@ async def run() -> dict:
         if ROUTING_N:
             log(f"routing: the router's decision for {ROUTING_N} records, with and without smart routing")
             result["routing"] = phase_routing()
+        if FOLD_N:
+            log(f"fold: {FOLD_N} events folded by the tracker, with and without the statistics' rollups")
+            result["fold"] = await asyncio.to_thread(phase_fold, FOLD_N, backing["postgres"].extra["dsn"])
         result["ingest"] = phase_ingest(tmp, env)
         log("access: server time of token checks and rate-limit counts")
         result["ingest"]["access_cost"] = await auth_cost(env, *result["ingest"].pop("keys"))

@@ -174,14 +174,17 @@ ON CONFLICT (tenant_id, bucket_start, channel, provider, template_id, status) DO
 """
 
 
-async def count_outcomes(conn: Any, stored: list[EventV1]) -> list[Outcome]:
+async def count_outcomes(conn: Any, stored: list[EventV1], *, write: bool = True) -> list[Outcome]:
     """Add the outcomes among ``stored`` (events stored for the first time in this transaction) to
-    the rollups; answers them. One read of their records and one statement per width."""
+    the rollups (unless ``write`` is False); answers them. One read of their records and one
+    statement per width."""
     candidates = [e for e in stored if e.state in OUTCOMES]
     if not candidates:
         return []
     rows = await conn.fetch(_RECORDS, sorted({e.message_id for e in candidates}))
     outcomes = outcomes_of(candidates, {r["message_id"]: r for r in rows})
+    if not write:
+        return outcomes
     by_width = rollups(outcomes)
     for width, table in WIDTHS.items():
         added = sorted(by_width[width].items())

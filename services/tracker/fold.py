@@ -247,8 +247,10 @@ WHERE message_id = ANY($1::text[]) AND NOT (event_id = ANY($2::text[]))
 """
 
 
-async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> list[Outcome]:
-    """Apply a :class:`FoldPlan` in one transaction; answers the outcomes it counted."""
+async def write_fold(conn: asyncpg.Connection, plan: FoldPlan, *, rollups: bool = True) -> list[Outcome]:
+    """Apply a :class:`FoldPlan` in one transaction; answers the outcomes among the events stored
+    for the first time, added to the rollups in PostgreSQL unless ``rollups`` is False (statistics
+    kept elsewhere: ClickHouse)."""
     creates = []
     for e in plan.new_records:
         m = e.message
@@ -346,7 +348,7 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan) -> list[Outcome]:
         counted: list[Outcome] = []
         if stored:
             # After the records moved and were created: their templates, channels and starts.
-            counted = await count_outcomes(conn, stored)
+            counted = await count_outcomes(conn, stored, write=rollups)
             await callbacks.enqueue(conn, stored)
     return counted
 
