@@ -26,7 +26,8 @@ import orjson
 
 from services.ingest.auth import ALL_SCOPES, notify
 from services.ingest.keys import COLUMNS, create_key, key_out
-from shared.db import _init_connection, migrate
+from shared.db import _init_connection, create_pool, migrate
+from shared.retention import archive
 from shared.settings import Settings
 
 
@@ -176,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("set-status", help="activate or suspend a tenant")
     p.add_argument("tenant")
     p.add_argument("status", choices=["active", "suspended", "closed"])
+    p = sub.add_parser("archive", help="archive records past retention now (every tenant's, or one's)")
+    p.add_argument("--tenant", default=None)
     return parser
 
 
@@ -184,6 +187,13 @@ async def run(argv: list[str]) -> Any:
     settings = Settings(service_name="admin")
     if settings.run_migrations:
         await migrate(settings)
+    if args.command == "archive":
+        # What the tracker does every HERALD_ARCHIVE_INTERVAL_S, on demand (shared/retention.py).
+        pool = await create_pool(settings)
+        try:
+            return args, (await archive(pool, settings, tenant_id=args.tenant, trigger="manual")).as_dict()
+        finally:
+            await pool.close()
     conn = await asyncpg.connect(settings.database_url.get_secret_value())
     await _init_connection(conn)
     try:

@@ -138,7 +138,9 @@ async def test_bad_parameters_name_the_field(tenant: httpx.AsyncClient, params: 
     assert r.json()["errors"][0]["field"] == field
 
 
-async def test_archive_runs_on_demand_for_the_tenant_only(tenant: httpx.AsyncClient, traffic: dict) -> None:
+async def test_archive_runs_on_demand_for_the_tenant_only(
+    pipeline: Pipeline, tenant: httpx.AsyncClient, traffic: dict
+) -> None:
     r = await tenant.post(ARCHIVE)
     assert r.status_code == 200, r.text
     data = r.json()["data"]
@@ -149,3 +151,6 @@ async def test_archive_runs_on_demand_for_the_tenant_only(tenant: httpx.AsyncCli
     assert listed["rows"] == [] and listed["runs"][0]["trigger"] == "manual"
     audit = (await tenant.get("/api/v1/audit-logs", params={"action": "statistics.archive"})).json()["data"]
     assert audit["total"] == 1
+    # The operator's command does the same for every tenant (what the tracker does periodically).
+    done = await asyncio.to_thread(access.admin, pipeline.backing.env, "archive")
+    assert done["records"] == 0 and set(done) == {"records", "failed_records", "events", "stats_rows"}
