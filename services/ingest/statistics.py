@@ -137,9 +137,9 @@ def _lines(rows: Sequence[Any]) -> dict[Any, Line]:
         line.counts[r["status"]] = line.counts.get(r["status"], 0) + int(r["n"])
         line.cost += Decimal(r["cost"] or 0)
         line.latency_sum_ms += int(r["ls"] or 0)
-        for arr in r["lb"] or []:
-            for i, v in enumerate(arr[: len(line.buckets)]):
-                line.buckets[i] += int(v or 0)
+        for text in r["lb"] or []:  # each row's counts as text: rows of another bucket count still add up
+            for i, v in enumerate(text.split(",")[: len(line.buckets)] if text else []):
+                line.buckets[i] += int(v)
         if r.get("label") is not None:
             line.label = r["label"]
     return lines
@@ -174,7 +174,8 @@ class PostgresStatistics:
             if by == "template" else ""
         )  # fmt: skip
         sql = f"""SELECT {_KEYS[by]} AS key, s.status, sum(s.count) AS n, sum(s.cost_sum) AS cost,
-                         sum(s.latency_sum_ms) AS ls, array_agg(s.latency_buckets) AS lb{label}
+                         sum(s.latency_sum_ms) AS ls,
+                         array_agg(array_to_string(s.latency_buckets, ',')) AS lb{label}
                   FROM {table} s{join} WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2"""
         return [dict(r) for r in await self.pool.fetch(sql, *args)]
 
