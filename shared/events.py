@@ -130,6 +130,8 @@ TERMINAL_STATES = frozenset(
 
 # A category names a kind of message for frequency caps and digests ("marketing", "otp").
 Category = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_.-]*$")]
+# Where a message's status callbacks go (issue 11): an http(s) URL without credentials.
+CallbackURL = Annotated[str, Field(min_length=8, max_length=500, pattern=r"^https?://[^\s@/?#]+(?:[/?#][^\s]*)?$")]
 
 
 def utcnow() -> datetime:
@@ -376,6 +378,9 @@ class RequestV1(_Event):
     # Set by the sweeper on a first_success rule's message that had moved on to a later channel
     # (its fallback events name the step): routed again from that step, not from the first.
     step: int | None = Field(default=None, ge=1, le=8)
+    # Status callbacks (issue 11): the message's status changes are POSTed here, signed with the
+    # tenant's callback signing secret (ingest checks it against SSRF; the tracker again at each try).
+    callback_url: CallbackURL | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, str_strip_whitespace=True)
 
@@ -457,6 +462,7 @@ class MessageSnapshot(BaseModel):
     request_id: str | None = None
     accepted_at: datetime | None = None
     category: str | None = None
+    callback_url: str | None = None  # the request's (a direct publisher's message: recorded from here)
 
 
 class EventV1(_Event):

@@ -106,6 +106,9 @@ def backing() -> Iterator[Backing]:
         "HERALD_BREAKER_FAILURES": "3",
         "HERALD_BREAKER_COOLDOWN_S": "3",
         "HERALD_BREAKER_PROBE_EVERY_S": "2",
+        # Status callbacks (tests/e2e/test_callbacks.py): 4 tries within about a second.
+        "HERALD_CALLBACK_RETRY_DELAYS_S": "0.2,0.3,0.4",
+        "HERALD_CALLBACK_TIMEOUT_S": "3",
     }
     try:
         yield b

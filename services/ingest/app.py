@@ -38,6 +38,7 @@ from services.ingest.routes import (
     statistics,
     templates,
     tenants,
+    webhooks,
 )
 from services.ingest.routing import RoutingDistributor, RuleCache
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
@@ -167,6 +168,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(api_keys.router)
     app.include_router(audit_log.router)
+    app.include_router(webhooks.router)
     app.include_router(statistics.router)
 
     @app.get("/api/v1/schemas/{name}", tags=["schemas"], summary="JSON Schema of an event")

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 import asyncpg
 
 from services.ingest.limits import Quotas, month_bounds
+from services.tracker import callbacks
+from shared.events import EventV1, State
 
 # Takes each task's row lock, as the scheduler's release does: a message is either cancelled
 # before its release or released, never both. $2: message ids, or $3: a batch; $4: who. A digest
@@ -47,7 +49,16 @@ async def cancel(
 ) -> list[asyncpg.Record]:
     """Cancel the named messages (or a batch's) still waiting for their time; answers those
     cancelled (message_id, message_type, created_at). Run it in the transaction that audits it."""
-    return await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
+    rows = await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
+    if rows:
+        # A status change the tracker's fold never sees: its status callbacks are enqueued here.
+        now = datetime.now(UTC)
+        await callbacks.enqueue(conn, [
+            EventV1(event_id=f"{r['message_id']}:0:cancelled", message_id=r["message_id"], tenant_id=tenant_id,
+                    state=State.CANCELLED, service="ingest", channel=r["message_type"], occurred_at=now)
+            for r in rows
+        ])  # fmt: skip
+    return rows
 
 
 # A new time for a waiting message (not a digest's: its messages are kept only so long); its

@@ -180,7 +180,9 @@ class PostgresStatistics:
         return [dict(r) for r in await self.pool.fetch(sql, *args)]
 
 
-async def breakdown(store: StatisticsStore, tenant_id: str, by: str, span: Range, channel: str | None) -> list[dict]:
+async def breakdown(
+    store: StatisticsStore, tenant_id: str, by: str | None, span: Range, channel: str | None
+) -> list[dict]:
     if by not in DIMENSIONS:
         raise HeraldError(ErrorCode.INVALID_PARAMS, f"one of {', '.join(DIMENSIONS)}", field="by")
     if by == "hour" and span.end - span.start > timedelta(days=MAX_HOURS_DAYS):
@@ -253,8 +255,9 @@ def _cell(value: Any) -> Any:
 
 def to_csv(rows: list[dict[str, Any]], by: str) -> str:
     """One line per row; each outcome's count in a column of its own (``state_<outcome>``)."""
-    columns = [by, *(["template_name"] if by == "template" else []), "total", "success", "failed", "success_rate",
-               *(f"state_{s}" for s in STATUSES), "cost", "latency_avg_ms", "latency_p50_ms", "latency_p95_ms"]  # fmt: skip
+    named = [by, *(["template_name"] if by == "template" else [])]
+    columns = [*named, "total", "success", "failed", "success_rate", *(f"state_{s}" for s in STATUSES), "cost",
+               *(f"latency_{q}_ms" for q in ("avg", "p50", "p95"))]  # fmt: skip
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(columns)

@@ -1,12 +1,531 @@
-"""Status callbacks (issue 11): placeholder until the callbacks work lands."""
+"""Status callbacks (issue 11; docs/callbacks.md): producers hear about their messages' status
+changes, signed per Standard Webhooks (https://www.standardwebhooks.com/).
+
+Two halves, joined by the ``callback_deliveries`` outbox (migration 0016):
+
+- :func:`enqueue` runs inside the fold's transaction with the events stored for the first time,
+  and inserts one delivery per (status-change event, target) in one set-based statement: the tenant's
+  active endpoints (``webhook_configs``) whose ``events`` filter takes the event's state, and the
+  message's own ``callback_url`` when the tenant has a signing secret. A batch whose tenants have
+  neither costs one small statement (two index probes per tenant on tiny tables); a batch
+  without status events costs nothing. The transaction commits the deliveries with the events,
+  or neither; ``pg_notify('herald_callbacks')`` wakes the workers at the commit. (Ingest calls
+  it too, in a cancellation's transaction: the fold never sees those.)
+- :class:`CallbackWorker` (a task of every tracker) claims due deliveries with
+  ``FOR UPDATE SKIP LOCKED`` (several trackers share the work), leasing them for the length of a
+  try, POSTs them through the SSRF-guarded client (:mod:`shared.outbound`: every connection goes
+  to an address checked after DNS resolution), records the try in ``callback_attempts`` and
+  either marks the delivery ``delivered`` (2xx), schedules the next try
+  (``HERALD_CALLBACK_RETRY_DELAYS_S``, a receiver's ``Retry-After`` on 429/502/503/504 when
+  longer), or marks it ``failed`` after the last (4 tries by default) or at once for what no
+  retry mends (a private address, ``410 Gone`` which also disables the endpoint).
+
+A worker that dies mid-try leaves its delivery leased; the lease ends and another try is made
+with the same ``webhook-id`` (receivers deduplicate on it): at least once, never lost.
+"""
 
 from __future__ import annotations
 
-import asyncpg
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
 
-from shared.events import EventV1
+import asyncpg
+import httpx
+import orjson
+from standardwebhooks.webhooks import Webhook
+
+from shared.crypto import DecryptError, SecretBox
+from shared.db import DB_UNAVAILABLE, follow_notifications
+from shared.events import SEED_STATUS, EventV1, State
+from shared.logging import log_event, mask_text
+from shared.metrics import CALLBACK_DURATION, CALLBACKS
+from shared.outbound import UnsafeURL, guarded_client
+from shared.settings import Settings
+
+log = logging.getLogger("herald.tracker.callbacks")
+
+NOTIFY_CHANNEL = "herald_callbacks"
+
+# The states a callback announces ("status changes"): every outcome, and a failed try that will be
+# retried. Not the steps on the way (accepted, scheduled, routed, sending): a producer polls those
+# if it cares, and announcing them would triple the traffic for nothing it can act on.
+STATUS_STATES: tuple[State, ...] = (
+    State.SENT,
+    State.DELIVERED,
+    State.FAILED,
+    State.RETRYING,
+    State.DEAD,
+    State.REJECTED,
+    State.CANCELLED,
+    State.SUPPRESSED,
+    State.DIGESTED,
+)
+_STATUS = frozenset(STATUS_STATES)
+
+SECRET_PREFIX = "whsec_"
+USER_AGENT = "Herald-Callbacks/1.0"
+
+
+def new_signing_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and base64 of 32 random bytes (the spec: 24 to 64)."""
+    return SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()
+
+
+# What each ciphertext is bound to (shared/crypto.py's associated data).
+def endpoint_secret_purpose(endpoint_id: int) -> str:
+    return f"webhook_configs.signing_secret:{endpoint_id}"
+
+
+def endpoint_token_purpose(endpoint_id: int) -> str:
+    return f"webhook_configs.auth_token:{endpoint_id}"
+
+
+def tenant_secret_purpose(tenant_id: str) -> str:
+    return f"callback_signing_secrets:{tenant_id}"
+
+
+# --- the payload and its signature ---------------------------------------------------------------
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def payload_of(event: EventV1, category: str | None = None) -> dict[str, Any]:
+    """The body of an event's callback. No tenant (the receiver is the tenant's) and no
+    recipient address: the producer knows its message by ``message_id``; an error text is masked
+    as logs are (an SMTP answer may quote the address)."""
+    return {
+        "type": f"message.{event.state.value}",
+        "timestamp": _iso(event.occurred_at),
+        "data": {
+            "message_id": event.message_id,
+            "state": event.state.value,
+            "status": SEED_STATUS[event.state].value,
+            "channel": event.channel,
+            "provider": event.provider,
+            "attempt": event.attempt,
+            "error_code": event.error_code,
+            "error": mask_text(event.error)[:1000] if event.error else None,
+            "occurred_at": _iso(event.occurred_at),
+            "category": category,
+            "request_id": event.request_id,
+        },
+    }
+
+
+def sign(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """``webhook-signature``: one ``v1,<base64>`` per secret, space-separated (the current secret
+    and, during a rotation's grace period, the previous one; a receiver accepts any)."""
+    at = datetime.fromtimestamp(timestamp, tz=UTC)
+    text = body.decode()
+    return " ".join(Webhook(secret).sign(msg_id, at, text) for secret in secrets)
+
+
+def auth_header(auth_type: str, token: str | None) -> str | None:
+    if not token or auth_type == "none":
+        return None
+    if auth_type == "bearer":
+        return f"Bearer {token}"
+    return "Basic " + base64.b64encode(token.encode()).decode()  # token is "user:password"
+
+
+_DATA_KEYS = ("message_id", "state", "status", "channel", "provider", "attempt", "error_code", "error", "occurred_at",
+              "category", "request_id")  # fmt: skip
+
+
+def _ordered(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload in its documented key order (stored as jsonb, it comes back in jsonb's)."""
+    data = payload.get("data") or {}
+    ordered_data = {k: data[k] for k in _DATA_KEYS if k in data} | data
+    head = {k: payload[k] for k in ("type", "timestamp") if k in payload}
+    return head | {"data": ordered_data} | payload
+
+
+def request_of(
+    delivery_id: int,
+    payload: dict[str, Any],
+    secrets: list[str],
+    timestamp: int,
+    authorization: str | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one try: ``webhook-id`` is the delivery's (the same on every try),
+    ``webhook-timestamp`` the try's."""
+    msg_id = f"cbd_{delivery_id}"
+    body = orjson.dumps(_ordered(payload))
+    headers = {
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secrets, msg_id, timestamp, body),
+    }
+    if authorization:
+        headers["authorization"] = authorization
+    return body, headers
+
+
+# --- enqueue (in the fold's transaction) ---------------------------------------------------------
+
+# A direct publisher's message names its callback_url in its request, which the tracker does not
+# keep: its 'accepted' event's snapshot brings it to the record (ingest's records have it from
+# their stored request, by trigger).
+_RECORD_URL = """
+UPDATE message_records m SET callback_url = u.url
+FROM unnest($1::text[], $2::text[], $3::text[]) AS u(message_id, tenant_id, url)
+WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.callback_url IS NULL
+"""
+
+# The cheap test first, once per tenant of the batch: those with no live endpoint and no signing
+# secret (most) stop here, before any payload is built.
+_LIVE_TENANTS = """
+SELECT t FROM unnest($1::text[]) AS t
+WHERE EXISTS (SELECT 1 FROM webhook_configs w WHERE w.tenant_id = t AND w.is_active AND w.deleted_at IS NULL)
+   OR EXISTS (SELECT 1 FROM callback_signing_secrets s WHERE s.tenant_id = t)
+"""
+
+_ENQUEUE = """
+WITH u AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+        AS u(event_id, message_id, tenant_id, state, payload)
+), e AS (
+    SELECT u.event_id, u.message_id, u.tenant_id, u.state, r.callback_url,
+           jsonb_set(u.payload::jsonb, '{data,category}', COALESCE(to_jsonb(r.category), 'null'::jsonb)) AS body
+    FROM u LEFT JOIN message_records r ON r.message_id = u.message_id AND r.tenant_id = u.tenant_id
+), targets AS (
+    SELECT e.event_id, e.message_id, e.tenant_id, e.state, e.body, w.id AS endpoint_id, w.callback_url AS url
+    FROM e JOIN webhook_configs w ON w.tenant_id = e.tenant_id AND w.is_active AND w.deleted_at IS NULL
+        AND (w.events ? e.state OR w.events ? '*')
+    UNION ALL
+    SELECT e.event_id, e.message_id, e.tenant_id, e.state, e.body, NULL::bigint, e.callback_url
+    FROM e
+    WHERE e.callback_url IS NOT NULL
+      AND EXISTS (SELECT 1 FROM callback_signing_secrets s WHERE s.tenant_id = e.tenant_id)
+), ins AS (
+    INSERT INTO callback_deliveries (tenant_id, message_id, event_id, endpoint_id, url, event_type, payload)
+    SELECT tenant_id, message_id, event_id, endpoint_id, url, 'message.' || state, body FROM targets
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+-- The workers are woken at the commit (a notification inside a transaction waits for it).
+SELECT c.n FROM (SELECT count(*) AS n FROM ins) c
+LEFT JOIN LATERAL (SELECT pg_notify('herald_callbacks', '') WHERE c.n > 0) x ON true
+"""
 
 
 async def enqueue(conn: asyncpg.Connection, events: list[EventV1]) -> None:
     """Called by write_fold inside the fold's transaction with the events stored for the first time."""
-    return None
+    urls = [
+        (e.message_id, e.tenant_id, e.message.callback_url)
+        for e in events
+        if e.state is State.ACCEPTED and e.message is not None and e.message.callback_url
+    ]
+    if urls:
+        await conn.execute(_RECORD_URL, *[list(c) for c in zip(*urls, strict=True)])
+    changes = [e for e in events if e.state in _STATUS]
+    if not changes:
+        return
+    live = {r[0] for r in await conn.fetch(_LIVE_TENANTS, sorted({e.tenant_id for e in changes}))}
+    rows = [
+        (e.event_id, e.message_id, e.tenant_id, e.state.value, orjson.dumps(payload_of(e)).decode())
+        for e in changes
+        if e.tenant_id in live
+    ]
+    if not rows:
+        return
+    await conn.fetchval(_ENQUEUE, *[list(c) for c in zip(*rows, strict=True)])
+
+
+# --- the worker ------------------------------------------------------------------------------------
+
+_CLAIM = """
+WITH due AS (
+    SELECT id FROM callback_deliveries
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    -- Leased for the length of a try: another worker takes it only if this one never answers.
+    UPDATE callback_deliveries d SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
+    FROM due WHERE d.id = due.id
+    RETURNING d.id, d.tenant_id, d.endpoint_id, d.url, d.payload, d.attempts
+)
+SELECT c.*, w.callback_url AS endpoint_url, w.auth_type, w.auth_token,
+       (w.is_active AND w.deleted_at IS NULL) AS endpoint_live, w.disabled_reason,
+       COALESCE(w.signing_secret, s.secret) AS secret,
+       CASE WHEN c.endpoint_id IS NULL THEN
+            CASE WHEN s.previous_secret_until > now() THEN s.previous_secret END
+       ELSE CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END END AS previous_secret
+FROM claimed c
+LEFT JOIN webhook_configs w ON w.id = c.endpoint_id
+LEFT JOIN callback_signing_secrets s ON c.endpoint_id IS NULL AND s.tenant_id = c.tenant_id
+"""
+
+_RECORD = """
+WITH a AS (
+    INSERT INTO callback_attempts (delivery_id, attempt, attempted_at, url, status_code, error, duration_ms)
+    SELECT $1::bigint, $2::int, $3::timestamptz, $4::text, $5::int, $6::text, $7::float8 WHERE $10::bool
+)
+UPDATE callback_deliveries SET attempts = $2, url = $4, status = $8::text,
+    next_attempt_at = COALESCE($9::timestamptz, next_attempt_at), last_status_code = $5, last_error = $6,
+    delivered_at = CASE WHEN $8::text = 'delivered' THEN now() END, updated_at = now()
+WHERE id = $1
+"""
+
+_DISABLE = """
+UPDATE webhook_configs SET is_active = false, disabled_reason = $2, updated_at = now()
+WHERE id = $1 AND is_active
+"""
+
+_NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM callback_deliveries WHERE status = 'pending'
+"""
+
+_PRUNE = """
+DELETE FROM callback_deliveries WHERE id IN (
+    SELECT id FROM callback_deliveries
+    WHERE status <> 'pending' AND created_at < now() - make_interval(days => $1)
+    LIMIT 1000)
+"""
+
+_PRUNE_EVERY_S = 600.0
+_RETRY_AFTER_MAX_S = 3600.0
+
+
+class _Permanent(Exception):
+    """A failure no retry mends (the try is recorded and the delivery fails at once)."""
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+class CallbackWorker:
+    """Delivers ``callback_deliveries``; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        box: SecretBox,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.box = box
+        self.client = client or guarded_client(
+            settings.outbound_allow, timeout=settings.callback_timeout_s, follow_redirects=False
+        )
+        self.delays = settings.callback_retry_delays
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: set[asyncio.Task] = set()
+        self._pruned_at = 0.0
+
+    def wake(self, *_: object) -> None:
+        """The NOTIFY callback (deliveries were enqueued), and a try's end (a slot is free)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        async def listening(_conn: asyncpg.Connection) -> None:
+            self.wake()  # anything enqueued while not listening
+
+        listener = asyncio.create_task(
+            follow_notifications(self.settings.database_url.get_secret_value(), NOTIFY_CHANNEL, self.wake,
+                                 listening, name="callbacks"),
+            name="callback-listener",
+        )  # fmt: skip
+        delay = 0.5
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                try:
+                    wait = await self._round()
+                    delay = 0.5
+                except DB_UNAVAILABLE as exc:
+                    log.warning("callbacks: database unavailable (%s); trying again in %.1f s",
+                                type(exc).__name__, delay)  # fmt: skip
+                    wait, delay = delay, min(delay * 2, 5.0)
+                except asyncpg.UndefinedTableError:  # started before ingest applied the migrations
+                    wait = self.settings.callback_max_sleep_s
+                except Exception:  # never let the loop die: callbacks would wait forever
+                    log.exception("callbacks: round failed; trying again in %.1f s", delay)
+                    wait, delay = delay, min(delay * 2, 5.0)
+                if wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+        finally:
+            listener.cancel()
+            if self._inflight:  # leased: another tracker tries them again when the lease ends
+                await asyncio.wait(self._inflight, timeout=2)
+                for task in self._inflight:
+                    task.cancel()
+            await self.client.aclose()
+
+    async def _round(self) -> float:
+        """Claim as many due deliveries as there are free slots and start their tries; answers
+        how long to sleep (until the next is due, or a slot frees up)."""
+        free = self.settings.callback_concurrency - len(self._inflight)
+        if free <= 0:
+            return self.settings.callback_max_sleep_s  # a try's end wakes the loop
+        lease = self.settings.callback_timeout_s + 30.0
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, free, lease)
+            for row in rows:
+                task = asyncio.create_task(self._deliver(row))
+                self._inflight.add(task)
+                task.add_done_callback(self._done)
+            if len(rows) == free:  # every slot taken: the end of a try wakes the loop
+                return self.settings.callback_max_sleep_s
+            if time.monotonic() - self._pruned_at > _PRUNE_EVERY_S:
+                self._pruned_at = time.monotonic()
+                await conn.execute(_PRUNE, self.settings.callback_keep_days)
+            until = await conn.fetchval(_NEXT_DUE)
+        if until is None:
+            return self.settings.callback_max_sleep_s
+        return min(max(float(until), 0.02), self.settings.callback_max_sleep_s)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("callbacks: a try failed unexpectedly", exc_info=task.exception())
+        self.wake()
+
+    def _secrets(self, row: asyncpg.Record) -> list[str]:
+        purpose = (
+            endpoint_secret_purpose(row["endpoint_id"])
+            if row["endpoint_id"] is not None
+            else tenant_secret_purpose(row["tenant_id"])
+        )
+        if not row["secret"]:
+            raise _Permanent("the tenant has no callback signing secret")
+        try:
+            secrets = [self.box.decrypt(row["secret"], purpose)]
+            if row["previous_secret"]:
+                secrets.append(self.box.decrypt(row["previous_secret"], purpose))
+        except DecryptError:
+            raise _Permanent("the signing secret cannot be decrypted (was the encryption key changed?)") from None
+        return secrets
+
+    def _authorization(self, row: asyncpg.Record) -> str | None:
+        if row["endpoint_id"] is None or not row["auth_token"]:
+            return None
+        try:
+            token = self.box.decrypt(row["auth_token"], endpoint_token_purpose(row["endpoint_id"]))
+        except DecryptError:
+            raise _Permanent(
+                "the endpoint's auth token cannot be decrypted (was the encryption key changed?)"
+            ) from None
+        return auth_header(row["auth_type"], token)
+
+    async def _deliver(self, row: asyncpg.Record) -> None:
+        attempt = row["attempts"] + 1
+        endpoint = row["endpoint_id"]
+        url = row["endpoint_url"] or row["url"]
+        if endpoint is not None and not row["endpoint_live"]:
+            why = row["disabled_reason"] or "the endpoint was disabled or deleted"
+            await self._finish(row, attempt - 1, url, None, why, "failed", None, tried=False)
+            CALLBACKS.labels("failed").inc()
+            return
+        started = time.perf_counter()
+        at = datetime.now(UTC)
+        status_code: int | None = None
+        error: str | None = None
+        permanent = False
+        wait: float | None = None
+        try:
+            body, headers = request_of(row["id"], row["payload"], self._secrets(row), int(time.time()),
+                                       self._authorization(row))  # fmt: skip
+            response = await self.client.post(url, content=body, headers=headers)
+            status_code = response.status_code
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
+                if 300 <= status_code < 400:
+                    error += " (redirects are not followed)"
+                elif status_code == 410:
+                    permanent = True
+                    error += " Gone: the endpoint no longer wants callbacks"
+                elif status_code in (429, 502, 503, 504):
+                    wait = _retry_after(response)
+        except _Permanent as exc:
+            error, permanent = str(exc), True
+        except UnsafeURL as exc:
+            error = f"refused: {exc.reason}"
+            permanent = "does not resolve" not in exc.reason  # DNS may come back; a private address not
+        except httpx.TimeoutException:
+            error = f"timed out after {self.settings.callback_timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500] if str(exc) else type(exc).__name__
+        duration = time.perf_counter() - started
+        CALLBACK_DURATION.observe(duration)
+        if error is None:
+            outcome, next_at = "delivered", None
+        elif permanent or attempt > len(self.delays):
+            outcome, next_at = "failed", None
+        else:
+            outcome = "pending"
+            delay = self.delays[attempt - 1]
+            if wait is not None:
+                delay = max(delay, min(wait, _RETRY_AFTER_MAX_S))
+            next_at = datetime.now(UTC).timestamp() + delay
+        CALLBACKS.labels("retrying" if outcome == "pending" else outcome).inc()
+        await self._finish(row, attempt, url, status_code, error, outcome, next_at, at=at, duration=duration)
+        if status_code == 410 and endpoint is not None:
+            await self.pool.execute(_DISABLE, endpoint, "the endpoint answered 410 Gone")
+        if error is not None:
+            log_event(log, logging.WARNING if outcome == "pending" else logging.ERROR, "callback not delivered",
+                      delivery_id=row["id"], attempt=attempt, url=mask_text(url), error=error,
+                      outcome="retrying" if outcome == "pending" else outcome)  # fmt: skip
+
+    async def _finish(
+        self,
+        row: asyncpg.Record,
+        attempt: int,
+        url: str,
+        status_code: int | None,
+        error: str | None,
+        outcome: str,
+        next_at: float | None,
+        *,
+        tried: bool = True,
+        at: datetime | None = None,
+        duration: float = 0.0,
+    ) -> None:
+        """Record the try and the delivery's new state; the database being away is waited for
+        (the lease keeps other workers off meanwhile)."""
+        args = (
+            row["id"], attempt, at or datetime.now(UTC), url[:500], status_code, error, duration * 1000, outcome,
+            datetime.fromtimestamp(next_at, UTC) if next_at is not None else None, tried,
+        )  # fmt: skip
+        delay = 0.5
+        for _ in range(8):
+            try:
+                await self.pool.execute(_RECORD, *args)
+                return
+            except DB_UNAVAILABLE:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.error("callbacks: the outcome of delivery %s could not be recorded; it will be tried again", row["id"])

@@ -158,7 +158,8 @@ async def test_summary_and_breakdowns_read_the_rollups(pool: asyncpg.Pool) -> No
 
     by_provider = await breakdown(store, t, "provider", span, None)
     assert [(r["provider"], r["total"], r["success"], r["failed"], r["cost"]) for r in by_provider] == [
-        ("aliyun-main", 5, 5, 0, "0.15"), ("smtp", 4, 3, 1, "0"), ("aliyun", 1, 0, 1, "0"), ("", 0, 0, 0, "0")]  # fmt: skip
+        ("aliyun-main", 5, 5, 0, "0.15"), ("smtp", 4, 3, 1, "0"), ("aliyun", 1, 0, 1, "0"),
+        ("", 0, 0, 0, "0")]  # fmt: skip
     assert by_provider[3]["outcomes"]["suppressed"] == 1
     assert by_provider[1]["latency_avg_ms"] == round((3 * 200 + 800) / 4)
     by_template = await breakdown(store, t, "template", span, None)

@@ -17,6 +17,7 @@ from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
 from services.ingest.recipients import load_profile, without_profiles
 from services.ingest.routes.templates import resolve as resolve_template
+from services.ingest.routes.webhooks import check_message_callback
 from services.ingest.sends import (
     LOCALE,
     accept,
@@ -32,6 +33,7 @@ from shared.channels import spec as channel_spec
 from shared.errors import ErrorCode, HeraldError
 from shared.events import (
     NO_NEWLINES,
+    CallbackURL,
     Card,
     Category,
     Channel,
@@ -95,6 +97,10 @@ class EmailSendRequest(BaseModel):
         default=None, description="kind of message, for frequency caps and digests", examples=["marketing"]
     )
     priority: Priority = Field(default="normal", description="urgent messages go through quiet hours")
+    callback_url: CallbackURL | None = Field(
+        default=None, description="status changes of this message are POSTed here, signed with the tenant's signing "
+        "secret (POST /api/v1/webhooks/signing-secret; docs/callbacks.md)", examples=["https://example.com/hooks/herald"],
+    )  # fmt: skip
 
     def mode_error(self) -> HeraldError | None:
         return content_mode_error(self)
@@ -185,6 +191,10 @@ class SendRequest(BaseModel):
     timezone: str | None = Field(default=None, max_length=64)
     category: Category | None = None
     priority: Priority = Field(default="normal", description="urgent, high, normal or low; urgent ignores quiet hours")
+    callback_url: CallbackURL | None = Field(
+        default=None, description="status changes of this message are POSTed here, signed with the tenant's signing "
+        "secret (POST /api/v1/webhooks/signing-secret; docs/callbacks.md)", examples=["https://example.com/hooks/herald"],
+    )  # fmt: skip
 
     @property
     def user(self) -> UserRef | None:
@@ -317,6 +327,8 @@ async def _send(request: Request, body: SendRequest):
     if opening.replayed is not None:
         return opening.replayed
     key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
+    if body.callback_url is not None:
+        await check_message_callback(services, tenant_id, body.callback_url)
     profile: RecipientProfile | None = None
     count_as: str | None = None  # without a channel: the quota the routing rules make it count against
     if user is not None:
@@ -369,6 +381,7 @@ async def _send(request: Request, body: SendRequest):
         category=body.category,
         priority=body.priority,
         recipient=profile,
+        callback_url=body.callback_url,
     )
     recipients = {"to": req.to, **({"cc": list(email.cc), "bcc": list(email.bcc)} if email else {})}
     if user is not None:
@@ -522,6 +535,8 @@ async def _send_email(request: Request, *, schedule_required: bool):
     if opening.replayed is not None:
         return opening.replayed
     key, digest, scheduled_at = opening.key, opening.digest, opening.scheduled_at
+    if body.callback_url is not None:
+        await check_message_callback(services, tenant_id, body.callback_url)
     to = body.to_list
     if not to:
         raise HeraldError(ErrorCode.INVALID_PARAMS, "at least one recipient", field="to")
@@ -567,6 +582,7 @@ async def _send_email(request: Request, *, schedule_required: bool):
         scheduled_at=scheduled_at,
         category=body.category,
         priority=body.priority,
+        callback_url=body.callback_url,
     )
     recipients = {"to": req.to, "cc": list(body.cc), "bcc": list(body.bcc)}
     return await accept(services, tenant_id, req, recipients, trace=trace, now=now, key=key, digest=digest,

@@ -20,6 +20,7 @@ from services.ingest.statistics import (
     summary,
     to_csv,
 )
+from shared.errors import ErrorCode, HeraldError
 from shared.events import Channel
 from shared.retention import archive
 
@@ -51,13 +52,16 @@ async def get_summary(
 @router.get("/breakdown", summary="Outcomes, cost and latency by date, hour, channel, provider, template or status")
 async def get_breakdown(
     request: Request,
-    by: str = Query(description=" | ".join(DIMENSIONS), max_length=20),
+    # Optional here and required by breakdown(): the scope is checked before the parameters.
+    by: str | None = Query(default=None, description=" | ".join(DIMENSIONS), max_length=20),
     start_date: str | None = Query(default=None, max_length=40, description=_START),
     end_date: str | None = Query(default=None, max_length=40, description=_END),
     message_type: Channel | None = Query(default=None, description="one channel only"),
-    format: str = Query(default="json", pattern="^(json|csv)$", description="csv: a spreadsheet's download"),
+    format: str = Query(default="json", max_length=10, description="json, or csv: a spreadsheet's download"),
 ):
     tenant = tenant_of(request, Scope.READ)
+    if format not in ("json", "csv"):
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "json or csv", field="format")
     span = parse_range(start_date, end_date)
     channel = message_type.value if message_type else None
     rows = await breakdown(store_of(request), tenant, by, span, channel)
