@@ -11,6 +11,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
+from shared.metrics import DB_POOLS
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,12 @@ class _Connection(asyncpg.Connection):
 
 async def create_pool(settings: Settings, *, attempts: int = 30, max_size: int | None = None) -> asyncpg.Pool:
     """A pool with JSON codecs; retried while the server is still starting. ``max_size``
-    overrides the setting for a service that needs only a few connections."""
+    overrides the setting for a service that needs only a few connections. Its connections in
+    use and its size are exported at scrape time (``db_connections_active{pool=<service>}``)."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            return await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 settings.database_url.get_secret_value(),
                 min_size=min(settings.db_pool_min, max_size or settings.db_pool_max),
                 max_size=max_size or settings.db_pool_max,
@@ -67,6 +69,8 @@ async def create_pool(settings: Settings, *, attempts: int = 30, max_size: int |
                 connection_class=_Connection,
                 command_timeout=30,
             )
+            DB_POOLS.track(pool, settings.service_name)
+            return pool
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if attempt == attempts:
                 raise

@@ -27,6 +27,7 @@ from services.router.routing import (
     Routing,
     Unavailable,
     Unknown,
+    decision_labels,
     plan,
     settle_unknown,
 )
@@ -37,7 +38,14 @@ from shared.health import HealthServer
 from shared.ids import new_request_id
 from shared.kafka import Topics, Trace, keep_topics, message_key
 from shared.logging import log_event, request_id_var, traceparent_var
-from shared.metrics import CONSUMER_LAST_PROGRESS, MESSAGES_PARKED, MESSAGES_REJECTED, MESSAGES_ROUTED
+from shared.metrics import (
+    CONSUMER_LAST_PROGRESS,
+    MESSAGES_PARKED,
+    MESSAGES_REJECTED,
+    MESSAGES_ROUTED,
+    ROUTING_DECISIONS,
+    WORKER_TASKS,
+)
 from shared.routing import HealthStore, Probes, RoutingStore
 from shared.settings import Settings
 from shared.template_store import ConfigFollower, TemplateStore
@@ -146,8 +154,9 @@ def create_app(settings: Settings) -> faust.App:
             rid = request_id_var.set(trace.request_id or new_request_id())
             tp = traceparent_var.set(trace.traceparent)
             try:
-                await _handle(record, trace)
+                WORKER_TASKS.inc("router", await _handle(record, trace))
             except Exception:  # never let one record stop the agent: it goes to the DLQ
+                WORKER_TASKS.inc("router", "failure")
                 log.exception("routing failed; sending the record to the dead-letter topic")
                 await _dead_letter(record, trace, "router_error", [], None)
             finally:
@@ -155,7 +164,8 @@ def create_app(settings: Settings) -> faust.App:
                 request_id_var.reset(rid)
                 traceparent_var.reset(tp)
 
-    async def _handle(record: faust.types.EventT, trace: Trace) -> None:
+    async def _handle(record: faust.types.EventT, trace: Trace) -> str:
+        """Route one request; answers its outcome for celery_tasks_total (shared/metrics.py)."""
         msg = record.message
         stamped = datetime.fromtimestamp(msg.timestamp, UTC) if msg.timestamp else utcnow()
         origin = Origin(msg.topic, msg.partition, msg.offset, stamped)
@@ -182,16 +192,16 @@ def create_app(settings: Settings) -> faust.App:
             decision = await frequency.apply(decision, record.value)
         if isinstance(decision, Held):  # suppressed or digested: only its events
             await _emit(decision.events, trace)
-            return
+            return "success"
         if isinstance(decision, Unavailable):
             await _dead_letter(record, trace, "template_unavailable", decision.errors, decision.message_id)
-            return
+            return "failure"
         if isinstance(decision, Parked):
             await _emit(decision.events, trace)
             MESSAGES_PARKED.labels(decision.reason).inc()
             log_event(log, logging.INFO, "message parked until its time", message_id=decision.request.message_id,
                       until=decision.until.isoformat(), reason=decision.reason)  # fmt: skip
-            return
+            return "success"
         if isinstance(decision, Routed):
             trace = Trace(trace.request_id or decision.request.request_id, trace.traceparent)
             await _emit(decision.events, trace)
@@ -202,6 +212,7 @@ def create_app(settings: Settings) -> faust.App:
                 headers=trace.headers(),
             )
             MESSAGES_ROUTED.labels(dispatch.channel.value).inc()
+            ROUTING_DECISIONS.labels(*decision_labels(decision)).inc()
             log_event(
                 log,
                 logging.INFO,
@@ -211,11 +222,12 @@ def create_app(settings: Settings) -> faust.App:
                 recipient=dispatch.to[0],
                 provider=dispatch.candidates[0].name if dispatch.candidates else None,
             )
-            return
+            return "success"
         assert isinstance(decision, Rejected)
         await _emit(decision.events, trace)
         tenant_id = decision.events[0].tenant_id if decision.events else None
         await _dead_letter(record, trace, decision.reason, decision.errors, decision.message_id, tenant_id)
+        return "rejected"
 
     async def _emit(events: list, trace: Trace) -> None:
         for event in events:

@@ -519,6 +519,7 @@ def _snapshot_of(request: RequestV1, accepted_at: datetime) -> MessageSnapshot:
         request_id=request.request_id,
         accepted_at=accepted_at,
         category=request.category,
+        callback_url=request.callback_url,
     )
 
 
@@ -767,3 +768,35 @@ def _why_first(ordered: list[Scored], named: str | None) -> str:
     if top.tier == 1:
         return "no provider meets the threshold: the best success rate first"
     return "every provider's breaker is open: tried anyway, cheapest first"
+
+
+# The reason label of herald_routing_decisions_total (docs/observability.md): the first
+# candidate's tier as _why_first words it, in a few fixed values.
+_TIER_REASON = {"eligible": "cheapest", "below_threshold": "below_threshold", "breaker_open": "breaker_open"}
+
+
+def decision_labels(routed: Routed) -> tuple[str, str, str]:
+    """(channel, provider, reason) of a dispatched message's routing decision, as its 'routed'
+    event records it: provider is the plugin put first (``smtp`` for the mailbox pool,
+    ``unknown`` when the router knew no provider and the sender chooses); reason is ``named``
+    (the send named it), ``probe`` (a half-open breaker's probe), ``cheapest`` (cheapest above the
+    quality threshold), ``below_threshold``, ``breaker_open``, ``mailbox_pool`` or ``sender_chooses``."""
+    dispatch = routed.dispatch
+    channel = dispatch.channel
+    steps: list[dict[str, Any]] = []
+    for event in routed.events:
+        if event.state is State.ROUTED:
+            steps = ((event.detail or {}).get("routing") or {}).get("steps") or []
+    candidates = (steps[0].get("candidates") or []) if steps else []
+    if not candidates:
+        if channel is Channel.EMAIL:
+            return channel.value, "smtp", "mailbox_pool"
+        return channel.value, "unknown", "sender_chooses"
+    top = candidates[0]
+    if dispatch.provider is not None or spec(channel).endpoint:
+        reason = "named"
+    elif top.get("probe"):
+        reason = "probe"
+    else:
+        reason = _TIER_REASON.get(str(top.get("tier")), "ranked")
+    return channel.value, str(top.get("provider") or "unknown"), reason

@@ -20,15 +20,18 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from services.tracker.callbacks import CallbackWorker
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
+from services.tracker.lag import BacklogExporter
 from services.tracker.quality import QualityBook, QualityPublisher
+from shared.crypto import EncryptionKeyError, SecretBox
 from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import field_errors
 from shared.events import DeadLetterV1, EventV1
 from shared.health import HealthServer
 from shared.kafka import Topics, ensure_topics, keep_topics, make_consumer, make_producer, stop_quietly
 from shared.logging import log_event
-from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED
+from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED, WORKER_TASKS
 from shared.retention import archive_periodically
 from shared.settings import Settings
 
@@ -120,6 +123,7 @@ class Tracker:
 
     async def _refused(self, record: ConsumerRecord) -> None:
         log.exception("record refused by the database")
+        WORKER_TASKS.inc("tracker", "rejected")
         if record.topic == Topics.DLQ:
             return  # already a dead letter; the log above keeps it
         letter = self._letter(record, "fold_refused", [{"field": "body", "message": "refused by the database"}])
@@ -128,6 +132,7 @@ class Tracker:
     async def fold(self, records: list[ConsumerRecord]) -> None:
         events: list[EventV1] = []
         letters: list[DeadLetterV1] = []
+        malformed = 0
         for record in records:
             try:
                 data = orjson.loads(record.value or b"")
@@ -136,15 +141,18 @@ class Tracker:
                 else:
                     events.append(EventV1.model_validate(data))
             except (orjson.JSONDecodeError, ValidationError) as exc:
+                malformed += 1
                 letter = await self._reject(record, exc)
                 if record.topic == Topics.DLQ:
                     letters.append(letter)  # cannot go back to the DLQ: keep it here
         plan = fold_plan(events)
         async with self.pool.acquire() as conn:
-            await write_fold(conn, plan)
+            # Rollups in PostgreSQL unless the statistics are kept in ClickHouse.
+            await write_fold(conn, plan, rollups=self.settings.stats_backend == "postgres")
             if letters:
                 await write_dead_letters(conn, letters)
         FOLD_BATCH.observe(len(records))
+        WORKER_TASKS.inc("tracker", "success", len(records) - malformed)
         for event in plan.timeline:
             EVENTS_FOLDED.labels(event.state.value).inc()
         if self.quality is not None:
@@ -161,6 +169,7 @@ class Tracker:
         if record.topic != Topics.DLQ:
             await self.producer.send_and_wait(Topics.DLQ, letter.to_bytes(), headers=list(record.headers or []))
         MESSAGES_REJECTED.labels("tracker", letter.reason).inc()
+        WORKER_TASKS.inc("tracker", "rejected")
         log_event(log, logging.WARNING, "malformed record", topic=record.topic, errors=errors[:5])
         return letter
 
@@ -193,6 +202,8 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait_for(send, settings.publish_timeout_s)
 
     publisher = QualityPublisher(redis, settings, publish_health)
+    # Consumer lag and Redis memory, from the tracker that publishes quality (services/tracker/lag.py).
+    backlog = BacklogExporter(settings, redis, lambda: publisher.leading)
 
     async def kafka_ready() -> None:
         if not consumer.assignment():
@@ -210,6 +221,16 @@ async def serve(settings: Settings) -> None:
     log.info("tracker started")
     keeper = asyncio.create_task(keep_topics(settings))
     publishing = asyncio.create_task(publisher.run())
+    exporting = asyncio.create_task(backlog.run())
+    # Status callbacks (issue 11): deliveries the folds enqueue, signed with secrets stored
+    # encrypted (without the key they stay pending, and the fold goes on).
+    callbacks: CallbackWorker | None = None
+    try:
+        box = SecretBox.from_setting(settings.encryption_key.get_secret_value() if settings.encryption_key else None)
+        callbacks = CallbackWorker(settings, pool, box)
+    except EncryptionKeyError as exc:
+        log.error("status callbacks are not delivered: %s", exc)
+    delivering = asyncio.create_task(callbacks.run(), name="callbacks") if callbacks else None
     archiving = asyncio.create_task(archive_periodically(pool, settings, tracker.stopping))
     try:
         await tracker.run()
@@ -217,8 +238,13 @@ async def serve(settings: Settings) -> None:
         keeper.cancel()
         archiving.cancel()
         publisher.stop()  # its loop ends its tick and gives the lease up to the next tracker
+        if callbacks is not None and delivering is not None:
+            callbacks.stop()  # tries in flight keep their lease: another tracker makes them again
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(delivering, 3)
+        backlog.stop()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(publishing, 3)
+            await asyncio.wait_for(asyncio.gather(publishing, exporting), 3)
         await health.stop()
         # Bounded and together: each can hang on a server that is down (aiokafka #1101, a
         # pool whose database went away), and SIGTERM must end the process in seconds.
