@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Herald's embedded stack needs, when they are missing:
-# PostgreSQL and Redis servers, and python3-venv. Idempotent; does nothing when all are there.
+# PostgreSQL and Redis servers, python3-venv, Prometheus (its promtool checks the alert rules) and
+# ClickHouse (the optional statistics backend's tests).
+# Idempotent; does nothing when all are there. (On a machine with systemd, Debian's prometheus
+# package also starts a Prometheus service on :9090; Herald's tests run their own on a free port.)
 set -euo pipefail
 
 # Extra packages may be named on the command line (e.g. `wrk` for make bench).
@@ -11,6 +14,10 @@ done
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+# Prometheus and promtool: the alert rules' checks and the observability test (deploy/prometheus).
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+# ClickHouse server (bookworm: 18.16.1) for the optional statistics backend's tests (docs/clickhouse.md).
+[ -x /usr/sbin/clickhouse-server ] || command -v clickhouse-server >/dev/null 2>&1 || missing+=(clickhouse-server)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -44,6 +44,7 @@ from services.ingest.routing import RoutingDistributor, RuleCache
 from services.ingest.sweeper import run_sweeper as run_stalled_sweeper
 from services.ingest.templates import TemplateDistributor
 from services.ingest.tenants import TenantSettingsCache
+from services.statistics_clickhouse import from_settings
 from shared.crypto import SecretBox
 from shared.db import create_pool, migrate
 from shared.events import EVENT_MODELS, json_schema
@@ -122,10 +123,15 @@ def create_app(settings: Settings) -> FastAPI:
             routing=routing_config,
             routing_rules=RuleCache(pool),
         )
+        # Statistics are read from ClickHouse when it keeps them (docs/clickhouse.md); else from
+        # PostgreSQL's rollups (routes/statistics.py store_of).
+        app.state.statistics = from_settings(settings, pool=pool)
         log.info("ingest ready on %s:%s", settings.ingest_host, settings.ingest_port)
         try:
             yield
         finally:
+            if app.state.statistics is not None:
+                await app.state.statistics.close()
             for task in background:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

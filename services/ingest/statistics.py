@@ -83,6 +83,13 @@ def parse_range(start_date: str | None, end_date: str | None, *, now: datetime |
 
 
 class StatisticsStore(Protocol):
+    """Where statistics are read: :class:`PostgresStatistics` or ClickHouse's. ``rows`` answers, per
+    key of the dimension ``by`` and outcome, dicts of ``key`` (a date for ``date``, an aware UTC
+    datetime for ``hour``, the template's id for ``template``, else text), ``status`` (the outcome),
+    ``n`` (count), ``cost``, ``ls`` (latency sum, ms), ``lb`` (a list of texts, each a row's latency
+    counts per bucket of LATENCY_BOUNDS_MS, comma-separated) and, for ``template``, ``label`` (its
+    name, or None)."""
+
     async def rows(
         self, tenant_id: str, by: str, span: Range, channel: str | None
     ) -> list[dict[str, Any]]: ...
@@ -122,7 +129,7 @@ class Line:
             failed=self.failed,
             success_rate=round(self.success / self.total, 4) if self.total else None,
             outcomes={s: self.counts.get(s, 0) for s in STATUSES},
-            cost=str(self.cost.normalize()) if self.cost else "0",
+            cost=format(self.cost.normalize(), "f") if self.cost else "0",
             latency_avg_ms=round(self.latency_sum_ms / timed) if timed else None,
             latency_p50_ms=percentile_ms(self.buckets, 0.5),
             latency_p95_ms=percentile_ms(self.buckets, 0.95),

@@ -20,6 +20,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from services.statistics_clickhouse import ClickHouseStatistics, from_settings
 from services.tracker.callbacks import CallbackWorker
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
 from services.tracker.lag import BacklogExporter
@@ -34,6 +35,7 @@ from shared.logging import log_event
 from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED, WORKER_TASKS
 from shared.retention import archive_periodically
 from shared.settings import Settings
+from shared.statistics import Outcome, count_outcomes
 
 log = logging.getLogger("herald.tracker")
 
@@ -60,12 +62,14 @@ class Tracker:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         quality: QualityBook | None = None,
+        statistics: ClickHouseStatistics | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.consumer = consumer
         self.producer = producer
         self.quality = quality
+        self.statistics = statistics
         self._stopping = asyncio.Event()
 
     @property
@@ -148,9 +152,15 @@ class Tracker:
         plan = fold_plan(events)
         async with self.pool.acquire() as conn:
             # Rollups in PostgreSQL unless the statistics are kept in ClickHouse.
-            await write_fold(conn, plan, rollups=self.settings.stats_backend == "postgres")
+            await write_fold(conn, plan, rollups=self.statistics is None)
             if letters:
                 await write_dead_letters(conn, letters)
+            # ClickHouse gets every outcome of the batch, not only those stored for the first
+            # time: a batch read again after a crash between the fold and this call stores
+            # nothing new in PostgreSQL, and ClickHouse dedups by event id.
+            outcomes = await count_outcomes(conn, plan.timeline, write=False) if self.statistics else []
+        if outcomes:
+            await self._record_statistics(outcomes)
         FOLD_BATCH.observe(len(records))
         WORKER_TASKS.inc("tracker", "success", len(records) - malformed)
         for event in plan.timeline:
@@ -159,6 +169,23 @@ class Tracker:
             # Once folded, before the commit: a batch read again is counted again, and each
             # event once (the book remembers event ids). It never raises for Redis.
             await self.quality.record(plan.timeline)
+
+    async def _record_statistics(self, outcomes: list[Outcome]) -> None:
+        """Into ClickHouse before the offsets are committed; while it cannot be reached the batch
+        waits (it is folded again afterwards, which changes nothing in PostgreSQL)."""
+        assert self.statistics is not None
+        delay = 0.5
+        while True:
+            try:
+                await self.statistics.record(outcomes)
+                return
+            except Exception as exc:  # noqa: BLE001 - clickhouse-connect raises its own and OSError
+                if self._stopping.is_set():
+                    raise _Stopping from exc
+                log.error("statistics not stored in ClickHouse (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
 
     async def _reject(self, record: ConsumerRecord, exc: Exception) -> DeadLetterV1:
         """A malformed record on notify.events goes to notify.dlq, whence it comes back to be
@@ -194,7 +221,8 @@ async def serve(settings: Settings) -> None:
         socket_timeout=max(settings.redis_timeout_s, 2.0),
         socket_connect_timeout=settings.redis_timeout_s,
     )
-    tracker = Tracker(settings, pool, consumer, producer, QualityBook(redis, settings))
+    statistics = from_settings(settings)  # ClickHouse, when it keeps the statistics
+    tracker = Tracker(settings, pool, consumer, producer, QualityBook(redis, settings), statistics)
 
     async def publish_health(key: bytes, value: bytes) -> None:
         # Bounded: send_and_wait can hang while the broker is down (aiokafka #1101).
@@ -251,6 +279,9 @@ async def serve(settings: Settings) -> None:
         await asyncio.gather(
             stop_quietly(consumer, 3), stop_quietly(producer, 3), _close_pool(pool, 3), _close_redis(redis, 2)
         )
+        if statistics is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(statistics.close(), 2)
     log.info("tracker stopped")
 
 
