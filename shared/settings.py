@@ -179,6 +179,10 @@ class Settings(BaseSettings):
 
     # --- tracker --------------------------------------------------------------------------
     tracker_batch_max: int = Field(default=1000, ge=1)
+    # One tracker at a time (the provider-quality publisher) reads every consuming group's lag and
+    # Redis's memory this often: queue_length, herald_consumer_lag, redis_memory_usage_bytes
+    # (services/tracker/lag.py, docs/observability.md).
+    lag_poll_s: float = Field(default=5.0, gt=0, le=300)
 
     # --- retention and statistics (issue 11; shared/retention.py) ---------------------------
     # Seed 004 §3.1.5: message records (and their timelines) are kept retention_days, failed ones

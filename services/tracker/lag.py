@@ -118,7 +118,12 @@ class BacklogExporter:
     async def run(self) -> None:
         while not self._stopping.is_set():
             if self.leading():
-                await self.poll()
+                try:
+                    await self.poll()
+                except Exception:  # metrics must never end the tracker's folding
+                    log.exception("backlog metrics not read")
+                    self.clear()
+                    await self._close()
             elif self._exported:
                 self.clear()
                 await self._close()  # its connections are for the leader only

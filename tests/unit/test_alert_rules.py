@@ -1,0 +1,172 @@
+"""The alert rules and dashboards, checked without a running pipeline (issue 11).
+
+``promtool`` (Debian's ``prometheus`` package, which ``make install`` installs) checks the rule
+file and the example configuration and runs the rules' unit tests (deploy/prometheus/
+alerts.test.yml); a rule file with a broken expression, and a threshold moved, must fail them. Every
+metric the dashboards and the rules name must be one Herald exports (a typo would otherwise only
+show as an empty panel). tests/e2e/test_observability.py evaluates all of it against a real
+Prometheus scraping the pipeline."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+import shared.metrics  # noqa: F401 - every metric Herald defines, registered
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+SEED_ALERTS = {  # seed 004 §5.1.2
+    "HeraldSendFailureRateHigh", "HeraldQueueBacklogHigh", "HeraldApiLatencyP95High", "HeraldDbPoolSaturated",
+}  # fmt: skip
+SEED_METRICS = (  # seed 004 §3.1.9, under its names (histograms by their buckets)
+    "http_requests_total", "http_request_duration_seconds_bucket", "messages_sent_total",
+    "messages_send_duration_seconds_bucket", "email_pool_available_accounts", "email_pool_daily_sent",
+    "queue_length", "celery_tasks_total", "db_connections_active", "redis_memory_usage_bytes",
+)  # fmt: skip
+
+
+def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("promtool")
+    assert binary, "promtool is not installed: `make install` (scripts/install-system-deps.sh) installs it"
+    return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_checks_the_rules() -> None:
+    result = promtool("check", "rules", "alerts.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 6 rules found" in result.stdout, result.stdout
+
+
+def test_promtool_unit_tests_of_the_rules_pass() -> None:
+    result = promtool("test", "rules", "alerts.test.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "FAILED" not in result.stdout, result.stdout
+
+
+def test_the_example_configuration_is_valid() -> None:
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is valid prometheus config file syntax" in result.stdout, result.stdout
+
+
+def test_a_broken_expression_fails_the_check(tmp_path: Path) -> None:
+    broken = (PROMETHEUS_DIR / "alerts.yml").read_text().replace("max by (queue) (queue_length)", "max by (queue) (")
+    (tmp_path / "alerts.yml").write_text(broken)
+    result = promtool("check", "rules", "alerts.yml", cwd=tmp_path)
+    assert result.returncode != 0 and "FAILED" in result.stdout + result.stderr, result.stdout
+
+
+@pytest.mark.parametrize(("alert", "threshold", "moved"), [
+    ("HeraldSendFailureRateHigh", "> 0.05", "> 0.15"),
+    ("HeraldQueueBacklogHigh", "> 1000", "> 5000"),
+    ("HeraldApiLatencyP95High", "> 0.5", "> 1"),
+    ("HeraldDbPoolSaturated", "> 0.8", "> 0.9"),
+])  # fmt: skip
+def test_the_unit_tests_notice_a_moved_threshold(tmp_path: Path, alert: str, threshold: str, moved: str) -> None:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    [rule] = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == alert]
+    assert rule["expr"].rstrip().endswith(threshold), rule["expr"]
+    rule["expr"] = rule["expr"].rstrip()[: -len(threshold)] + moved
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
+    shutil.copy(PROMETHEUS_DIR / "alerts.test.yml", tmp_path / "alerts.test.yml")
+    result = promtool("test", "rules", "alerts.test.yml", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"alertname: {alert}" in output, output
+
+
+def test_the_seed_alerts_are_there_with_their_thresholds() -> None:
+    rules = {r["alert"]: r for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}  # fmt: skip
+    assert SEED_ALERTS <= set(rules)
+    assert rules["HeraldSendFailureRateHigh"]["expr"].rstrip().endswith("> 0.05")
+    assert rules["HeraldQueueBacklogHigh"]["expr"].rstrip().endswith("> 1000")
+    assert rules["HeraldApiLatencyP95High"]["expr"].rstrip().endswith("> 0.5")
+    assert rules["HeraldDbPoolSaturated"]["expr"].rstrip().endswith("> 0.8")
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+# --- every metric named exists ------------------------------------------------------------------
+
+# Prometheus's own series and the process collector's (prometheus_client, on Linux).
+BUILTIN = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes", "ALERTS"}
+_KEYWORDS = {"by", "without", "and", "or", "unless", "on", "ignoring", "bool", "offset", "group_left", "group_right"}
+
+
+def exported_names() -> set[str]:
+    """The sample names Herald's registry can expose (counters with _total, histograms' series)."""
+    names: set[str] = set()
+    for line in generate_latest().decode().splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    expr = re.sub(r'"[^"]*"', "", expr)  # strings
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)  # grouping labels
+    found = re.findall(r"(?<![\w$])([A-Za-z_:][\w:]*)\b(?!\s*\()", expr)
+    return {n for n in found if n not in _KEYWORDS and not re.fullmatch(r"e\d*|Inf|NaN", n)}
+
+
+def dashboard_targets() -> list[tuple[str, str, dict]]:
+    out = []
+    for path in sorted(GRAFANA_DIR.glob("*.json")):
+        board = json.loads(path.read_text())
+        for panel in board["panels"]:
+            for target in panel.get("targets", []):
+                out.append((path.name, panel["title"], target))
+    return out
+
+
+def test_every_metric_the_dashboards_and_rules_name_is_exported() -> None:
+    known = exported_names() | BUILTIN
+    assert not [name for name in SEED_METRICS if name not in known]
+    exprs = [(f"{name} / {title}", t["expr"]) for name, title, t in dashboard_targets() if "expr" in t]
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    exprs += [(r["alert"], r["expr"]) for g in rules["groups"] for r in g["rules"]]
+    unknown = {(where, n) for where, expr in exprs for n in metric_names(expr) if n not in known}
+    assert not unknown, unknown
+
+
+def test_the_dashboards_are_importable() -> None:
+    boards = {p.name: json.loads(p.read_text()) for p in sorted(GRAFANA_DIR.glob("*.json"))}
+    assert set(boards) == {"herald-overview.json", "herald-channels.json", "herald-pipeline.json", "herald-tenant.json"}
+    assert len({b["uid"] for b in boards.values()}) == 4
+    for name, board in boards.items():
+        assert {i["name"] for i in board["__inputs"]} == {"DS_PROMETHEUS", "DS_POSTGRES"}, name
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["DS_PROMETHEUS"]["type"] == variables["DS_POSTGRES"]["type"] == "datasource"
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids)), name
+        for panel in board["panels"]:
+            if panel["type"] == "row":
+                continue
+            assert panel["targets"], (name, panel["title"])
+            for target in panel["targets"]:
+                uid = target["datasource"]["uid"]
+                assert uid in ("${DS_PROMETHEUS}", "${DS_POSTGRES}"), (name, panel["title"], uid)
+                assert ("expr" in target) == (uid == "${DS_PROMETHEUS}"), (name, panel["title"])
+                if "rawSql" in target:
+                    assert target["rawQuery"] and target["format"] in ("table", "time_series")
+                    if target["format"] == "time_series":
+                        assert "$__timeGroupAlias" in target["rawSql"] and "AS metric" in target["rawSql"]
+    tenant = {v["name"]: v for v in boards["herald-tenant.json"]["templating"]["list"]}["tenant"]
+    assert tenant["datasource"]["uid"] == "${DS_POSTGRES}" and "tenants" in tenant["query"]
+    tenant_sql = [
+        t["rawSql"] for file, _title, t in dashboard_targets() if "rawSql" in t and file == "herald-tenant.json"
+    ]
+    assert tenant_sql and all("'$tenant'" in sql for sql in tenant_sql)

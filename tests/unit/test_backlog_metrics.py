@@ -1,0 +1,95 @@
+"""The observability metrics' own logic (issue 11), without servers: a topic's backlog from the
+brokers' offsets, the routing decision's labels, and celery_tasks_total's outcomes.
+tests/e2e/test_observability.py reads them from a real pipeline through a real Prometheus."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import orjson
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry, Counter
+
+from services.router.routing import Routed, Routing, decision_labels, plan
+from services.tracker.lag import consuming_groups, lags
+from shared.events import Channel, ProviderHealthV1
+from shared.kafka import Topics
+from shared.metrics import _WorkerTasks
+from shared.routing import HealthStore, Probes, ProviderRoute, RoutingStore
+
+NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
+
+
+def test_every_consumed_topic_has_one_group() -> None:
+    groups = consuming_groups()
+    assert (
+        groups[Topics.REQUESTS] == "herald-router" and groups[Topics.EVENTS] == groups[Topics.DLQ] == "herald-tracker"
+    )
+    assert {groups[t] for t in Topics.RETRY} == {"herald-router-retry"}
+    assert all(groups[Topics.dispatch(c)] == f"herald-sender-{c.value}" for c in Channel)
+    assert Topics.CONFIG not in groups and Topics.PROVIDER_HEALTH not in groups  # read whole, no group
+
+
+def test_lag_is_end_minus_committed_summed_over_partitions() -> None:
+    t = Topics.REQUESTS
+    tp = [TopicPartition(t, p) for p in range(3)]
+    end = {tp[0]: 10, tp[1]: 7, tp[2]: 5}
+    first = {tp[0]: 0, tp[1]: 2, tp[2]: 5}
+    committed = {tp[0]: 4, tp[1]: -1}  # partition 1: nothing committed (from its first offset); 2: absent
+    [lag] = lags({t: "herald-router"}, {t: [0, 1, 2]}, first, end, committed)
+    assert (lag.group, lag.topic, lag.records) == ("herald-router", t, (10 - 4) + (7 - 2) + 0)
+    # A topic the broker does not have is no backlog; a commit past the end (a broker that lost
+    # its data) is none either.
+    assert lags({"gone": "g"}, {}, {}, {}, {}) == []
+    [caught_up] = lags({t: "g"}, {t: [0]}, {}, {tp[0]: 3}, {tp[0]: 9})
+    assert caught_up.records == 0
+
+
+def _routing() -> Routing:
+    store = RoutingStore()
+    for pid, name, cost in ((1, "dear", "0.05"), (2, "cheap", "0.03")):
+        store.put_provider(ProviderRoute(provider_id=pid, tenant_id="acme", channel="sms", provider="aliyun",
+                                         name=name, costs={"default": cost}))  # fmt: skip
+    return Routing(store, HealthStore(), Probes(), random.Random(1))
+
+
+def _plan(routing: Routing | None, **fields) -> Routed:
+    body = {"tenant_id": "acme", "content": "hi", "content_type": "text", **fields}
+    decision = plan(orjson.dumps(body), now=NOW, routing=routing)
+    assert isinstance(decision, Routed), decision
+    return decision
+
+
+def test_routing_decision_labels() -> None:
+    routing = _routing()
+    sms = {"channel": "sms", "to": ["+8613800138000"]}
+    assert decision_labels(_plan(routing, **sms)) == ("sms", "aliyun", "cheapest")
+    assert decision_labels(_plan(routing, **sms, provider="dear")) == ("sms", "aliyun", "named")
+    email = {"channel": "email", "to": ["a@example.com"], "subject": "s"}
+    assert decision_labels(_plan(routing, **email)) == ("email", "smtp", "mailbox_pool")
+    assert decision_labels(_plan(None, **sms)) == ("sms", "unknown", "sender_chooses")
+    # Every provider below the quality threshold: the best success rate first.
+    for pid in (1, 2):
+        routing.health.by_provider[pid] = ProviderHealthV1(
+            provider="aliyun", channel="sms", identity=f"provider:{pid}", state="degraded", provider_id=pid,
+            breaker="closed", occurred_at=NOW, samples=50, success_rate=0.5,
+        )  # fmt: skip
+    assert decision_labels(_plan(routing, **sms)) == ("sms", "aliyun", "below_threshold")
+
+
+def test_celery_tasks_counts_workers_and_reads_the_senders_attempts() -> None:
+    attempts = Counter("messages_sent_total", "", ["type", "status", "provider"], registry=CollectorRegistry())
+    tasks = _WorkerTasks(attempts)
+    tasks.inc("router", "success", 3)
+    tasks.inc("router", "rejected")
+    tasks.inc("tracker", "success", 10)
+    attempts.labels("email", "success", "smtp").inc(5)
+    attempts.labels("sms", "unconfirmed", "aliyun").inc(1)
+    attempts.labels("sms", "failed", "aliyun").inc(2)
+    attempts.labels("sms", "deferred", "aliyun").inc(4)
+    [family] = tasks.collect()
+    assert family.name == "celery_tasks" and family.type == "counter"
+    got = {(s.labels["service"], s.labels["status"]): s.value for s in family.samples if s.name == "celery_tasks_total"}
+    assert got == {("router", "success"): 3, ("router", "rejected"): 1, ("tracker", "success"): 10,
+                   ("sender", "success"): 6, ("sender", "failure"): 2, ("sender", "retry"): 4}  # fmt: skip
