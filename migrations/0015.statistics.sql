@@ -53,5 +53,7 @@ CREATE TABLE archive_runs (
     stats_rows     BIGINT        NOT NULL DEFAULT 0
 );
 
--- Retention deletes old records by their creation time.
-CREATE INDEX IF NOT EXISTS idx_message_records_created ON message_records (created_at);
+-- Retention deletes records by their last change (their outcome, for a finished one): a message
+-- scheduled weeks ahead is as young as its delivery.
+CREATE INDEX idx_message_records_retention ON message_records (status, updated_at)
+    WHERE status IN ('success', 'failed');

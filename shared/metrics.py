@@ -231,3 +231,8 @@ class _WorkerTasks:
 
 WORKER_TASKS = _WorkerTasks()
 REGISTRY.register(WORKER_TASKS)  # type: ignore[arg-type]
+# Statistics kept in ClickHouse (issue 11): outcomes it refused for a reason retrying cannot mend
+# (logged with the reason); an unreachable ClickHouse holds the tracker's batch instead.
+STATISTICS_DROPPED = Counter(
+    "herald_statistics_dropped_total", "Outcomes ClickHouse refused for good, so not in its statistics"
+)

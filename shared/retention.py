@@ -1,5 +1,5 @@
-"""Retention (seed 004 §3.1.5): message records older than ``retention_days`` (failed ones:
-``retention_failed_days``) are deleted with their timelines and scheduled tasks, and what they
+"""Retention (seed 004 §3.1.5): message records whose last change (their outcome) is older than
+``retention_days`` (failed ones: ``retention_failed_days``) are deleted with their timelines and scheduled tasks, and what they
 were is kept in ``message_archive`` as counts per day, tenant, channel and status. Rollups by
 minute and by hour are trimmed to their own ages.
 
@@ -8,8 +8,9 @@ same statement, and commits: a run stopped halfway has archived exactly what it 
 periodic run (in the tracker) holds a PostgreSQL advisory lock, so one tracker at a time does it;
 a tenant's manual run (``POST /api/v1/statistics/archive``) covers its own records only.
 
-Records still on their way (pending, sending) are never deleted by age: a message scheduled far
-ahead keeps its record, and a stuck one is the sweeper's business.
+Age is counted from a record's last change, not its creation: a message scheduled 35 days ahead
+is kept 30 days after it is sent. Records still on their way (pending, sending) are never deleted
+by age, and a stuck one is the sweeper's business.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ LOCK_KEY = 0x48455241_4C440B  # "HERALD" 11: the periodic archive's advisory loc
 _ARCHIVE = """
 WITH doomed AS (
     SELECT id FROM message_records
-    WHERE created_at < $1 AND status = $2 AND ($4::text IS NULL OR tenant_id = $4)
-    ORDER BY created_at LIMIT $3
+    WHERE updated_at < $1 AND status = $2 AND ($4::text IS NULL OR tenant_id = $4)
+    ORDER BY updated_at LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), gone AS (
     DELETE FROM message_records m USING doomed d WHERE m.id = d.id

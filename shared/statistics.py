@@ -128,6 +128,8 @@ def outcomes_of(events: Iterable[EventV1], records: Mapping[str, Mapping[str, An
         if e.state not in OUTCOMES:
             continue
         record = records.get(e.message_id) or {}
+        if record.get("tenant_id", e.tenant_id) != e.tenant_id:
+            record = {}  # message ids are unique, but a record is only ever read within its tenant
         detail = e.detail or {}
         started = record.get("created_at")
         if started is not None and record.get("scheduled_at") is not None:
@@ -152,7 +154,7 @@ def outcomes_of(events: Iterable[EventV1], records: Mapping[str, Mapping[str, An
 
 
 _RECORDS = """
-SELECT message_id, template_id, message_type, created_at, scheduled_at
+SELECT message_id, tenant_id, template_id, message_type, created_at, scheduled_at
 FROM message_records WHERE message_id = ANY($1::text[])
 """
 

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, ValidationError, Wi
 
 from services.ingest.sends import LOCALE, content_mode_error, missing_variable
 from shared.errors import ErrorCode, HeraldError
-from shared.events import NO_NEWLINES, Category, ContentType
+from shared.events import NO_NEWLINES, CallbackURL, Category, ContentType
 
 
 class BatchItem(BaseModel):
@@ -72,6 +72,10 @@ class BatchSendRequest(BaseModel):
     locale: str | None = Field(default=None, max_length=35, pattern=LOCALE)
     attachment_ids: list[str] = Field(default_factory=list, max_length=20)
     category: Category | None = None
+    callback_url: CallbackURL | None = Field(
+        default=None, description="each item's status changes are POSTed here, signed with the tenant's signing "
+        "secret (docs/callbacks.md)",
+    )  # fmt: skip
     scheduled_time: str | None = Field(default=None, examples=["2026-12-24T09:00:00+08:00"])
     delay: str | int | None = Field(default=None, examples=["30m"])
     timezone: str | None = Field(default=None, max_length=64)

@@ -9,6 +9,7 @@ import asyncpg
 from services.ingest.limits import Quotas, month_bounds
 from services.tracker import callbacks
 from shared.events import EventV1, State
+from shared.statistics import count_outcomes
 
 # Takes each task's row lock, as the scheduler's release does: a message is either cancelled
 # before its release or released, never both. $2: message ids, or $3: a batch; $4: who. A digest
@@ -46,18 +47,24 @@ async def cancel(
     *,
     message_ids: list[str] | None = None,
     batch_id: str | None = None,
+    rollups: bool = True,
 ) -> list[asyncpg.Record]:
     """Cancel the named messages (or a batch's) still waiting for their time; answers those
-    cancelled (message_id, message_type, created_at). Run it in the transaction that audits it."""
+    cancelled (message_id, message_type, created_at). Run it in the transaction that audits it.
+    ``rollups``: count the cancellations in PostgreSQL's statistics (not when ClickHouse keeps them)."""
     rows = await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
     if rows:
-        # A status change the tracker's fold never sees: its status callbacks are enqueued here.
+        # A status change the tracker's fold never sees: counted and called back from here, in
+        # the transaction that makes it (each message once: only a 'scheduled' record moves).
         now = datetime.now(UTC)
-        await callbacks.enqueue(conn, [
+        events = [
             EventV1(event_id=f"{r['message_id']}:0:cancelled", message_id=r["message_id"], tenant_id=tenant_id,
                     state=State.CANCELLED, service="ingest", channel=r["message_type"], occurred_at=now)
             for r in rows
-        ])  # fmt: skip
+        ]  # fmt: skip
+        if rollups:
+            await count_outcomes(conn, events)
+        await callbacks.enqueue(conn, events)
     return rows
 
 

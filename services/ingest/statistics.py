@@ -82,6 +82,21 @@ def parse_range(start_date: str | None, end_date: str | None, *, now: datetime |
     return Range(start, end, start_days and end_days)
 
 
+def check_hourly(span: Range, by: str | None, keep_days: int, now: datetime | None = None) -> None:
+    """A range read by the hour (a bound with a time, or the hourly breakdown) must lie within the
+    days hourly rollups are kept: older hours are gone, and an answer of zeros would be wrong."""
+    if span.whole_days and by != "hour":
+        return
+    oldest = datetime.combine((now or datetime.now(UTC)).date(), time.min, tzinfo=UTC) - timedelta(days=keep_days)
+    if span.start < oldest:
+        raise HeraldError(
+            ErrorCode.INVALID_PARAMS,
+            f"hours are kept {keep_days} days (from {oldest.date().isoformat()}): "
+            "ask older ranges in whole days (YYYY-MM-DD)",
+            field="start_date",
+        )
+
+
 class StatisticsStore(Protocol):
     """Where statistics are read: :class:`PostgresStatistics` or ClickHouse's. ``rows`` answers, per
     key of the dimension ``by`` and outcome, dicts of ``key`` (a date for ``date``, an aware UTC

@@ -32,7 +32,14 @@ from shared.events import DeadLetterV1, EventV1
 from shared.health import HealthServer
 from shared.kafka import Topics, ensure_topics, keep_topics, make_consumer, make_producer, stop_quietly
 from shared.logging import log_event
-from shared.metrics import CONSUMER_LAST_PROGRESS, EVENTS_FOLDED, FOLD_BATCH, MESSAGES_REJECTED, WORKER_TASKS
+from shared.metrics import (
+    CONSUMER_LAST_PROGRESS,
+    EVENTS_FOLDED,
+    FOLD_BATCH,
+    MESSAGES_REJECTED,
+    STATISTICS_DROPPED,
+    WORKER_TASKS,
+)
 from shared.retention import archive_periodically
 from shared.settings import Settings
 from shared.statistics import Outcome, count_outcomes
@@ -171,21 +178,31 @@ class Tracker:
             await self.quality.record(plan.timeline)
 
     async def _record_statistics(self, outcomes: list[Outcome]) -> None:
-        """Into ClickHouse before the offsets are committed; while it cannot be reached the batch
-        waits (it is folded again afterwards, which changes nothing in PostgreSQL)."""
+        """Into ClickHouse before the offsets are committed. While it cannot be reached (connection
+        errors, timeouts) the batch waits, and is folded again afterwards, which changes nothing in
+        PostgreSQL. An answer refusing the rows themselves (a server error) cannot be mended by
+        waiting: logged, counted (herald_statistics_dropped_total) and passed, so that one bad row
+        does not hold every tenant's deliveries and callbacks."""
+        from clickhouse_connect.driver.exceptions import OperationalError  # the optional extra
+
         assert self.statistics is not None
         delay = 0.5
         while True:
             try:
                 await self.statistics.record(outcomes)
                 return
-            except Exception as exc:  # noqa: BLE001 - clickhouse-connect raises its own and OSError
+            except (OperationalError, OSError, TimeoutError) as exc:
                 if self._stopping.is_set():
                     raise _Stopping from exc
-                log.error("statistics not stored in ClickHouse (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+                log.error("ClickHouse unreachable (%s); retrying the batch in %.1fs", exc.__class__.__name__, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
+            except Exception as exc:  # noqa: BLE001 - the driver's DatabaseError, DataError, a bad value
+                STATISTICS_DROPPED.inc(len(outcomes))
+                log_event(log, logging.ERROR, "ClickHouse refused a batch's statistics", error=str(exc)[:300],
+                          error_type=exc.__class__.__name__, outcomes=len(outcomes))  # fmt: skip
+                return
 
     async def _reject(self, record: ConsumerRecord, exc: Exception) -> DeadLetterV1:
         """A malformed record on notify.events goes to notify.dlq, whence it comes back to be

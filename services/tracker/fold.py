@@ -249,8 +249,8 @@ WHERE message_id = ANY($1::text[]) AND NOT (event_id = ANY($2::text[]))
 
 async def write_fold(conn: asyncpg.Connection, plan: FoldPlan, *, rollups: bool = True) -> list[Outcome]:
     """Apply a :class:`FoldPlan` in one transaction; answers the outcomes among the events stored
-    for the first time, added to the rollups in PostgreSQL unless ``rollups`` is False (statistics
-    kept elsewhere: ClickHouse)."""
+    for the first time, added to the rollups in PostgreSQL (none when ``rollups`` is False: the
+    statistics are kept in ClickHouse, which the tracker feeds itself)."""
     creates = []
     for e in plan.new_records:
         m = e.message
@@ -348,7 +348,8 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan, *, rollups: bool 
         counted: list[Outcome] = []
         if stored:
             # After the records moved and were created: their templates, channels and starts.
-            counted = await count_outcomes(conn, stored, write=rollups)
+            if rollups:
+                counted = await count_outcomes(conn, stored)
             await callbacks.enqueue(conn, stored)
     return counted
 

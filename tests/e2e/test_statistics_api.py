@@ -129,6 +129,7 @@ async def test_breakdowns_by_provider_template_and_hour_and_their_csv(
         ({"by": "provider", "start_date": "2026-02-30"}, "start_date"),
         ({"by": "provider", "start_date": "2026-12-02", "end_date": "2026-12-01"}, "end_date"),
         ({"by": "hour", "start_date": "2026-01-01", "end_date": "2026-03-01"}, "end_date"),
+        ({"by": "hour", "start_date": "2025-01-01", "end_date": "2025-01-10"}, "start_date"),  # hours kept 90 days
         ({}, "by"),
     ],
 )
@@ -154,3 +155,16 @@ async def test_archive_runs_on_demand_for_the_tenant_only(
     # The operator's command does the same for every tenant (what the tracker does periodically).
     done = await asyncio.to_thread(access.admin, pipeline.backing.env, "archive")
     assert done["records"] == 0 and set(done) == {"records", "failed_records", "events", "stats_rows"}
+
+
+async def test_a_cancelled_scheduled_message_is_counted_as_cancelled(tenant: httpx.AsyncClient, traffic: dict) -> None:
+    r = await tenant.post("/api/v1/messages/email/send/scheduled", json={
+        "to": f"{uniq('later-')}@example.com", "subject": "later", "content": "<p>l</p>",
+        "delay": "2h"})  # fmt: skip
+    assert r.status_code == 202, r.text
+    message_id = r.json()["data"]["message_id"]
+    await wait_for_state(tenant, message_id, "scheduled")
+    assert (await tenant.post(f"/api/v1/messages/{message_id}/cancel")).status_code == 200
+    data = (await tenant.get(SUMMARY)).json()["data"]
+    assert data["by_status"]["cancelled"] == 1
+    assert (data["total_sent"], data["success_count"], data["failed_count"]) == (4, 3, 1)  # not a send's outcome

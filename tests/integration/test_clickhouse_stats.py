@@ -23,6 +23,7 @@ import asyncpg
 import clickhouse_connect
 import pytest
 from aiokafka import ConsumerRecord
+from prometheus_client import REGISTRY
 
 from devstack import servers
 from services.ingest.statistics import parse_range
@@ -468,6 +469,13 @@ async def test_the_tracker_keeps_statistics_in_clickhouse(
         data = await stats.summary("acme", date(2026, 11, 20), date(2026, 11, 20))
         assert (data["total_sent"], data["success_count"], data["failed_count"], data["cost"]) == (3, 2, 1, "0.06")
         assert data["latency_ms"]["avg"] == 700
+
+        # A refusal of the rows themselves (here: their table is gone) is logged, counted and passed:
+        # waiting would not mend it, and it must not hold the tracker's deliveries and callbacks.
+        clickhouse.sql(f"DROP TABLE {stats.table}")
+        dropped = REGISTRY.get_sample_value("herald_statistics_dropped_total") or 0
+        await tracker.fold(records)
+        assert REGISTRY.get_sample_value("herald_statistics_dropped_total") == dropped + 3
 
         away = ClickHouseStatistics(f"http://default:@127.0.0.1:{servers.free_port()}/herald", connect_timeout=1)
         stopping = Tracker(settings, pool, None, None, statistics=away)  # type: ignore[arg-type]

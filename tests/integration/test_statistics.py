@@ -185,20 +185,27 @@ async def test_retention_archives_old_records_as_counts(pool: asyncpg.Pool) -> N
         *lifecycle(other, f"{other}-old-sent", State.SENT, old),  # another tenant's: not in its run
     ]
     await fold(pool, events)
+    # Folded now: their last change as if it had happened when their outcome did.
+    await pool.execute("UPDATE message_records SET updated_at = created_at + interval '1 second' "
+                       "WHERE tenant_id = ANY($1)", [t, other])  # fmt: skip
     # A message accepted long ago and still waiting (scheduled far ahead): never deleted by age.
     await fold(pool, lifecycle(t, f"{t}-waiting", State.ROUTED, older)[:1])
+    # Accepted 100 days ago for a time 98 days later, sent 2 days ago: as young as its delivery.
+    await fold(pool, lifecycle(t, f"{t}-scheduled-sent", State.SENT, older, took_ms=98 * 86_400_000))
+    await pool.execute("UPDATE message_records SET updated_at = $2 WHERE message_id = $1", f"{t}-scheduled-sent",
+                       recent)  # fmt: skip
     settings = Settings(database_url="postgresql://unused", archive_batch=1)  # one record per transaction
     run = await archive(pool, settings, tenant_id=t, trigger="manual", now=now)
     assert (run.records, run.failed_records, run.events) == (2, 1, 4)
     left = {r["message_id"] for r in await pool.fetch("SELECT message_id FROM message_records WHERE tenant_id = $1", t)}
-    assert left == {f"{t}-old-failed", f"{t}-recent", f"{t}-waiting"}
+    assert left == {f"{t}-old-failed", f"{t}-recent", f"{t}-waiting", f"{t}-scheduled-sent"}
     assert await pool.fetchval("SELECT count(*) FROM message_events WHERE message_id = $1", f"{t}-old-sent") == 0
     archived = await pool.fetch("SELECT day, channel, status, count FROM message_archive WHERE tenant_id = $1 "
                                 "ORDER BY day", t)  # fmt: skip
     assert [tuple(r) for r in archived] == [(older.date(), "sms", "failed", 1), (old.date(), "sms", "success", 1)]
     assert await pool.fetchval("SELECT count(*) FROM message_records WHERE tenant_id = $1", other) == 1
     # Statistics survive the records: the day rollups still count them.
-    assert await pool.fetchval("SELECT sum(count) FROM stats_day WHERE tenant_id = $1", t) == 4
+    assert await pool.fetchval("SELECT sum(count) FROM stats_day WHERE tenant_id = $1", t) == 5
     assert (await archive(pool, settings, tenant_id=t, now=now)).records == 0  # nothing left to do
 
     # The periodic run (every tenant) trims the minute and hour rollups to their ages.

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from services.ingest.statistics import Line, parse_range, to_csv
+from services.ingest.statistics import Line, check_hourly, parse_range, to_csv
 from shared.errors import HeraldError
 from shared.events import EventV1, MessageSnapshot, State
 from shared.statistics import LATENCY_BOUNDS_MS, bucket_of, latency_bucket, outcomes_of, percentile_ms, rollups
@@ -125,3 +125,15 @@ def test_csv_has_a_header_every_row_and_no_formulas() -> None:
         "welcome", "2", "1.5", "0.0")  # fmt: skip
     assert (parsed[1]["state_failed"], parsed[1]["state_sent"], parsed[0]["state_sent"]) == ("2", "0", "1")
     assert parsed[0]["latency_p95_ms"] == ""  # no latency: an empty cell, not "None"
+
+
+def test_hours_older_than_their_keeping_are_refused_not_answered_with_zeros() -> None:
+    now = datetime(2026, 12, 2, 11, tzinfo=UTC)
+    old_days = parse_range("2026-01-01", "2026-06-01", now=now)
+    check_hourly(old_days, "provider", 90, now)  # whole days: the daily rollups, kept
+    for span, by in ((parse_range("2026-01-01", "2026-06-01T12:00:00Z", now=now), None),
+                     (parse_range("2026-08-01", "2026-08-20", now=now), "hour")):  # fmt: skip
+        with pytest.raises(HeraldError) as info:
+            check_hourly(span, by, 90, now)
+        assert info.value.field == "start_date" and "2026-09-03" in info.value.message
+    check_hourly(parse_range("2026-11-01", "2026-11-20", now=now), "hour", 90, now)

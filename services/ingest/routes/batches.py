@@ -39,6 +39,7 @@ from services.ingest.limits import QuotaExceeded
 from services.ingest.publish import NewRecord, Outcome
 from services.ingest.routes.messages import status_column
 from services.ingest.routes.templates import resolve as resolve_template
+from services.ingest.routes.webhooks import check_message_callback
 from services.ingest.sends import due_time, idempotency_key
 from shared.db import DB_UNAVAILABLE
 from shared.errors import ErrorCode, HeraldError
@@ -167,6 +168,8 @@ async def _plan(request: Request, services: Services, tenant_id: str, body: Batc
             field="recipients",
         )
     scheduled_at = due_time(settings, body.scheduled_time, body.delay, body.timezone, now)
+    if body.callback_url is not None:
+        await check_message_callback(services, tenant_id, body.callback_url)
     required: list[str] = []
     template: TemplateRef | None = None
     if body.templated:
@@ -226,6 +229,7 @@ def _records(
             scheduled_at=plan.scheduled_at,
             category=body.category,
             batch_id=batch_id,
+            callback_url=body.callback_url,
         )
         record = NewRecord(request, {"to": [item.to], "cc": [], "bcc": []}, now, item_hash(digest, item.index))
         records.append(_Pending(item, record))
@@ -343,7 +347,9 @@ async def cancel_batch(batch_id: str, request: Request):
     principal = request.scope["state"]["principal"]
     async with services.pool.acquire() as conn, conn.transaction():
         await _known(conn, tenant_id, batch_id)
-        cancelled = await scheduled.cancel(conn, tenant_id, principal.actor, batch_id=batch_id)
+        cancelled = await scheduled.cancel(
+            conn, tenant_id, principal.actor, batch_id=batch_id, rollups=request.app.state.statistics is None
+        )
         if not cancelled:
             raise HeraldError(
                 ErrorCode.STATE_CONFLICT,

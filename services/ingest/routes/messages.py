@@ -688,7 +688,9 @@ async def cancel_message(message_id: str, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.SEND)
     principal = request.scope["state"]["principal"]
     async with services.pool.acquire() as conn, conn.transaction():
-        cancelled = await scheduled.cancel(conn, tenant_id, principal.actor, message_ids=[message_id])
+        cancelled = await scheduled.cancel(
+            conn, tenant_id, principal.actor, message_ids=[message_id], rollups=request.app.state.statistics is None
+        )
         if not cancelled:
             raise await _not_pending(conn, tenant_id, message_id, "cancelled")
         await audit.record(conn, request, "message.cancel", "message", message_id)

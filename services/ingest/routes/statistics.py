@@ -10,12 +10,14 @@ from fastapi.responses import Response
 from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import envelope
+from services.ingest.http import envelope, iso_z
 from services.ingest.statistics import (
     DIMENSIONS,
     PostgresStatistics,
+    Range,
     StatisticsStore,
     breakdown,
+    check_hourly,
     parse_range,
     summary,
     to_csv,
@@ -36,6 +38,13 @@ def store_of(request: Request) -> StatisticsStore:
     return chosen if chosen is not None else PostgresStatistics(services.pool)
 
 
+def _range(request: Request, start_date: str | None, end_date: str | None, by: str | None) -> Range:
+    span = parse_range(start_date, end_date)
+    if getattr(request.app.state, "statistics", None) is None:  # PostgreSQL's rollups: hours are trimmed
+        check_hourly(span, by, services_of(request).settings.stats_hour_days)
+    return span
+
+
 @router.get("/summary", summary="Sent, succeeded and failed messages by channel and by day (seed 004 §4.2.4)")
 async def get_summary(
     request: Request,
@@ -44,7 +53,7 @@ async def get_summary(
     message_type: Channel | None = Query(default=None, description="one channel only"),
 ):
     tenant = tenant_of(request, Scope.READ)
-    span = parse_range(start_date, end_date)
+    span = _range(request, start_date, end_date, None)
     channel = message_type.value if message_type else None
     return envelope(await summary(store_of(request), tenant, span, channel))
 
@@ -62,7 +71,7 @@ async def get_breakdown(
     tenant = tenant_of(request, Scope.READ)
     if format not in ("json", "csv"):
         raise HeraldError(ErrorCode.INVALID_PARAMS, "json or csv", field="format")
-    span = parse_range(start_date, end_date)
+    span = _range(request, start_date, end_date, by)
     channel = message_type.value if message_type else None
     rows = await breakdown(store_of(request), tenant, by, span, channel)
     first, last = span.label()
@@ -90,18 +99,22 @@ async def get_archive(
         args += [span.start.date(), span.end.date()]
         where += " AND day >= $2 AND day < $3"
     rows = await services_of(request).pool.fetch(
-        f"SELECT day, channel, status, count FROM message_archive WHERE {where} ORDER BY day, channel, status", *args
+        f"""SELECT day, channel, status, count, archived_at FROM message_archive WHERE {where}
+            ORDER BY day, channel, status""",
+        *args,
     )
     runs = await services_of(request).pool.fetch(
+        # The tenant's own runs: the periodic run's counts are everyone's (its deletions show in
+        # the rows above, each with its archived_at).
         """SELECT trigger, started_at, finished_at, records, failed_records, events FROM archive_runs
-           WHERE tenant_id = $1 OR tenant_id IS NULL ORDER BY id DESC LIMIT 10""",
+           WHERE tenant_id = $1 ORDER BY id DESC LIMIT 10""",
         tenant,
     )
     return envelope(
         {
-            "rows": [{**dict(r), "day": r["day"].isoformat()} for r in rows],
+            "rows": [{**dict(r), "day": r["day"].isoformat(), "archived_at": iso_z(r["archived_at"])} for r in rows],
             "runs": [
-                {**dict(r), **{k: r[k].isoformat() if r[k] else None for k in ("started_at", "finished_at")}}
+                {**dict(r), "started_at": iso_z(r["started_at"]), "finished_at": iso_z(r["finished_at"])}
                 for r in runs
             ],
         }
