@@ -131,6 +131,13 @@ CALLBACK_DURATION = Histogram(
 # holding the provider-quality lease, services/tracker/lag.py), so that sums over instances do
 # not count twice; the others leave them empty.
 QUEUE_LENGTH = Gauge("queue_length", "Records waiting in a topic: its consuming group's lag, summed", ["queue"])
+# Retry tiers' lag: records waiting their delay on purpose, kept out of queue_length (and its alert).
+RETRIES_WAITING = Gauge(
+    "herald_retries_waiting",
+    "Attempts in a retry tier (notify.retry.*) the retry relay has not relayed yet: mostly waiting for "
+    "their delay on purpose (its group's lag, summed over partitions)",
+    ["queue"],
+)
 CONSUMER_LAG = Gauge(
     "herald_consumer_lag", "End offset minus committed offset, summed over the topic's partitions", ["group", "topic"]
 )

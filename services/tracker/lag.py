@@ -2,11 +2,17 @@
 
 Kafka has no queue length. Herald's backlog of a topic is the consumer lag of the group that
 consumes it: for each partition, the end offset (the next offset to be written) minus the
-group's committed offset, or minus the partition's first offset when the group committed nothing
-yet (every Herald consumer starts from the earliest record), summed over the partitions:
+group's committed offset, summed over the partitions. A group that committed nothing yet counts
+from the partition's first offset (every Herald consumer starts from the earliest record), and so
+does a group whose committed offset retention has deleted past (it will resume at the first record
+there is: the deleted ones are no backlog):
 
-- ``herald_consumer_lag{group, topic}`` and ``queue_length{queue=topic}`` (seed 004 §3.1.9's
-  name; the same number, each topic has one consuming group);
+- ``herald_consumer_lag{group, topic}``: every consumed topic, the retry tiers included;
+- ``queue_length{queue=topic}`` (seed 004 §3.1.9's name; the same number, each topic has one
+  consuming group) for every topic but the retry tiers, and ``herald_retries_waiting{queue}`` for
+  those: the retry relay commits a ``notify.retry.*`` record only once it is due and relayed, so
+  their lag is mostly attempts waiting out their delay on purpose (a provider outage fills them),
+  not a backlog of work nobody does. ``HeraldQueueBacklogHigh`` reads ``queue_length`` only;
 - ``redis_memory_usage_bytes{redis}``: ``INFO memory`` ``used_memory``.
 
 Polled every ``HERALD_LAG_POLL_S`` (5 s), with a group-less consumer (ListOffsets) and the admin
@@ -42,7 +48,7 @@ from redis.exceptions import RedisError
 
 from shared.events import Channel
 from shared.kafka import Topics
-from shared.metrics import CONSUMER_LAG, QUEUE_LENGTH, REDIS_MEMORY
+from shared.metrics import CONSUMER_LAG, QUEUE_LENGTH, REDIS_MEMORY, RETRIES_WAITING
 from shared.settings import Settings
 
 log = logging.getLogger("herald.tracker.lag")
@@ -54,6 +60,11 @@ TRACKER_GROUP = "herald-tracker"  # services/tracker/app.py
 
 def sender_group(channel: Channel | str) -> str:
     return f"herald-sender-{Channel(channel).value}"  # services/senders/runner.py
+
+
+def is_retry_topic(topic: str) -> bool:
+    """A retry tier: its lag is attempts waiting for their delay, not a backlog (module docstring)."""
+    return topic in Topics.RETRY
 
 
 def consuming_groups() -> dict[str, str]:
@@ -79,7 +90,9 @@ def lags(
     committed: dict[TopicPartition, int],
 ) -> list[Lag]:
     """Each topic's lag summed over its partitions (pure: the numbers the brokers gave). A
-    partition the group committed nothing on (-1, or absent) counts from its first offset."""
+    partition the group committed nothing on (-1, or absent) counts from its first offset, and so
+    does one whose committed offset is below the first (retention deleted records the group never
+    read: it resumes at the first record there is)."""
     out: list[Lag] = []
     for topic, group in sorted(groups.items()):
         if topic not in partitions:
@@ -89,7 +102,8 @@ def lags(
             tp = TopicPartition(topic, p)
             last = end.get(tp, 0)
             done = committed.get(tp, -1)
-            start = done if done >= 0 else first.get(tp, 0)
+            oldest = first.get(tp, 0)
+            start = max(done, oldest) if done >= 0 else oldest
             total += max(last - start, 0)
         out.append(Lag(group, topic, total))
     return out
@@ -142,6 +156,7 @@ class BacklogExporter:
             self._failed("kafka", exc)
             CONSUMER_LAG.clear()
             QUEUE_LENGTH.clear()
+            RETRIES_WAITING.clear()
             await self._close()  # a fresh connection next time
         else:
             self._recovered("kafka")
@@ -180,14 +195,15 @@ class BacklogExporter:
                 with contextlib.suppress(KeyError):
                     CONSUMER_LAG.remove(*labels)
                 with contextlib.suppress(KeyError):
-                    QUEUE_LENGTH.remove(labels[1])
+                    (RETRIES_WAITING if is_retry_topic(labels[1]) else QUEUE_LENGTH).remove(labels[1])
         for lag in found:
             CONSUMER_LAG.labels(lag.group, lag.topic).set(lag.records)
-            QUEUE_LENGTH.labels(lag.topic).set(lag.records)
+            (RETRIES_WAITING if is_retry_topic(lag.topic) else QUEUE_LENGTH).labels(lag.topic).set(lag.records)
 
     def clear(self) -> None:
         CONSUMER_LAG.clear()
         QUEUE_LENGTH.clear()
+        RETRIES_WAITING.clear()
         REDIS_MEMORY.clear()
         self._exported = False
 

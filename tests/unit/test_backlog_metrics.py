@@ -1,5 +1,6 @@
 """The observability metrics' own logic (issue 11), without servers: a topic's backlog from the
-brokers' offsets, the routing decision's labels, and celery_tasks_total's outcomes.
+brokers' offsets (retention's deleted records and the retry tiers' waiting attempts left out), the
+routing decision's labels, and celery_tasks_total's outcomes.
 tests/e2e/test_observability.py reads them from a real pipeline through a real Prometheus."""
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
 from services.router.routing import Routed, Routing, decision_labels, plan
-from services.tracker.lag import consuming_groups, lags
+from services.tracker.lag import RETRIES_WAITING, BacklogExporter, Lag, consuming_groups, is_retry_topic, lags
 from shared.events import Channel, ProviderHealthV1
 from shared.kafka import Topics
-from shared.metrics import _WorkerTasks
+from shared.metrics import CONSUMER_LAG, QUEUE_LENGTH, _WorkerTasks
 from shared.routing import HealthStore, Probes, ProviderRoute, RoutingStore
 
 NOW = datetime(2026, 12, 2, 8, 0, tzinfo=UTC)
@@ -44,6 +45,50 @@ def test_lag_is_end_minus_committed_summed_over_partitions() -> None:
     assert lags({"gone": "g"}, {}, {}, {}, {}) == []
     [caught_up] = lags({t: "g"}, {t: [0]}, {}, {tp[0]: 3}, {tp[0]: 9})
     assert caught_up.records == 0
+
+
+def test_lag_does_not_count_records_retention_deleted() -> None:
+    """A group whose committed offset retention has deleted past (it never read those records)
+    resumes at the first record there is: only the records from there on are its backlog."""
+    t = Topics.EVENTS
+    tp = [TopicPartition(t, p) for p in range(3)]
+    first = {tp[0]: 500, tp[1]: 40, tp[2]: 70}
+    end = {tp[0]: 520, tp[1]: 50, tp[2]: 70}
+    committed = {tp[0]: 100, tp[1]: 45, tp[2]: 10}  # 0: 400 deleted unread; 1: ahead of first; 2: all deleted
+    [lag] = lags({t: "herald-tracker"}, {t: [0, 1, 2]}, first, end, committed)
+    assert lag.records == (520 - 500) + (50 - 45) + 0
+    # Nothing committed: from the first offset (not from 0, before retention's cut).
+    [fresh] = lags({t: "g"}, {t: [0]}, {tp[0]: 500}, {tp[0]: 520}, {tp[0]: -1})
+    assert fresh.records == 20
+
+
+def test_retry_tiers_are_waiting_attempts_not_backlog() -> None:
+    """notify.retry.* lag goes to herald_retries_waiting, never to queue_length (the backlog alert's
+    measure); herald_consumer_lag keeps every group."""
+    assert {t for t in consuming_groups() if is_retry_topic(t)} == set(Topics.RETRY)
+    assert not is_retry_topic(Topics.REQUESTS) and not is_retry_topic(Topics.dispatch(Channel.EMAIL))
+    exporter = BacklogExporter.__new__(BacklogExporter)  # _set_lags and clear need no connections
+    try:
+        found = [Lag("herald-router-retry", "notify.retry.5m", 4000), Lag("herald-router", Topics.REQUESTS, 7)]
+        exporter._set_lags(found)
+
+        def samples(gauge) -> dict[tuple[str, ...], float]:
+            return {tuple(s.labels.values()): s.value for m in gauge.collect() for s in m.samples}
+
+        assert samples(QUEUE_LENGTH) == {(Topics.REQUESTS,): 7}
+        assert samples(RETRIES_WAITING) == {("notify.retry.5m",): 4000}
+        assert samples(CONSUMER_LAG) == {("herald-router-retry", "notify.retry.5m"): 4000,
+                                         ("herald-router", Topics.REQUESTS): 7}  # fmt: skip
+        # A topic that disappears leaves both gauges.
+        exporter._set_lags([Lag("herald-router", Topics.REQUESTS, 0)])
+        assert samples(RETRIES_WAITING) == {} and samples(QUEUE_LENGTH) == {(Topics.REQUESTS,): 0}
+        exporter._set_lags(found)
+        exporter.clear()
+        assert samples(RETRIES_WAITING) == samples(QUEUE_LENGTH) == samples(CONSUMER_LAG) == {}
+    finally:
+        CONSUMER_LAG.clear()
+        QUEUE_LENGTH.clear()
+        RETRIES_WAITING.clear()
 
 
 def _routing() -> Routing:
