@@ -22,7 +22,8 @@ traceparent_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tr
 _EMAIL = re.compile(r"(?<![\w.+-])([\w.+-])[\w.+-]*@([\w-]+(?:\.[\w-]+)+)")
 _PHONE = re.compile(r"(?<![\w])(\+?\d{1,3}[- ]?)?(\d{3})\d{4}(\d{4})(?!\d)")
 _BEARER = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8})[A-Za-z0-9._~+/=-]*")
-_TOKEN = re.compile(r"\b((?:whsec|noti|sk|pk|xox[bpa])_[A-Za-z0-9]{0,4})[A-Za-z0-9_.-]{4,}")
+# The rest of a token may hold base64's + / = (a whsec_ secret is base64 of random bytes).
+_TOKEN = re.compile(r"\b((?:whsec|noti|sk|pk|xox[bpa])_[A-Za-z0-9]{0,4})[A-Za-z0-9_.+/=-]{4,}")
 # Credentials in URLs' query strings (?access_token=…, &sign=…, ?key=…).
 _URL_SECRET = re.compile(r"(?i)([?&](?:access_token|token|key|sign|sig|secret|signature|password|apikey)=)[^&\s\"']+")
 _SECRET_KEYS = re.compile(r"(?i)password|passwd|secret|token|api_key|authorization|credential")

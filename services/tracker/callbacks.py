@@ -7,21 +7,28 @@ Two halves, joined by the ``callback_deliveries`` outbox (migration 0016):
   and inserts one delivery per (status-change event, target) in one set-based statement: the tenant's
   active endpoints (``webhook_configs``) whose ``events`` filter takes the event's state, and the
   message's own ``callback_url`` when the tenant has a signing secret. A batch whose tenants have
-  neither costs one small statement (two index probes per tenant on tiny tables); a batch
-  without status events costs nothing. The transaction commits the deliveries with the events,
+  neither costs one small statement (two index probes per tenant on tiny tables), and nothing
+  while its answer is remembered (``LIVE_TENANTS_TTL_S``); a batch without status events costs
+  nothing. The transaction commits the deliveries with the events,
   or neither; ``pg_notify('herald_callbacks')`` wakes the workers at the commit. (Ingest calls
   it too, in a cancellation's transaction: the fold never sees those.)
 - :class:`CallbackWorker` (a task of every tracker) claims due deliveries with
-  ``FOR UPDATE SKIP LOCKED`` (several trackers share the work), leasing them for the length of a
-  try, POSTs them through the SSRF-guarded client (:mod:`shared.outbound`: every connection goes
-  to an address checked after DNS resolution), records the try in ``callback_attempts`` and
-  either marks the delivery ``delivered`` (2xx), schedules the next try
-  (``HERALD_CALLBACK_RETRY_DELAYS_S``, a receiver's ``Retry-After`` on 429/502/503/504 when
-  longer), or marks it ``failed`` after the last (4 tries by default) or at once for what no
-  retry mends (a private address, ``410 Gone`` which also disables the endpoint).
+  ``FOR UPDATE SKIP LOCKED`` (several trackers share the work), leasing them for longer than a
+  try can last (a try is cut at ``HERALD_CALLBACK_TIMEOUT_S`` whole: DNS, connections, a
+  receiver that trickles its answer), POSTs them through the SSRF-guarded client
+  (:mod:`shared.outbound`: every connection goes to an address checked after DNS resolution),
+  records the try in ``callback_attempts`` and either marks the delivery ``delivered`` (2xx),
+  schedules the next try (``HERALD_CALLBACK_RETRY_DELAYS_S``, a receiver's ``Retry-After`` on
+  429/502/503/504 when longer), or marks it ``failed`` after the last (4 tries by default) or at
+  once for what no retry mends (a private address, ``410 Gone`` which also disables the endpoint).
 
 A worker that dies mid-try leaves its delivery leased; the lease ends and another try is made
-with the same ``webhook-id`` (receivers deduplicate on it): at least once, never lost.
+with the same ``webhook-id`` (receivers deduplicate on it): at least once, never lost. A try's
+outcome is recorded only while its worker still owns the delivery (the claim's lease, unchanged):
+a worker that outlived its lease (stalled) cannot overwrite what the next owner recorded.
+
+URLs are stored and shown with their query's values masked (:func:`display_url`) everywhere but
+where a try needs them (``callback_deliveries.url`` of a message's own ``callback_url``).
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -52,6 +61,9 @@ from shared.settings import Settings
 log = logging.getLogger("herald.tracker.callbacks")
 
 NOTIFY_CHANNEL = "herald_callbacks"
+# The payload of a NOTIFY on that channel when ingest changed a tenant's endpoints or signing
+# secret: the trackers forget which tenants have callbacks (see _live_tenants).
+CONFIG_CHANGED = "config"
 
 # The states a callback announces ("status changes"): every outcome, and a failed try that will be
 # retried. Not the steps on the way (accepted, scheduled, routed, sending): a producer polls those
@@ -89,6 +101,22 @@ def endpoint_token_purpose(endpoint_id: int) -> str:
 
 def tenant_secret_purpose(tenant_id: str) -> str:
     return f"callback_signing_secrets:{tenant_id}"
+
+
+def display_url(url: str) -> str:
+    """A callback URL as it is shown (the delivery log) and stored beside a try: the values of its
+    query masked (``https://h.example/cb?token=***&ref=***``), user info too, no fragment. A
+    query is no place for a credential (it is stored unencrypted, travels on ``notify.events``),
+    but a producer may have put one there anyway."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return mask_text(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(p.split("=", 1)[0] + "=***" if "=" in p else "***" for p in parts.query.split("&") if p)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 # --- the payload and its signature ---------------------------------------------------------------
@@ -184,7 +212,8 @@ WHERE m.message_id = u.message_id AND m.tenant_id = u.tenant_id AND m.callback_u
 """
 
 # The cheap test first, once per tenant of the batch: those with no live endpoint and no signing
-# secret (most) stop here, before any payload is built.
+# secret (most) stop here, before any payload is built. Its answer is remembered per process
+# (_live_tenants) for LIVE_TENANTS_TTL_S.
 _LIVE_TENANTS = """
 SELECT t FROM unnest($1::text[]) AS t
 WHERE EXISTS (SELECT 1 FROM webhook_configs w WHERE w.tenant_id = t AND w.is_active AND w.deleted_at IS NULL)
@@ -220,8 +249,52 @@ LEFT JOIN LATERAL (SELECT pg_notify('herald_callbacks', '') WHERE c.n > 0) x ON 
 """
 
 
+# Which tenants have callbacks, remembered a few seconds per process: the fold asks on every batch
+# with status events, and the answer changes only when ingest changes a tenant's endpoints or
+# signing secret. Ingest then notifies the trackers (CONFIG_CHANGED: CallbackWorker.wake forgets
+# it all); were the notification lost (a listener reconnecting), a new endpoint still takes effect
+# within LIVE_TENANTS_TTL_S. A "yes" gone stale costs nothing but the enqueue statement (it checks
+# the endpoints itself); a "no" is never trusted for a message with its own callback_url (below).
+LIVE_TENANTS_TTL_S = 5.0
+_live: dict[str, tuple[bool, float]] = {}  # tenant -> (has callbacks, until when, monotonic)
+
+
+def forget_live_tenants(tenants: Iterable[str] | None = None, *, only_no: bool = False) -> None:
+    """Forget what :func:`_live_tenants` remembers (of ``tenants``, or all; ``only_no``: only
+    the tenants remembered as having no callbacks)."""
+    if tenants is None:
+        _live.clear()
+        return
+    for tenant in tenants:
+        if not only_no or not _live.get(tenant, (True, 0.0))[0]:
+            _live.pop(tenant, None)
+
+
+async def _live_tenants(conn: asyncpg.Connection, tenants: set[str], recheck_no: set[str]) -> set[str]:
+    """The tenants of ``tenants`` with a live endpoint or a signing secret; ``recheck_no``: those
+    whose remembered "no" is asked again."""
+    now = time.monotonic()
+    live: set[str] = set()
+    ask: list[str] = []
+    for tenant in sorted(tenants):
+        known = _live.get(tenant)
+        if known is None or known[1] <= now or (not known[0] and tenant in recheck_no):
+            ask.append(tenant)
+        elif known[0]:
+            live.add(tenant)
+    if ask:
+        found = {r[0] for r in await conn.fetch(_LIVE_TENANTS, ask)}
+        if len(_live) > 10_000:
+            _live.clear()
+        until = time.monotonic() + LIVE_TENANTS_TTL_S
+        _live.update((tenant, (tenant in found, until)) for tenant in ask)
+        live |= found
+    return live
+
+
 async def enqueue(conn: asyncpg.Connection, events: list[EventV1]) -> None:
-    """Called by write_fold inside the fold's transaction with the events stored for the first time."""
+    """Called by write_fold inside the fold's transaction with the events stored for the first time
+    (and by ingest in a cancellation's)."""
     urls = [
         (e.message_id, e.tenant_id, e.message.callback_url)
         for e in events
@@ -229,10 +302,17 @@ async def enqueue(conn: asyncpg.Connection, events: list[EventV1]) -> None:
     ]
     if urls:
         await conn.execute(_RECORD_URL, *[list(c) for c in zip(*urls, strict=True)])
+        # A message with its own callback_url: its tenant had a signing secret when ingest took it,
+        # perhaps created a moment ago. Its status events come after this 'accepted' one (events
+        # are keyed by message: one partition, one tracker, in order), so a remembered "no" of its
+        # tenant is dropped here and asked again then.
+        forget_live_tenants({t for _, t, _ in urls}, only_no=True)
     changes = [e for e in events if e.state in _STATUS]
     if not changes:
         return
-    live = {r[0] for r in await conn.fetch(_LIVE_TENANTS, sorted({e.tenant_id for e in changes}))}
+    # Cancellations (ingest's, rare) have no 'accepted' event before them here: asked afresh.
+    recheck = {e.tenant_id for e in changes if e.state is State.CANCELLED}
+    live = await _live_tenants(conn, {e.tenant_id for e in changes}, recheck)
     rows = [
         (e.event_id, e.message_id, e.tenant_id, e.state.value, orjson.dumps(payload_of(e)).decode())
         for e in changes
@@ -254,9 +334,11 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     -- Leased for the length of a try: another worker takes it only if this one never answers.
+    -- The new next_attempt_at is the lease's token: the try's outcome is recorded only if it is
+    -- still there (_RECORD), i.e. no other worker claimed the delivery since.
     UPDATE callback_deliveries d SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
     FROM due WHERE d.id = due.id
-    RETURNING d.id, d.tenant_id, d.endpoint_id, d.url, d.payload, d.attempts
+    RETURNING d.id, d.tenant_id, d.endpoint_id, d.url, d.payload, d.attempts, d.next_attempt_at AS leased_until
 )
 SELECT c.*, w.callback_url AS endpoint_url, w.auth_type, w.auth_token,
        (w.is_active AND w.deleted_at IS NULL) AS endpoint_live, w.disabled_reason,
@@ -269,15 +351,23 @@ LEFT JOIN webhook_configs w ON w.id = c.endpoint_id
 LEFT JOIN callback_signing_secrets s ON c.endpoint_id IS NULL AND s.tenant_id = c.tenant_id
 """
 
+# Only while the worker still owns the delivery: pending, as many tries as when it was claimed, and
+# the claim's lease unchanged. Else (its lease ran out and another worker claimed it, the endpoint
+# was deleted) nothing is written, the try's row neither: the owner records its own.
+# $4: where the try went (kept whole: a message's own URL is needed for its next try); $11: the
+# same, masked, as the try's row and the answers show it.
 _RECORD = """
-WITH a AS (
+WITH d AS (
+    UPDATE callback_deliveries SET attempts = $2, url = $4, status = $8::text,
+        next_attempt_at = COALESCE($9::timestamptz, next_attempt_at), last_status_code = $5, last_error = $6,
+        delivered_at = CASE WHEN $8::text = 'delivered' THEN now() END, updated_at = now()
+    WHERE id = $1 AND status = 'pending' AND attempts = $12::int AND next_attempt_at = $13::timestamptz
+    RETURNING id
+), a AS (
     INSERT INTO callback_attempts (delivery_id, attempt, attempted_at, url, status_code, error, duration_ms)
-    SELECT $1::bigint, $2::int, $3::timestamptz, $4::text, $5::int, $6::text, $7::float8 WHERE $10::bool
+    SELECT $1::bigint, $2::int, $3::timestamptz, $11::text, $5::int, $6::text, $7::float8 FROM d WHERE $10::bool
 )
-UPDATE callback_deliveries SET attempts = $2, url = $4, status = $8::text,
-    next_attempt_at = COALESCE($9::timestamptz, next_attempt_at), last_status_code = $5, last_error = $6,
-    delivered_at = CASE WHEN $8::text = 'delivered' THEN now() END, updated_at = now()
-WHERE id = $1
+SELECT count(*) FROM d
 """
 
 _DISABLE = """
@@ -289,14 +379,19 @@ _NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM callback_deliveries WHERE status = 'pending'
 """
 
-_PRUNE = """
+_PRUNE_BATCH = 1000
+_PRUNE = f"""
 DELETE FROM callback_deliveries WHERE id IN (
     SELECT id FROM callback_deliveries
     WHERE status <> 'pending' AND created_at < now() - make_interval(days => $1)
-    LIMIT 1000)
+    LIMIT {_PRUNE_BATCH})
 """
 
 _PRUNE_EVERY_S = 600.0
+_PRUNE_BATCHES = 20  # at most this many batches a time (20,000 deliveries per 10 minutes)
+# A try is cut at HERALD_CALLBACK_TIMEOUT_S; its delivery is leased this much longer, so that a
+# lease never ends while its try runs (only when its worker stopped or stalled).
+LEASE_MARGIN_S = 30.0
 _RETRY_AFTER_MAX_S = 3600.0
 
 
@@ -339,9 +434,14 @@ class CallbackWorker:
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
         self._pruned_at = 0.0
+        # How long a claim holds a delivery: longer than a try (cut at the timeout) can last.
+        self.lease_s = settings.callback_timeout_s + LEASE_MARGIN_S
 
-    def wake(self, *_: object) -> None:
-        """The NOTIFY callback (deliveries were enqueued), and a try's end (a slot is free)."""
+    def wake(self, *args: object) -> None:
+        """The NOTIFY callback (deliveries were enqueued, or ingest changed a tenant's endpoints:
+        ``CONFIG_CHANGED``), and a try's end (a slot is free)."""
+        if len(args) >= 4 and args[3] == CONFIG_CHANGED:  # (connection, pid, channel, payload)
+            forget_live_tenants()
         self._wake.set()
 
     def stop(self) -> None:
@@ -350,6 +450,7 @@ class CallbackWorker:
 
     async def run(self) -> None:
         async def listening(_conn: asyncpg.Connection) -> None:
+            forget_live_tenants()  # endpoints may have changed while not listening
             self.wake()  # anything enqueued while not listening
 
         listener = asyncio.create_task(
@@ -387,26 +488,36 @@ class CallbackWorker:
     async def _round(self) -> float:
         """Claim as many due deliveries as there are free slots and start their tries; answers
         how long to sleep (until the next is due, or a slot frees up)."""
+        # On its timer whatever the load: under a backlog every slot stays taken, rounds return early.
+        await self._prune()
         free = self.settings.callback_concurrency - len(self._inflight)
         if free <= 0:
             return self.settings.callback_max_sleep_s  # a try's end wakes the loop
-        lease = self.settings.callback_timeout_s + 30.0
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                rows = await conn.fetch(_CLAIM, free, lease)
+                rows = await conn.fetch(_CLAIM, free, self.lease_s)
             for row in rows:
                 task = asyncio.create_task(self._deliver(row))
                 self._inflight.add(task)
                 task.add_done_callback(self._done)
             if len(rows) == free:  # every slot taken: the end of a try wakes the loop
                 return self.settings.callback_max_sleep_s
-            if time.monotonic() - self._pruned_at > _PRUNE_EVERY_S:
-                self._pruned_at = time.monotonic()
-                await conn.execute(_PRUNE, self.settings.callback_keep_days)
             until = await conn.fetchval(_NEXT_DUE)
         if until is None:
             return self.settings.callback_max_sleep_s
         return min(max(float(until), 0.02), self.settings.callback_max_sleep_s)
+
+    async def _prune(self) -> None:
+        """Every ``_PRUNE_EVERY_S``: delete delivered and failed callbacks (and their tries, by
+        cascade) older than ``HERALD_CALLBACK_KEEP_DAYS``, in batches."""
+        if time.monotonic() - self._pruned_at < _PRUNE_EVERY_S:
+            return
+        self._pruned_at = time.monotonic()  # a failure waits for the next time too
+        async with self.pool.acquire() as conn:
+            for _ in range(_PRUNE_BATCHES):
+                done = await conn.execute(_PRUNE, self.settings.callback_keep_days)
+                if int(done.rsplit(" ", 1)[-1]) < _PRUNE_BATCH:
+                    break
 
     def _done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
@@ -459,7 +570,12 @@ class CallbackWorker:
         try:
             body, headers = request_of(row["id"], row["payload"], self._secrets(row), int(time.time()),
                                        self._authorization(row))  # fmt: skip
-            response = await self.client.post(url, content=body, headers=headers)
+            # The whole try, bounded: httpx's timeouts are per connect and per read (a receiver
+            # trickling its answer never trips them), each address of a name gets its own connect
+            # timeout, the name's resolution none. The lease (LEASE_MARGIN_S longer) outlasts it.
+            response = await asyncio.wait_for(
+                self.client.post(url, content=body, headers=headers), self.settings.callback_timeout_s
+            )
             status_code = response.status_code
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
@@ -475,7 +591,7 @@ class CallbackWorker:
         except UnsafeURL as exc:
             error = f"refused: {exc.reason}"
             permanent = "does not resolve" not in exc.reason  # DNS may come back; a private address not
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             error = f"timed out after {self.settings.callback_timeout_s:g} s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"[:500] if str(exc) else type(exc).__name__
@@ -492,12 +608,13 @@ class CallbackWorker:
                 delay = max(delay, min(wait, _RETRY_AFTER_MAX_S))
             next_at = datetime.now(UTC).timestamp() + delay
         CALLBACKS.labels("retrying" if outcome == "pending" else outcome).inc()
-        await self._finish(row, attempt, url, status_code, error, outcome, next_at, at=at, duration=duration)
+        owned = await self._finish(row, attempt, url, status_code, error, outcome, next_at, at=at,
+                                   duration=duration)  # fmt: skip
         if status_code == 410 and endpoint is not None:
             await self.pool.execute(_DISABLE, endpoint, "the endpoint answered 410 Gone")
-        if error is not None:
+        if error is not None and owned:
             log_event(log, logging.WARNING if outcome == "pending" else logging.ERROR, "callback not delivered",
-                      delivery_id=row["id"], attempt=attempt, url=mask_text(url), error=error,
+                      delivery_id=row["id"], attempt=attempt, url=mask_text(display_url(url)), error=error,
                       outcome="retrying" if outcome == "pending" else outcome)  # fmt: skip
 
     async def _finish(
@@ -513,19 +630,28 @@ class CallbackWorker:
         tried: bool = True,
         at: datetime | None = None,
         duration: float = 0.0,
-    ) -> None:
-        """Record the try and the delivery's new state; the database being away is waited for
-        (the lease keeps other workers off meanwhile)."""
+    ) -> bool:
+        """Record the try and the delivery's new state, if this worker still owns it (answers
+        whether it did); the database being away is waited for (the lease keeps other workers off
+        meanwhile, and when it ends first, the outcome is not recorded)."""
         args = (
             row["id"], attempt, at or datetime.now(UTC), url[:500], status_code, error, duration * 1000, outcome,
-            datetime.fromtimestamp(next_at, UTC) if next_at is not None else None, tried,
+            datetime.fromtimestamp(next_at, UTC) if next_at is not None else None, tried, display_url(url)[:500],
+            row["attempts"], row["leased_until"],
         )  # fmt: skip
         delay = 0.5
         for _ in range(8):
             try:
-                await self.pool.execute(_RECORD, *args)
-                return
+                owned = bool(await self.pool.fetchval(_RECORD, *args))
             except DB_UNAVAILABLE:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            if not owned:
+                # Its lease ran out (this worker stalled) and another claimed it, or it was settled
+                # (its endpoint deleted): the owner's record stands.
+                log.debug("callbacks: delivery %s was claimed again or settled meanwhile; this try's outcome "
+                         "(%s) is not recorded", row["id"], outcome)  # fmt: skip
+            return owned
         log.error("callbacks: the outcome of delivery %s could not be recorded; it will be tried again", row["id"])
+        return False

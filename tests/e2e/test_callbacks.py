@@ -57,6 +57,7 @@ class Receiver:
 
     port: int = 0
     got: list[Got] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
     plan: dict[str, list[int]] = field(default_factory=dict)
 
     def url(self, path: str) -> str:
@@ -65,6 +66,7 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.got.append(Got(request.path, {k.lower(): v for k, v in request.headers.items()}, body, time.time()))
+        self.queries.append(request.query_string)
         planned = self.plan.get(request.path)
         return web.Response(status=planned.pop(0) if planned else 204)
 
@@ -171,8 +173,10 @@ async def test_signed_callback_wire_format_auth_and_delivery_log(
     tenant_a: httpx.AsyncClient, receiver: Receiver, db: asyncpg.Pool
 ) -> None:
     token = "tok-" + uniq() + uniq()
-    hook = await _endpoint(tenant_a, receiver.url("/a/all"), events=["*"], auth_type="bearer", auth_token=token,
-                           description="everything")  # fmt: skip
+    # A query is delivered whole, but shown masked in the delivery log.
+    in_query = "q-" + uniq() + uniq()
+    hook = await _endpoint(tenant_a, receiver.url("/a/all") + f"?k={in_query}&ref=1", events=["*"],
+                           auth_type="bearer", auth_token=token, description="everything")  # fmt: skip
     secret = hook["signing_secret"]
     assert secret.startswith("whsec_") and len(base64.b64decode(secret[6:])) == 32
     assert hook["auth_token_set"] is True and hook["events"] == ["*"] and token not in str(hook)
@@ -181,6 +185,7 @@ async def test_signed_callback_wire_format_auth_and_delivery_log(
         (got,) = await receiver.wait("/a/all", message_id)
         # The wire format, exactly.
         assert got.headers["content-type"] == "application/json"
+        assert f"k={in_query}&ref=1" in receiver.queries
         assert got.headers["user-agent"] == "Herald-Callbacks/1.0"
         assert got.headers["authorization"] == f"Bearer {token}"
         assert got.headers["webhook-id"].startswith("cbd_")
@@ -201,11 +206,14 @@ async def test_signed_callback_wire_format_auth_and_delivery_log(
 
         (delivery,) = await _deliveries(tenant_a, message_id, 1)
         assert delivery["status"] == "delivered" and delivery["webhook_id"] == hook["id"]
+        assert delivery["url"] == receiver.url("/a/all") + "?k=***&ref=***"
+        r = await tenant_a.get(DELIVERIES, params={"message_id": message_id})
+        assert in_query not in r.text
         assert delivery["webhook_msg_id"] == got.headers["webhook-id"] and delivery["event_type"] == "message.sent"
         assert delivery["attempt_count"] == 1 and delivery["payload"] == payload
         (attempt,) = delivery["attempts"]
         assert attempt["status_code"] == 204 and attempt["error"] is None and attempt["attempt"] == 1
-        assert attempt["url"] == receiver.url("/a/all") and attempt["duration_ms"] >= 0
+        assert attempt["url"] == receiver.url("/a/all") + "?k=***&ref=***" and attempt["duration_ms"] >= 0
         # Latency: from the fold's transaction (the delivery's creation) to the receiver.
         created = await db.fetchval("SELECT extract(epoch FROM created_at) FROM callback_deliveries WHERE id = $1",
                                     delivery["id"])  # fmt: skip
@@ -347,11 +355,19 @@ async def test_per_message_callback_url_and_the_tenant_signing_secret(
         "callback_url": url,
     }
     await producer.send_and_wait("notify.requests", orjson.dumps(request), key=f"{tenant_b.tenant}:z".encode())
-    for mid in (generic_id, direct_id):
+    # A batch send: each of its messages calls back on its own.
+    r = await tenant_b.post("/api/v1/messages/batch", json={"recipients": ["b1@example.com", "b2@example.com"],
+                                                            "subject": uniq("batch "), "content": "<p>b</p>",
+                                                            "callback_url": url})  # fmt: skip
+    assert r.status_code == 202, r.text
+    batch_ids = [m["message_id"] for m in r.json()["data"]["messages"]]
+    for mid in (generic_id, direct_id, *batch_ids):
         (got,) = await receiver.wait("/b/message", mid)
         assert len(got.headers["webhook-signature"].split(" ")) == 2
         assert Webhook(second).verify(got.body, got.headers)["data"]["message_id"] == mid
         assert Webhook(first).verify(got.body, got.headers)["data"]["message_id"] == mid
+    _refused(await tenant_b.post("/api/v1/messages/batch", json={"recipients": ["b3@example.com"], "subject": "s",
+                                                                 "content": "c", "callback_url": "http://10.1.2.3/"}))
 
 
 async def test_ssrf_is_refused_at_registration_and_at_delivery(

@@ -1,11 +1,13 @@
 """Status callbacks (issue 11) against a real PostgreSQL and a real HTTP receiver (aiohttp, in this
 process): the fold enqueues in its transaction (and only events stored for the first time), the
-cost of a batch whose tenant has no callbacks, and the worker's tries, retries, leases and
-SSRF guard, without the rest of the pipeline."""
+cost of a batch whose tenant has no callbacks (remembered a few seconds), and the worker's tries,
+retries, leases (a try cut at the timeout, a stale worker's outcome not recorded), pruning, the
+masking of URLs' queries and the SSRF guard, without the rest of the pipeline."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +20,14 @@ from standardwebhooks.webhooks import Webhook
 
 from devstack import servers
 from services.tracker import callbacks
-from services.tracker.callbacks import CallbackWorker, endpoint_secret_purpose, new_signing_secret
+from services.tracker.callbacks import (
+    CONFIG_CHANGED,
+    NOTIFY_CHANNEL,
+    CallbackWorker,
+    endpoint_secret_purpose,
+    new_signing_secret,
+    tenant_secret_purpose,
+)
 from services.tracker.fold import fold_plan, write_fold
 from shared.crypto import SecretBox
 from shared.db import apply_migrations, create_pool
@@ -43,13 +52,29 @@ class Receiver:
         self.got: list[tuple[str, dict[str, str], bytes, float]] = []
         self.plan: dict[str, list[int]] = {}
         self.slow: dict[str, float] = {}
+        # The next request to a path answers 200 at once and then trickles its body, a byte every
+        # 0.1 s, for this many seconds: no read of it ever waits long (httpx's timeouts never trip).
+        self.trickle: dict[str, float] = {}
+        self.queries: dict[str, list[str]] = {}
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.got.append((request.path, {k.lower(): v for k, v in request.headers.items()}, body, time.time()))
+        self.queries.setdefault(request.path, []).append(request.query_string)
+        if request.path in self.trickle:
+            seconds = self.trickle.pop(request.path)
+            response = web.StreamResponse(status=200)
+            await response.prepare(request)
+            end = time.monotonic() + seconds
+            with contextlib.suppress(ConnectionError):  # the client hung up
+                while time.monotonic() < end:
+                    await response.write(b" ")
+                    await asyncio.sleep(0.1)
+                await response.write_eof()
+            return response
         if request.path in self.slow:
             await asyncio.sleep(self.slow[request.path])
         planned = self.plan.get(request.path)
@@ -145,22 +170,122 @@ async def test_the_fold_enqueues_status_changes_once_per_target(pool: asyncpg.Po
     await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = $1", tenant)
 
 
+class Counting:
+    """A connection that counts the statements made through it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.statements = 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.conn, name)
+        if name not in ("execute", "fetch", "fetchval", "fetchrow"):
+            return attr
+
+        async def counted(*args, **kwargs):
+            self.statements += 1
+            return await attr(*args, **kwargs)
+
+        return counted
+
+
 async def test_a_tenant_without_callbacks_costs_one_cheap_statement(pool: asyncpg.Pool) -> None:
     tenant = await new_tenant(pool)
     batch = [e for _ in range(300) for e in lifecycle(tenant)]
-    await fold(pool, batch)
-    assert await pool.fetchval("SELECT count(*) FROM callback_deliveries WHERE tenant_id = $1", tenant) == 0
     stored = [e for e in batch if e.state is State.SENT]
     async with pool.acquire() as conn:
+        counting = Counting(conn)
         started = time.perf_counter()
+        async with conn.transaction():
+            await callbacks.enqueue(counting, stored)
+        took = time.perf_counter() - started
+        assert counting.statements == 1
+        # Remembered: the next batches cost no statement at all (for LIVE_TENANTS_TTL_S).
         for _ in range(5):
             async with conn.transaction():
-                await callbacks.enqueue(conn, stored)
-        took = (time.perf_counter() - started) / 5
-    print(f"\nenqueue of 300 status events of a tenant without callbacks: {took * 1000:.2f} ms")
+                await callbacks.enqueue(counting, stored)
+        assert counting.statements == 1
+    print(f"\nenqueue of 300 status events of a tenant without callbacks: {took * 1000:.2f} ms, then none")
     assert took < 0.05
+    await fold(pool, batch)
+    assert await pool.fetchval("SELECT count(*) FROM callback_deliveries WHERE tenant_id = $1", tenant) == 0
     async with pool.acquire() as conn:  # no status change: no statement at all
-        await callbacks.enqueue(conn, [e for e in batch if e.state is not State.SENT])
+        counting = Counting(conn)
+        await callbacks.enqueue(counting, [e for e in batch if e.state not in (State.SENT, State.ACCEPTED)])
+        assert counting.statements == 0
+
+
+async def test_which_tenants_have_callbacks_is_remembered_briefly(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "no" is remembered LIVE_TENANTS_TTL_S (a new endpoint takes effect within it, or at once
+    when ingest's notification arrives); a message's own callback_url and a cancellation never
+    depend on it."""
+    monkeypatch.setattr(callbacks, "LIVE_TENANTS_TTL_S", 0.5)
+    url = receiver.url("/w/cached")
+    tenant = await new_tenant(pool)
+    await fold(pool, lifecycle(tenant))  # no callbacks: remembered
+    await add_endpoint(pool, tenant, url, ["sent", "cancelled"])  # behind the cache's back
+    early = lifecycle(tenant)
+    await fold(pool, early)
+    assert await deliveries(pool, early[0].message_id) == []  # within the TTL
+    await asyncio.sleep(0.6)
+    late = lifecycle(tenant)
+    await fold(pool, late)
+    assert [r["event_type"] for r in await deliveries(pool, late[0].message_id)] == ["message.sent"]
+
+    # Ingest's notification (an endpoint created or changed) makes a tracker forget at once.
+    monkeypatch.setattr(callbacks, "LIVE_TENANTS_TTL_S", 60.0)
+    notified = await new_tenant(pool)
+
+    async def forgotten(tenant: str) -> bool:
+        for _ in range(250):
+            if tenant not in callbacks._live:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    worker = CallbackWorker(settings(backing), pool, BOX)
+    callbacks._live["sentinel"] = (False, time.monotonic() + 60)
+    running = asyncio.create_task(worker.run())
+    try:
+        assert await forgotten("sentinel")  # listening (which forgets everything)
+        await fold(pool, lifecycle(notified))
+        assert callbacks._live[notified][0] is False
+        await add_endpoint(pool, notified, url, ["sent"])
+        await pool.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, CONFIG_CHANGED)
+        assert await forgotten(notified)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+    after = lifecycle(notified)
+    await fold(pool, after)
+    assert [r["event_type"] for r in await deliveries(pool, after[0].message_id)] == ["message.sent"]
+
+    # A message with its own callback_url: the tenant's signing secret was created after its "no"
+    # was remembered; the message's 'accepted' event (folded first) makes it be asked again.
+    own = await new_tenant(pool)
+    await fold(pool, lifecycle(own))
+    await pool.execute("INSERT INTO callback_signing_secrets (tenant_id, secret) VALUES ($1, $2)", own,
+                       BOX.encrypt(new_signing_secret(), tenant_secret_purpose(own)))  # fmt: skip
+    message = lifecycle(own, callback_url=url + "?ref=1")
+    await fold(pool, message[:1])  # accepted
+    await fold(pool, message[1:])  # sending, sent
+    assert [(r["event_type"], r["url"]) for r in await deliveries(pool, message[0].message_id)] == [
+        ("message.sent", url + "?ref=1")]  # fmt: skip
+
+    # A cancellation (ingest's, no 'accepted' before it here) is asked afresh too.
+    cancelled = await new_tenant(pool)
+    await fold(pool, lifecycle(cancelled))
+    await add_endpoint(pool, cancelled, url, ["cancelled"])
+    mid = f"msg_20261202_{uuid.uuid4().hex[:12]}"
+    event = EventV1(event_id=f"{mid}:0:cancelled", message_id=mid, tenant_id=cancelled, state=State.CANCELLED,
+                    service="ingest", channel="email")  # fmt: skip
+    async with pool.acquire() as conn, conn.transaction():
+        await callbacks.enqueue(conn, [event])
+    assert [r["event_type"] for r in await deliveries(pool, mid)] == ["message.cancelled"]
+    await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = ANY($1)",
+                       [tenant, notified, own, cancelled])  # fmt: skip
 
 
 async def test_worker_signs_retries_and_records_every_try(
@@ -204,10 +329,11 @@ async def test_worker_signs_retries_and_records_every_try(
     assert Webhook(flaky_secret).verify(got[-1][2], got[-1][1])["data"]["message_id"] == events[0].message_id
 
 
-async def test_a_lease_keeps_a_slow_try_from_being_made_twice(
+async def test_two_workers_share_the_outbox_each_delivery_made_once(
     backing: Backing, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
-    """Two workers (two trackers) share the outbox: each delivery is claimed by one."""
+    """Two workers (two trackers) share the outbox: each delivery is claimed by one (SKIP LOCKED).
+    The lease itself: test_a_try_is_cut_at_the_timeout_before_its_lease_ends."""
     tenant = await new_tenant(pool)
     receiver.slow["/w/slow"] = 0.3
     await add_endpoint(pool, tenant, receiver.url("/w/slow"), ["sent"])
@@ -230,3 +356,153 @@ async def test_a_lease_keeps_a_slow_try_from_being_made_twice(
         await asyncio.wait_for(asyncio.gather(*running), 5)
     assert left == 0
     assert len(receiver.at("/w/slow")) == 6  # each once
+
+
+async def _settled(pool: asyncpg.Pool, message_id: str, timeout: float = 10) -> list[asyncpg.Record]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await deliveries(pool, message_id)
+        if (rows and all(r["status"] != "pending" for r in rows)) or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.05)
+
+
+async def test_a_try_is_cut_at_the_timeout_before_its_lease_ends(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """A receiver that trickles its answer (a byte every 0.1 s: httpx's per-read timeout never
+    trips) for longer than the lease: the whole try is cut at HERALD_CALLBACK_TIMEOUT_S (1 s here),
+    before its lease (1.6 s here; 30 s longer than the timeout in production) ends, so no worker
+    claims it again meanwhile; it is recorded once, and the retry delivers."""
+    tenant = await new_tenant(pool)
+    path = "/w/trickle"
+    receiver.trickle[path] = 3.0
+    await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
+    events = lifecycle(tenant)
+    workers = [CallbackWorker(settings(backing, callback_concurrency=2), pool, BOX) for _ in range(2)]
+    for w in workers:
+        w.lease_s = 1.6
+    running = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await fold(pool, events)
+        (row,) = await _settled(pool, events[0].message_id)
+        # Until the trickle's end and a little: a try not cut would end (and be recorded) then.
+        first = receiver.at(path)[0][3]
+        await asyncio.sleep(max(0.0, first + 3.4 - time.time()))
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.wait_for(asyncio.gather(*running), 5)
+    (row,) = await deliveries(pool, events[0].message_id)
+    assert row["status"] == "delivered" and row["attempts"] == 2 and row["last_status_code"] == 200
+    tries = await pool.fetch("SELECT attempt, status_code, error, duration_ms FROM callback_attempts "
+                             "WHERE delivery_id = $1 ORDER BY id", row["id"])  # fmt: skip
+    assert [(t["attempt"], t["status_code"], t["error"]) for t in tries] == [
+        (1, None, "timed out after 1 s"), (2, 200, None)]  # fmt: skip
+    assert 900 <= tries[0]["duration_ms"] < 1500, tries[0]["duration_ms"]
+    assert len(receiver.at(path)) == 2  # the first try once, not again when a lease ran out
+
+
+async def test_a_stale_workers_outcome_is_not_recorded(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """A worker that outlived its lease (stalled) and another that claimed the delivery since:
+    the stale one's outcome is not recorded, whether it ends before or after the owner's."""
+    tenant = await new_tenant(pool)
+    path = "/w/stale"
+    await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
+    stale, owner = CallbackWorker(settings(backing), pool, BOX), CallbackWorker(settings(backing), pool, BOX)
+
+    async def claim(message_id: str, lease: float) -> asyncpg.Record:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(callbacks._CLAIM, 100, lease)
+        (row,) = [r for r in rows if r["tenant_id"] == tenant and r["payload"]["data"]["message_id"] == message_id]
+        return row
+
+    try:
+        for stale_ends_first in (False, True):
+            events = lifecycle(tenant)
+            mid = events[0].message_id
+            await fold(pool, events)
+            old = await claim(mid, 0.05)
+            await asyncio.sleep(0.1)  # its lease ran out
+            new = await claim(mid, 30)
+            if stale_ends_first:  # the stale try fails while the owner's is still out
+                receiver.plan[path] = [500, 200]
+                await stale._deliver(old)
+                await owner._deliver(new)
+            else:  # the owner delivered; the stale try ends after, failed
+                receiver.plan[path] = [200, 500]
+                await owner._deliver(new)
+                await stale._deliver(old)
+            (row,) = await deliveries(pool, mid)
+            assert (row["status"], row["attempts"], row["last_status_code"]) == ("delivered", 1, 200), stale_ends_first
+            tries = await pool.fetch("SELECT attempt, status_code FROM callback_attempts WHERE delivery_id = $1",
+                                     row["id"])  # fmt: skip
+            assert [(t["attempt"], t["status_code"]) for t in tries] == [(1, 200)], stale_ends_first
+    finally:
+        await stale.client.aclose()
+        await owner.client.aclose()
+
+
+async def test_pruning_goes_on_while_every_slot_is_taken(backing: Backing, pool: asyncpg.Pool) -> None:
+    """Under a backlog every slot stays taken and each round returns early: pruning runs on its
+    timer all the same."""
+    tenant = await new_tenant(pool)
+
+    async def delivery(name: str, status: str, age_days: int) -> int:
+        return await pool.fetchval(
+            """INSERT INTO callback_deliveries (tenant_id, message_id, event_id, url, event_type, payload, status,
+                   created_at)
+               VALUES ($1, $2, $3, 'http://127.0.0.1/x', 'message.sent', '{}', $4,
+                   now() - make_interval(days => $5)) RETURNING id""",
+            tenant, f"msg_{name}", f"{tenant}:{name}", status, age_days,
+        )  # fmt: skip
+
+    old = await delivery("old", "delivered", 40)
+    old_failed = await delivery("old-failed", "failed", 31)
+    recent = await delivery("recent", "delivered", 1)
+    waiting = await delivery("waiting", "pending", 40)
+    await pool.execute("UPDATE callback_deliveries SET next_attempt_at = now() + interval '1 hour' WHERE id = $1",
+                       waiting)  # fmt: skip
+    await pool.execute("""INSERT INTO callback_attempts (delivery_id, attempt, attempted_at, url, duration_ms)
+                          VALUES ($1, 1, now(), 'http://127.0.0.1/x', 1)""", old)  # fmt: skip
+    worker = CallbackWorker(settings(backing, callback_concurrency=1), pool, BOX)
+    busy = asyncio.create_task(asyncio.sleep(30))
+    worker._inflight.add(busy)  # every slot taken
+    try:
+        assert await worker._round() == worker.settings.callback_max_sleep_s
+    finally:
+        busy.cancel()
+        await worker.client.aclose()
+    left = await pool.fetch("SELECT id FROM callback_deliveries WHERE tenant_id = $1", tenant)
+    assert sorted(r["id"] for r in left) == sorted([recent, waiting])
+    assert await pool.fetchval("SELECT count(*) FROM callback_attempts WHERE delivery_id = $1", old) == 0
+    assert old_failed not in {r["id"] for r in left}
+    await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE id = $1", waiting)
+
+
+async def test_urls_are_whole_for_the_tries_and_masked_beside_them(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """A message's own callback_url with a query: every try (the retry too) goes to the whole
+    URL; the tries' rows keep it with the query's values masked."""
+    tenant = await new_tenant(pool)
+    await pool.execute("INSERT INTO callback_signing_secrets (tenant_id, secret) VALUES ($1, $2)", tenant,
+                       BOX.encrypt(new_signing_secret(), tenant_secret_purpose(tenant)))  # fmt: skip
+    path = "/w/query"
+    url = receiver.url(path) + "?token=s3cr3t-value&ref=42"
+    receiver.plan[path] = [500]
+    events = lifecycle(tenant, callback_url=url)
+    worker = CallbackWorker(settings(backing), pool, BOX)
+    running = asyncio.create_task(worker.run())
+    try:
+        await fold(pool, events)
+        (row,) = await _settled(pool, events[0].message_id)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+    assert row["status"] == "delivered" and row["attempts"] == 2 and row["url"] == url
+    assert receiver.queries[path] == ["token=s3cr3t-value&ref=42"] * 2
+    tries = await pool.fetch("SELECT url FROM callback_attempts WHERE delivery_id = $1", row["id"])
+    assert [t["url"] for t in tries] == [receiver.url(path) + "?token=***&ref=***"] * 2

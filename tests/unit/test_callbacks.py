@@ -17,6 +17,7 @@ from services.ingest.routes.webhooks import WebhookIn, WebhookPatch
 from services.tracker.callbacks import (
     STATUS_STATES,
     auth_header,
+    display_url,
     new_signing_secret,
     payload_of,
     request_of,
@@ -137,3 +138,12 @@ def test_requests_carry_a_callback_url() -> None:
     assert orjson.loads(request.to_bytes())["callback_url"] == "https://h.example/cb?x=1"
     with pytest.raises(ValidationError):
         RequestV1(channel="email", to=["a@example.com"], content="x", callback_url="javascript:alert(1)")
+
+
+def test_urls_are_shown_with_their_query_masked() -> None:
+    """The delivery log and the tries' rows: no credential a producer put in a query."""
+    assert display_url("https://h.example/cb?token=s3cr3t&ref=42") == "https://h.example/cb?token=***&ref=***"
+    assert display_url("https://h.example:8443/a/b?s3cr3t#frag") == "https://h.example:8443/a/b?***"
+    assert display_url("https://user:pw@h.example/x?a=") == "https://***@h.example/x?a=***"
+    assert display_url("http://127.0.0.1:8080/hook") == "http://127.0.0.1:8080/hook"
+    assert display_url("https://h.example/cb?") == "https://h.example/cb"

@@ -59,3 +59,10 @@ def test_credentials_in_url_queries_are_masked() -> None:
     assert mask_text("https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=693a91f6") == (
         "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=***"
     )
+
+
+def test_base64_tokens_are_masked_whole() -> None:
+    """A ``whsec_`` secret is base64: its ``+``, ``/`` and ``=`` are part of it."""
+    assert mask_text("whsec_ab+/CDEFGHIJKLMN==") == "whsec_ab***"
+    assert mask_text("secret whsec_abcdEFGH+IJKLMNOP/QRS= end") == "secret whsec_abcd*** end"
+    assert mask_text("key=whsec_+/+/abcdefgh=") == "key=whsec_***"

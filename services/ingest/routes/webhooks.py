@@ -9,6 +9,7 @@ too), without which such a send is refused. The tracker delivers (services/track
 ``GET /api/v1/webhooks/deliveries`` shows every delivery and its tries.
 
 Every URL is checked against SSRF here (1001 naming ``callback_url``) and again at each try.
+The delivery log shows URLs with their query's values masked (``?token=***``).
 Tokens and secrets are stored AES-256-GCM encrypted, bound to their row, and never appear in an
 answer (but the once), a log line or the audit log. Changes need ``config``; reads ``read``."""
 
@@ -27,9 +28,13 @@ from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
 from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
 from services.tracker.callbacks import (
+    CONFIG_CHANGED,
+    NOTIFY_CHANNEL,
     STATUS_STATES,
+    display_url,
     endpoint_secret_purpose,
     endpoint_token_purpose,
+    forget_live_tenants,
     new_signing_secret,
     tenant_secret_purpose,
 )
@@ -197,6 +202,13 @@ def _not_found(webhook_id: int) -> HeraldError:
     return HeraldError(ErrorCode.NOT_FOUND, f"webhook {webhook_id} not found", field="webhook_id")
 
 
+async def _changed(conn: Any, tenant_id: str) -> None:
+    """Which tenants have callbacks is remembered a few seconds by the trackers (and this process)
+    to spare the fold a query per batch: a change makes them forget it, at the commit."""
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, CONFIG_CHANGED)
+    forget_live_tenants([tenant_id])
+
+
 def _audited(values: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in values.items() if k != "auth_token"}
     if "auth_token" in values:
@@ -227,6 +239,8 @@ async def signing_secret(request: Request):
             tenant_id, sealed, float(grace),
         )  # fmt: skip
         rotated = row["rotated_at"] is not None
+        if not rotated:
+            await _changed(conn, tenant_id)
         await audit.record(conn, request, "callback_signing_secret." + ("rotate" if rotated else "create"),
                            "callback_signing_secret", tenant_id)  # fmt: skip
     _HAS_SECRET[tenant_id] = monotonic() + _SECRET_TTL_S
@@ -279,7 +293,7 @@ async def deliveries(
     by_delivery: dict[int, list[dict[str, Any]]] = {}
     for t in tries:
         by_delivery.setdefault(t["delivery_id"], []).append({
-            "attempt": t["attempt"], "attempted_at": iso_z(t["attempted_at"]), "url": t["url"],
+            "attempt": t["attempt"], "attempted_at": iso_z(t["attempted_at"]), "url": display_url(t["url"]),
             "status_code": t["status_code"], "error": t["error"], "duration_ms": round(t["duration_ms"], 1),
         })  # fmt: skip
     records = [
@@ -290,7 +304,7 @@ async def deliveries(
             "message_id": r["message_id"],
             "event_id": r["event_id"],
             "event_type": r["event_type"],
-            "url": r["url"],
+            "url": display_url(r["url"]),  # its query's values masked: the full URL is for the tries only
             "status": r["status"],
             "attempt_count": r["attempts"],
             "next_attempt_at": iso_z(r["next_attempt_at"]) if r["status"] == "pending" else None,
@@ -330,6 +344,7 @@ async def create_webhook(request: Request):
             box.encrypt(token, endpoint_token_purpose(webhook_id)) if token else None,
             box.encrypt(secret, endpoint_secret_purpose(webhook_id)), body.description, body.is_active,
         )  # fmt: skip
+        await _changed(conn, tenant_id)
         await audit.record(conn, request, "webhook.create", "webhook", webhook_id,
                            _audited(body.model_dump(mode="json")))  # fmt: skip
     return envelope({**_out(row), "signing_secret": secret}, status_code=201)
@@ -403,6 +418,8 @@ async def update_webhook(webhook_id: int, request: Request):
                 WHERE tenant_id = $1 AND id = $2 AND deleted_at IS NULL RETURNING {_COLUMNS}""",
             tenant_id, webhook_id, *columns.values(),
         )  # fmt: skip
+        if "events" in changes or "is_active" in changes:
+            await _changed(conn, tenant_id)
         await audit.record(conn, request, "webhook.update", "webhook", webhook_id, _audited(changes))
     return envelope(_out(row))
 
