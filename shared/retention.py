@@ -1,6 +1,7 @@
 """Retention (seed 004 §3.1.5): message records whose last change (their outcome) is older than
-``retention_days`` (failed ones: ``retention_failed_days``) are deleted with their timelines and scheduled tasks, and what they
-were is kept in ``message_archive`` as counts per day, tenant, channel and status. Rollups by
+``retention_days`` (failed ones: ``retention_failed_days``) are deleted with their timelines and
+scheduled tasks, and what they were is kept in ``message_archive`` as counts per day, tenant,
+channel and status. Rollups by
 minute and by hour are trimmed to their own ages.
 
 Each transaction deletes at most ``archive_batch`` records, counts them into the archive in the
