@@ -10,7 +10,7 @@ import csv
 import io
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import httpx
 import pytest
@@ -128,7 +128,9 @@ async def test_breakdowns_by_provider_template_and_hour_and_their_csv(
         ({"by": "provider", "format": "xml"}, "format"),
         ({"by": "provider", "start_date": "2026-02-30"}, "start_date"),
         ({"by": "provider", "start_date": "2026-12-02", "end_date": "2026-12-01"}, "end_date"),
-        ({"by": "hour", "start_date": "2026-01-01", "end_date": "2026-03-01"}, "end_date"),
+        # 60 days by the hour: within the hours kept (90 days), beyond an hourly breakdown's 31
+        ({"by": "hour", "start_date": str(date.today() - timedelta(days=60)), "end_date": str(date.today())},
+         "end_date"),
         ({"by": "hour", "start_date": "2025-01-01", "end_date": "2025-01-10"}, "start_date"),  # hours kept 90 days
         ({}, "by"),
     ],
