@@ -158,28 +158,36 @@ SELECT message_id, tenant_id, template_id, message_type, created_at, scheduled_a
 FROM message_records WHERE message_id = ANY($1::text[])
 """
 
-# Rows are added in their key's order, so two trackers adding to the same rows lock them in the
-# same order (no deadlock between them).
-_ADD = """
-INSERT INTO {table} AS s (tenant_id, bucket_start, channel, provider, template_id, status, count, cost_sum,
-    latency_sum_ms, latency_buckets)
-SELECT u.t, u.b, u.c, u.p, u.tp, u.st, u.n, u.cost, u.ls, u.lb::bigint[]
-FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bigint[],
-            $8::numeric[], $9::bigint[], $10::text[]) WITH ORDINALITY AS u(t, b, c, p, tp, st, n, cost, ls, lb, i)
-ORDER BY u.i
-ON CONFLICT (tenant_id, bucket_start, channel, provider, template_id, status) DO UPDATE SET
-    count = s.count + EXCLUDED.count,
-    cost_sum = s.cost_sum + EXCLUDED.cost_sum,
-    latency_sum_ms = s.latency_sum_ms + EXCLUDED.latency_sum_ms,
-    latency_buckets = (SELECT array_agg(COALESCE(a, 0) + COALESCE(b, 0) ORDER BY i)
-                       FROM unnest(s.latency_buckets, EXCLUDED.latency_buckets) WITH ORDINALITY AS x(a, b, i))
-"""
+# One statement adds a batch's rows to the three tables. Rows are added in their key's order, so two
+# trackers adding to the same rows lock them in the same order (no deadlock between them).
+_INSERT = """
+{name} AS (
+    INSERT INTO {table} AS s (tenant_id, bucket_start, channel, provider, template_id, status, count, cost_sum,
+        latency_sum_ms, latency_buckets)
+    SELECT u.t, u.b, u.c, u.p, u.tp, u.st, u.n, u.cost, u.ls, u.lb::bigint[] FROM u WHERE u.w = '{width}' ORDER BY u.i
+    ON CONFLICT (tenant_id, bucket_start, channel, provider, template_id, status) DO UPDATE SET
+        count = s.count + EXCLUDED.count,
+        cost_sum = s.cost_sum + EXCLUDED.cost_sum,
+        latency_sum_ms = s.latency_sum_ms + EXCLUDED.latency_sum_ms,
+        latency_buckets = (SELECT array_agg(COALESCE(a, 0) + COALESCE(b, 0) ORDER BY i)
+                           FROM unnest(s.latency_buckets, EXCLUDED.latency_buckets) WITH ORDINALITY AS x(a, b, i))
+    RETURNING 1
+)"""
+_ADD = (
+    """WITH u AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+                         $8::bigint[], $9::numeric[], $10::bigint[], $11::text[])
+        WITH ORDINALITY AS u(w, t, b, c, p, tp, st, n, cost, ls, lb, i)
+),"""
+    + ",".join(_INSERT.format(name=f"add_{w}", table=table, width=w) for w, table in WIDTHS.items())
+    + "\nSELECT " + " + ".join(f"(SELECT count(*) FROM add_{w})" for w in WIDTHS)
+)
 
 
 async def count_outcomes(conn: Any, stored: list[EventV1], *, write: bool = True) -> list[Outcome]:
     """Add the outcomes among ``stored`` (events stored for the first time in this transaction) to
     the rollups (unless ``write`` is False); answers them. One read of their records and one
-    statement per width."""
+    statement for the three tables."""
     candidates = [e for e in stored if e.state in OUTCOMES]
     if not candidates:
         return []
@@ -188,17 +196,15 @@ async def count_outcomes(conn: Any, stored: list[EventV1], *, write: bool = True
     if not write:
         return outcomes
     by_width = rollups(outcomes)
-    for width, table in WIDTHS.items():
-        added = sorted(by_width[width].items())
-        if not added:
-            continue
-        cols: list[list[Any]] = [[] for _ in range(10)]
-        for key, r in added:
-            for i, v in enumerate(key):
+    cols: list[list[Any]] = [[] for _ in range(11)]
+    for width in WIDTHS:
+        for key, r in sorted(by_width[width].items()):
+            cols[0].append(width)
+            for i, v in enumerate(key, 1):
                 cols[i].append(v)
-            cols[6].append(r.count)
-            cols[7].append(r.cost)
-            cols[8].append(r.latency_sum_ms)
-            cols[9].append("{" + ",".join(map(str, r.buckets)) + "}")
-        await conn.execute(_ADD.format(table=table), *cols)
+            cols[7].append(r.count)
+            cols[8].append(r.cost)
+            cols[9].append(r.latency_sum_ms)
+            cols[10].append("{" + ",".join(map(str, r.buckets)) + "}")
+    await conn.fetchval(_ADD, *cols)
     return outcomes
