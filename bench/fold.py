@@ -88,8 +88,8 @@ async def _measure(dsn: str, n: int) -> dict:
         "with_rollups_per_s": round(rates[True]),
         "ratio": round(rates[True] / rates[False], 3),
         "minute_rows": rows,
-        "note": "write_fold in batches of 1,000 events against a real PostgreSQL; best of 4 rounds in alternating order; "
-        "baseline: the same fold without the rollups",
+        "note": "write_fold in batches of 1,000 events against a real PostgreSQL; best of 4 rounds in "
+        "alternating order; baseline: the same fold without the rollups",
     }
 
 
