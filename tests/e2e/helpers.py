@@ -117,3 +117,21 @@ async def make_key(client: httpx.AsyncClient, scopes: list[str], tier: str = "un
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+async def own_tenant(pipeline: Pipeline, prefix: str, *, mailbox: bool = False) -> httpx.AsyncClient:
+    """A client of a new tenant (its key ``prefix`` + a unique part, in ``client.tenant``) with an
+    all-scopes key; ``mailbox``: with a mailbox of its own at the suite's SMTP sink, so it can send
+    email. The caller closes the client."""
+    tenant = uniq(prefix)
+    env = pipeline.backing.env
+    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Tenant {tenant}")
+    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
+    client = httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers)
+    client.tenant = tenant  # type: ignore[attr-defined]
+    if mailbox:
+        r = await client.post("/api/v1/email-accounts", json={
+            "email": f"{tenant}@example.org", "smtp_host": "127.0.0.1", "smtp_port": pipeline.backing.smtp_port,
+            "tls_mode": "none", "daily_limit": 100_000})  # fmt: skip
+        assert r.status_code == 201, r.text
+    return client

@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 
 from devstack import access, servers
 from tests.conftest import Pipeline
-from tests.e2e.helpers import SEND, uniq
+from tests.e2e.helpers import SEND, own_tenant, uniq
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -100,30 +100,16 @@ async def receiver() -> AsyncIterator[Receiver]:
 # --- tenants of their own, with a mailbox at the suite's SMTP sink -----------------------------------
 
 
-async def _tenant(pipeline: Pipeline, prefix: str) -> httpx.AsyncClient:
-    tenant = uniq(prefix)
-    env = pipeline.backing.env
-    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Callbacks {tenant}")
-    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
-    client = httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers)
-    client.tenant = tenant  # type: ignore[attr-defined]
-    r = await client.post("/api/v1/email-accounts", json={
-        "email": f"{tenant}@example.org", "smtp_host": "127.0.0.1", "smtp_port": pipeline.backing.smtp_port,
-        "tls_mode": "none", "daily_limit": 100000})  # fmt: skip
-    assert r.status_code == 201, r.text
-    return client
-
-
 @pytest.fixture(scope="module")
 async def tenant_a(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    client = await _tenant(pipeline, "cba-")
+    client = await own_tenant(pipeline, "cba-", mailbox=True)
     yield client
     await client.aclose()
 
 
 @pytest.fixture(scope="module")
 async def tenant_b(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    client = await _tenant(pipeline, "cbb-")
+    client = await own_tenant(pipeline, "cbb-", mailbox=True)
     yield client
     await client.aclose()
 

@@ -7,7 +7,6 @@ message to a user names the user, not their profile."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -16,9 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from devstack import access
 from tests.conftest import Pipeline
-from tests.e2e.helpers import auth, by_message_id, make_key, uniq, wait_for_mail, wait_for_state
+from tests.e2e.helpers import auth, by_message_id, make_key, own_tenant, uniq, wait_for_mail, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -30,11 +28,7 @@ RULES = "/api/v1/routing/rules"
 
 @pytest.fixture(scope="module")
 async def other_tenant(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    tenant = uniq("rc-")
-    env = pipeline.backing.env
-    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Recipients {tenant}")
-    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
-    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers) as c:
+    async with await own_tenant(pipeline, "rc-") as c:
         yield c
 
 

@@ -6,7 +6,6 @@ as a new record with a higher revision."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -18,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from devstack import access
 from tests.conftest import Pipeline
-from tests.e2e.helpers import uniq
+from tests.e2e.helpers import own_tenant, uniq
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -28,26 +27,16 @@ PROVIDERS = "/api/v1/providers"
 AUDIT = "/api/v1/audit-logs"
 
 
-async def _tenant(pipeline: Pipeline, prefix: str) -> httpx.AsyncClient:
-    tenant = uniq(prefix)
-    env = pipeline.backing.env
-    await asyncio.to_thread(access.admin, env, "create-tenant", tenant, "--name", f"Routing {tenant}")
-    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=tenant)
-    client = httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers)
-    client.tenant = tenant  # type: ignore[attr-defined]
-    return client
-
-
 @pytest.fixture(scope="module")
 async def tenant_a(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
     """A tenant of its own: its rules, policy and providers are only this module's."""
-    async with await _tenant(pipeline, "ra-") as c:
+    async with await own_tenant(pipeline, "ra-") as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 async def tenant_b(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    async with await _tenant(pipeline, "rb-") as c:
+    async with await own_tenant(pipeline, "rb-") as c:
         yield c
 
 

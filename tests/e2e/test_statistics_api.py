@@ -17,7 +17,7 @@ import pytest
 
 from devstack import access
 from tests.conftest import Pipeline
-from tests.e2e.helpers import SEND, uniq, wait_for_state
+from tests.e2e.helpers import SEND, own_tenant, uniq, wait_for_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("dump_logs_on_failure")]
 
@@ -28,18 +28,10 @@ ARCHIVE = "/api/v1/statistics/archive"
 
 @pytest.fixture(scope="module")
 async def tenant(pipeline: Pipeline) -> AsyncIterator[httpx.AsyncClient]:
-    """A tenant of its own, so the counts are this module's alone."""
-    name = uniq("st-")
-    env = pipeline.backing.env
-    await asyncio.to_thread(access.admin, env, "create-tenant", name, "--name", f"Statistics {name}")
-    headers = await asyncio.to_thread(access.admin_headers, env, pipeline.ingest_url, tenant=name)
-    async with httpx.AsyncClient(base_url=pipeline.ingest_url, timeout=30, headers=headers) as c:
-        # Its own mailbox, at the suite's SMTP sink.
-        r = await c.post("/api/v1/email-accounts", json={
-            "email": f"{name}@example.org", "smtp_host": "127.0.0.1", "smtp_port": pipeline.backing.smtp_port,
-            "tls_mode": "none", "daily_limit": 1000})  # fmt: skip
-        assert r.status_code == 201, r.text
-        yield c
+    """A tenant of its own, so the counts are this module's alone, with its own mailbox."""
+    client = await own_tenant(pipeline, "st-", mailbox=True)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture(scope="module")
