@@ -4,8 +4,8 @@ The tracker folds each batch of events into PostgreSQL in one transaction; since
 transaction counts the batch's outcomes into the rollups by minute, hour and day. Timed here against
 a real PostgreSQL (the bench's own), in batches of the tracker's shape (each message's accepted,
 routed, sending and sent events, 1,000 events a batch, spread over 5 channels, 20 providers and 40
-templates): events folded per second with the rollups (``write_fold(..., rollups=True)``, the
-default) against the same fold without them (``rollups=False``: the fold as it was before, and as
+templates): events folded per second with the rollups (``write_fold(..., statistics="postgres")``,
+the default) against the same fold without them (``statistics="none"``: the fold as it was before, and as
 it is with ClickHouse keeping the statistics). Rounds alternate in order, each after a VACUUM
 ANALYZE and a CHECKPOINT; the best of 4 each.
 """
@@ -67,7 +67,7 @@ async def _rate(pool: asyncpg.Pool, n: int, rollups: bool) -> float:
     started = time.perf_counter()
     async with pool.acquire() as conn:
         for batch in batches:
-            await write_fold(conn, fold_plan(batch), rollups=rollups)
+            await write_fold(conn, fold_plan(batch), statistics="postgres" if rollups else "none")
     return n / (time.perf_counter() - started)
 
 

@@ -57,3 +57,24 @@ CREATE TABLE archive_runs (
 -- scheduled weeks ahead is as young as its delivery.
 CREATE INDEX idx_message_records_retention ON message_records (status, updated_at)
     WHERE status IN ('success', 'failed');
+
+-- With ClickHouse keeping the statistics (HERALD_STATS_BACKEND=clickhouse), outcomes are written
+-- here in the transaction that makes them (the fold's, a cancellation's, a rejection's) and shipped
+-- to ClickHouse by the trackers: ClickHouse being away never holds the ledger, and nothing is lost.
+-- A row ClickHouse refuses for good (its data) is kept with failed_at and the reason.
+CREATE TABLE stats_outbox (
+    id              BIGSERIAL      PRIMARY KEY,
+    event_id        VARCHAR(128)   NOT NULL,
+    tenant_id       VARCHAR(64)    NOT NULL,
+    occurred_at     TIMESTAMPTZ    NOT NULL,
+    channel         VARCHAR(20)    NOT NULL,
+    provider        VARCHAR(100)   NOT NULL DEFAULT '',
+    template_id     BIGINT         NOT NULL DEFAULT 0,
+    status          VARCHAR(20)    NOT NULL,
+    cost            NUMERIC(20, 6) NOT NULL DEFAULT 0,
+    latency_ms      BIGINT,
+    created_at      TIMESTAMPTZ    NOT NULL DEFAULT now(),
+    failed_at       TIMESTAMPTZ,
+    last_error      TEXT
+);
+CREATE INDEX idx_stats_outbox_due ON stats_outbox (id) WHERE failed_at IS NULL;

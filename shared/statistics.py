@@ -184,19 +184,31 @@ _ADD = (
 )
 
 
-async def count_outcomes(conn: Any, stored: list[EventV1], *, write: bool = True) -> list[Outcome]:
-    """Add the outcomes among ``stored`` (events stored for the first time in this transaction) to
-    the rollups (unless ``write`` is False); answers them. One read of their records and one
-    statement for the three tables."""
+_OUTBOX = """
+INSERT INTO stats_outbox (event_id, tenant_id, occurred_at, channel, provider, template_id, status, cost, latency_ms)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::bigint[], $7::text[],
+                     $8::numeric[], $9::bigint[])
+"""
+
+
+async def count_outcomes(conn: Any, stored: list[EventV1], *, backend: str = "postgres") -> list[Outcome]:
+    """Count the outcomes among ``stored`` (events stored for the first time in this transaction);
+    answers them. ``postgres``: added to the rollups (one read of their records, one statement for
+    the three tables); ``clickhouse``: written to ``stats_outbox``, which the trackers ship to
+    ClickHouse (services/tracker/stats_shipper.py)."""
     candidates = [e for e in stored if e.state in OUTCOMES]
     if not candidates:
         return []
     rows = await conn.fetch(_RECORDS, sorted({e.message_id for e in candidates}))
     outcomes = outcomes_of(candidates, {r["message_id"]: r for r in rows})
-    if not write:
+    if backend == "clickhouse":
+        cols = [[getattr(o, f) for o in outcomes] for f in
+                ("event_id", "tenant_id", "occurred_at", "channel", "provider", "template_id", "status", "cost",
+                 "latency_ms")]  # fmt: skip
+        await conn.execute(_OUTBOX, *cols)
         return outcomes
     by_width = rollups(outcomes)
-    cols: list[list[Any]] = [[] for _ in range(11)]
+    cols = [[] for _ in range(11)]
     for width in WIDTHS:
         for key, r in sorted(by_width[width].items()):
             cols[0].append(width)

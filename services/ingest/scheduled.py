@@ -47,11 +47,11 @@ async def cancel(
     *,
     message_ids: list[str] | None = None,
     batch_id: str | None = None,
-    rollups: bool = True,
+    statistics: str = "postgres",
 ) -> list[asyncpg.Record]:
     """Cancel the named messages (or a batch's) still waiting for their time; answers those
     cancelled (message_id, message_type, created_at). Run it in the transaction that audits it.
-    ``rollups``: count the cancellations in PostgreSQL's statistics (not when ClickHouse keeps them)."""
+    ``statistics``: where the cancellations are counted (HERALD_STATS_BACKEND)."""
     rows = await conn.fetch(_CANCEL, tenant_id, message_ids or [], batch_id, actor)
     if rows:
         # A status change the tracker's fold never sees: counted and called back from here, in
@@ -62,9 +62,8 @@ async def cancel(
                     state=State.CANCELLED, service="ingest", channel=r["message_type"], occurred_at=now)
             for r in rows
         ]  # fmt: skip
-        if rollups:
-            await count_outcomes(conn, events)
         await callbacks.enqueue(conn, events)
+        await count_outcomes(conn, events, backend=statistics)
     return rows
 
 

@@ -87,12 +87,14 @@ def check_hourly(span: Range, by: str | None, keep_days: int, now: datetime | No
     days hourly rollups are kept: older hours are gone, and an answer of zeros would be wrong."""
     if span.whole_days and by != "hour":
         return
-    oldest = datetime.combine((now or datetime.now(UTC)).date(), time.min, tzinfo=UTC) - timedelta(days=keep_days)
+    # Retention deletes hours that start before now - keep_days: the oldest whole hour kept is the
+    # next one.
+    cut = (now or datetime.now(UTC)) - timedelta(days=keep_days)
+    oldest = cut.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
     if span.start < oldest:
         raise HeraldError(
             ErrorCode.INVALID_PARAMS,
-            f"hours are kept {keep_days} days (from {oldest.date().isoformat()}): "
-            "ask older ranges in whole days (YYYY-MM-DD)",
+            f"hours are kept {keep_days} days (from {_iso(oldest)}): ask older ranges in whole days (YYYY-MM-DD)",
             field="start_date",
         )
 

@@ -26,17 +26,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from services.tracker import callbacks
 from shared.db import DB_UNAVAILABLE, create_pool, follow_notifications
+from shared.events import EventV1, State
 from shared.kafka import Topics, make_producer, message_key, stop_quietly
 from shared.logging import log_event
 from shared.metrics import SCHEDULE_LATENESS, SCHEDULED_OVERDUE, SCHEDULED_PENDING, SCHEDULED_RELEASED
 from shared.settings import Settings
+from shared.statistics import count_outcomes
 
 log = logging.getLogger("herald.router.schedule")
 
@@ -67,12 +71,14 @@ WITH r AS (
         error_message = $2, updated_at = now()
     WHERE message_id = ANY($1::text[]) AND state = 'accepted'
     RETURNING message_id, tenant_id, message_type
+), e AS (
+    INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel, error_code,
+        error, occurred_at)
+    SELECT message_id || ':0:rejected', message_id, tenant_id, 'rejected', 0, 'router', message_type, 1001, $2, now()
+    FROM r
+    ON CONFLICT (event_id) DO NOTHING
 )
-INSERT INTO message_events (event_id, message_id, tenant_id, state, attempt, service, channel, error_code,
-    error, occurred_at)
-SELECT message_id || ':0:rejected', message_id, tenant_id, 'rejected', 0, 'router', message_type, 1001, $2, now()
-FROM r
-ON CONFLICT (event_id) DO NOTHING
+SELECT message_id, tenant_id, message_type FROM r
 """
 
 # Seconds until the earliest pending task is due (negative: overdue), and how many wait.
@@ -187,7 +193,20 @@ class Scheduler:
     async def _reject(self, rows: list[asyncpg.Record]) -> None:
         """Requests the broker can never take (too large): rejected, not retried for ever."""
         ids = [r["message_id"] for r in rows]
-        await self.pool.execute(_REJECT, ids, "too large to queue: the broker refuses records over its limit")
+        why = "too large to queue: the broker refuses records over its limit"
+        async with self.pool.acquire() as conn, conn.transaction():
+            rejected = await conn.fetch(_REJECT, ids, why)
+            # A status change the tracker's fold never sees: counted and called back from here.
+            now = datetime.now(UTC)
+            events = [
+                EventV1(event_id=f"{r['message_id']}:0:rejected", message_id=r["message_id"], tenant_id=r["tenant_id"],
+                        state=State.REJECTED, service="router", channel=r["message_type"], error_code=1001, error=why,
+                        occurred_at=now)
+                for r in rejected
+            ]  # fmt: skip
+            if events:
+                await callbacks.enqueue(conn, events)
+                await count_outcomes(conn, events, backend=self.settings.stats_backend)
         for message_id in ids:
             log_event(log, logging.ERROR, "scheduled message too large to publish; rejected", message_id=message_id)
 

@@ -20,11 +20,12 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from services.statistics_clickhouse import ClickHouseStatistics, from_settings
+from services.statistics_clickhouse import from_settings
 from services.tracker.callbacks import CallbackWorker
 from services.tracker.fold import fold_plan, write_dead_letters, write_fold
 from services.tracker.lag import BacklogExporter
 from services.tracker.quality import QualityBook, QualityPublisher
+from services.tracker.stats_shipper import StatsShipper
 from shared.crypto import EncryptionKeyError, SecretBox
 from shared.db import DB_UNAVAILABLE, create_pool, migrate
 from shared.errors import field_errors
@@ -37,12 +38,10 @@ from shared.metrics import (
     EVENTS_FOLDED,
     FOLD_BATCH,
     MESSAGES_REJECTED,
-    STATISTICS_DROPPED,
     WORKER_TASKS,
 )
 from shared.retention import archive_periodically
 from shared.settings import Settings
-from shared.statistics import Outcome, count_outcomes
 
 log = logging.getLogger("herald.tracker")
 
@@ -69,14 +68,12 @@ class Tracker:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         quality: QualityBook | None = None,
-        statistics: ClickHouseStatistics | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.consumer = consumer
         self.producer = producer
         self.quality = quality
-        self.statistics = statistics
         self._stopping = asyncio.Event()
 
     @property
@@ -158,16 +155,10 @@ class Tracker:
                     letters.append(letter)  # cannot go back to the DLQ: keep it here
         plan = fold_plan(events)
         async with self.pool.acquire() as conn:
-            # Rollups in PostgreSQL unless the statistics are kept in ClickHouse.
-            await write_fold(conn, plan, rollups=self.statistics is None)
+            # Statistics: PostgreSQL's rollups, or the outbox shipped to ClickHouse.
+            await write_fold(conn, plan, statistics=self.settings.stats_backend)
             if letters:
                 await write_dead_letters(conn, letters)
-            # ClickHouse gets every outcome of the batch, not only those stored for the first
-            # time: a batch read again after a crash between the fold and this call stores
-            # nothing new in PostgreSQL, and ClickHouse dedups by event id.
-            outcomes = await count_outcomes(conn, plan.timeline, write=False) if self.statistics else []
-        if outcomes:
-            await self._record_statistics(outcomes)
         FOLD_BATCH.observe(len(records))
         WORKER_TASKS.inc("tracker", "success", len(records) - malformed)
         for event in plan.timeline:
@@ -176,33 +167,6 @@ class Tracker:
             # Once folded, before the commit: a batch read again is counted again, and each
             # event once (the book remembers event ids). It never raises for Redis.
             await self.quality.record(plan.timeline)
-
-    async def _record_statistics(self, outcomes: list[Outcome]) -> None:
-        """Into ClickHouse before the offsets are committed. While it cannot be reached (connection
-        errors, timeouts) the batch waits, and is folded again afterwards, which changes nothing in
-        PostgreSQL. An answer refusing the rows themselves (a server error) cannot be mended by
-        waiting: logged, counted (herald_statistics_dropped_total) and passed, so that one bad row
-        does not hold every tenant's deliveries and callbacks."""
-        from clickhouse_connect.driver.exceptions import OperationalError  # the optional extra
-
-        assert self.statistics is not None
-        delay = 0.5
-        while True:
-            try:
-                await self.statistics.record(outcomes)
-                return
-            except (OperationalError, OSError, TimeoutError) as exc:
-                if self._stopping.is_set():
-                    raise _Stopping from exc
-                log.error("ClickHouse unreachable (%s); retrying the batch in %.1fs", exc.__class__.__name__, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
-            except Exception as exc:  # noqa: BLE001 - the driver's DatabaseError, DataError, a bad value
-                STATISTICS_DROPPED.inc(len(outcomes))
-                log_event(log, logging.ERROR, "ClickHouse refused a batch's statistics", error=str(exc)[:300],
-                          error_type=exc.__class__.__name__, outcomes=len(outcomes))  # fmt: skip
-                return
 
     async def _reject(self, record: ConsumerRecord, exc: Exception) -> DeadLetterV1:
         """A malformed record on notify.events goes to notify.dlq, whence it comes back to be
@@ -238,8 +202,12 @@ async def serve(settings: Settings) -> None:
         socket_timeout=max(settings.redis_timeout_s, 2.0),
         socket_connect_timeout=settings.redis_timeout_s,
     )
-    statistics = from_settings(settings)  # ClickHouse, when it keeps the statistics
-    tracker = Tracker(settings, pool, consumer, producer, QualityBook(redis, settings), statistics)
+    tracker = Tracker(settings, pool, consumer, producer, QualityBook(redis, settings))
+    # ClickHouse, when it keeps the statistics: the trackers ship the outbox the folds write.
+    statistics = from_settings(settings, pool=pool)
+    shipping = (
+        asyncio.create_task(StatsShipper(pool, statistics, settings).run(tracker.stopping)) if statistics else None
+    )
 
     async def publish_health(key: bytes, value: bytes) -> None:
         # Bounded: send_and_wait can hang while the broker is down (aiokafka #1101).
@@ -282,6 +250,8 @@ async def serve(settings: Settings) -> None:
     finally:
         keeper.cancel()
         archiving.cancel()
+        if shipping is not None:
+            shipping.cancel()
         publisher.stop()  # its loop ends its tick and gives the lease up to the next tracker
         if callbacks is not None and delivering is not None:
             callbacks.stop()  # tries in flight keep their lease: another tracker makes them again

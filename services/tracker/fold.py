@@ -247,10 +247,12 @@ WHERE message_id = ANY($1::text[]) AND NOT (event_id = ANY($2::text[]))
 """
 
 
-async def write_fold(conn: asyncpg.Connection, plan: FoldPlan, *, rollups: bool = True) -> list[Outcome]:
+async def write_fold(
+    conn: asyncpg.Connection, plan: FoldPlan, *, statistics: str = "postgres"
+) -> list[Outcome]:
     """Apply a :class:`FoldPlan` in one transaction; answers the outcomes among the events stored
-    for the first time, added to the rollups in PostgreSQL (none when ``rollups`` is False: the
-    statistics are kept in ClickHouse, which the tracker feeds itself)."""
+    for the first time, counted where ``statistics`` says (shared/statistics.py count_outcomes:
+    ``postgres``, ``clickhouse``; ``none``, for the benchmark's baseline)."""
     creates = []
     for e in plan.new_records:
         m = e.message
@@ -347,10 +349,11 @@ async def write_fold(conn: asyncpg.Connection, plan: FoldPlan, *, rollups: bool 
             await conn.execute(_RETRY_LOGS, sorted(troubled))
         counted: list[Outcome] = []
         if stored:
-            # After the records moved and were created: their templates, channels and starts.
-            if rollups:
-                counted = await count_outcomes(conn, stored)
             await callbacks.enqueue(conn, stored)
+            # Last (the rollup rows are the ones other trackers' folds contend for), after the
+            # records moved and were created: their templates, channels and starts.
+            if statistics != "none":
+                counted = await count_outcomes(conn, stored, backend=statistics)
     return counted
 
 

@@ -36,7 +36,8 @@ from services.statistics_clickhouse import (
     parse_url,
     schema_statements,
 )
-from services.tracker.app import Tracker, _Stopping
+from services.tracker.app import Tracker
+from services.tracker.stats_shipper import StatsShipper, kind_of
 from shared.db import apply_migrations
 from shared.events import EventV1, MessageSnapshot, State
 from shared.settings import Settings
@@ -423,10 +424,11 @@ def test_settings_select_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
         parse_url("clickhouse://127.0.0.1:9000/herald")
 
 
-async def test_unreachable_server_raises(clickhouse: ClickHouse) -> None:
+async def test_unreachable_server_raises_an_error_the_shipper_waits_out(clickhouse: ClickHouse) -> None:
     store = ClickHouseStatistics(f"http://default:@127.0.0.1:{servers.free_port()}/herald", connect_timeout=2)
-    with pytest.raises(Exception):  # noqa: B017 - the driver's own error type varies by version
+    with pytest.raises(clickhouse_connect.driver.exceptions.OperationalError) as info:
         await store.record([ev("u1", "2025-10-20T00:00:00", "sms", "p", "sent")])
+    assert kind_of(info.value) == "wait"
     await store.close()
 
 
@@ -434,13 +436,30 @@ def _record(offset: int, event: EventV1) -> ConsumerRecord:
     return ConsumerRecord("notify.events", 0, offset, 0, 0, None, event.to_bytes(), None, 0, 0, ())
 
 
-async def test_the_tracker_keeps_statistics_in_clickhouse(
+def _events(prefix: str, states: list[State]) -> list[EventV1]:
+    t0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+    events = []
+    for i, state in enumerate(states):
+        mid = f"msg_{prefix}_{i}"
+        snap = MessageSnapshot(channel="sms", recipient="+8613800000000", accepted_at=t0)
+        events += [
+            EventV1(event_id=f"{mid}:0:accepted", message_id=mid, tenant_id="acme", state=State.ACCEPTED,
+                    occurred_at=t0, service="t", message=snap),
+            EventV1(event_id=f"{mid}:1:{state.value}", message_id=mid, tenant_id="acme", state=state, attempt=1,
+                    channel="sms", provider="aliyun", occurred_at=t0 + timedelta(milliseconds=700), service="t",
+                    detail={"provider_name": "aliyun-main", "cost": "0.03"} if state is State.SENT else None),
+        ]  # fmt: skip
+    return events
+
+
+async def test_the_tracker_keeps_statistics_in_clickhouse_through_its_outbox(
     clickhouse: ClickHouse, postgres: str, stats: ClickHouseStatistics
 ) -> None:
-    """The tracker with HERALD_STATS_BACKEND=clickhouse: each batch's outcomes go to ClickHouse
-    before its offsets would be committed, PostgreSQL's rollups are left alone, and a batch folded
-    again (a crash before the commit) counts once; while ClickHouse is away a stopping tracker
-    leaves the batch uncommitted rather than dropping its statistics."""
+    """HERALD_STATS_BACKEND=clickhouse: the fold writes its outcomes to stats_outbox (never to the
+    rollups, never waiting for ClickHouse), the shipper moves them to ClickHouse; a batch folded
+    again counts once; ClickHouse away holds nothing but the outbox; rows ClickHouse refuses for
+    their data are set aside with the reason, the others shipped; a table dropped by hand is made
+    again."""
     admin = await asyncpg.connect(postgres)  # a database of its own, migrated as the services migrate theirs
     await admin.execute("CREATE DATABASE tracker_ch")
     await admin.close()
@@ -449,39 +468,49 @@ async def test_the_tracker_keeps_statistics_in_clickhouse(
     settings = Settings(database_url=dsn, stats_backend="clickhouse")
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
-        t0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
-        events = []
-        for i, state in enumerate([State.SENT, State.SENT, State.DEAD]):
-            mid = f"msg_ch_{i}"
-            snap = MessageSnapshot(channel="sms", recipient="+8613800000000", accepted_at=t0)
-            events += [
-                EventV1(event_id=f"{mid}:0:accepted", message_id=mid, tenant_id="acme", state=State.ACCEPTED,
-                        occurred_at=t0, service="t", message=snap),
-                EventV1(event_id=f"{mid}:1:{state.value}", message_id=mid, tenant_id="acme", state=state, attempt=1,
-                        channel="sms", provider="aliyun", occurred_at=t0 + timedelta(milliseconds=700), service="t",
-                        detail={"provider_name": "aliyun-main", "cost": "0.03"} if state is State.SENT else None),
-            ]  # fmt: skip
-        records = [_record(i, e) for i, e in enumerate(events)]
-        tracker = Tracker(settings, pool, None, None, statistics=stats)  # type: ignore[arg-type]
+        tracker = Tracker(settings, pool, None, None)  # type: ignore[arg-type]
+        records = [_record(i, e) for i, e in enumerate(_events("a", [State.SENT, State.SENT, State.DEAD]))]
+
+        # ClickHouse away: the fold goes on; the outbox waits, and the shipper says to wait.
+        away = ClickHouseStatistics(f"http://default:@127.0.0.1:{servers.free_port()}/herald", connect_timeout=1)
         await tracker.fold(records)
-        await tracker.fold(records)  # read again after a crash before the commit
-        assert await pool.fetchval("SELECT count(*) FROM stats_day WHERE tenant_id = 'acme'") == 0
+        assert await pool.fetchval("SELECT count(*) FROM message_records WHERE state = 'sent'") == 2
+        with pytest.raises(clickhouse_connect.driver.exceptions.OperationalError):
+            await StatsShipper(pool, away, settings).ship_once()
+        await away.close()
+        assert await pool.fetchval("SELECT count(*) FROM stats_outbox WHERE failed_at IS NULL") == 3
+
+        await tracker.fold(records)  # read again after a crash before the commit: nothing new
+        assert await pool.fetchval("SELECT count(*) FROM stats_outbox") == 3
+        assert await pool.fetchval("SELECT count(*) FROM stats_day") == 0  # no rollups in this mode
+        shipper = StatsShipper(pool, stats, settings)
+        assert await shipper.ship_once() == 3
+        assert await pool.fetchval("SELECT count(*) FROM stats_outbox") == 0
         data = await stats.summary("acme", date(2026, 11, 20), date(2026, 11, 20))
         assert (data["total_sent"], data["success_count"], data["failed_count"], data["cost"]) == (3, 2, 1, "0.06")
         assert data["latency_ms"]["avg"] == 700
 
-        # A refusal of the rows themselves (here: their table is gone) is logged, counted and passed:
-        # waiting would not mend it, and it must not hold the tracker's deliveries and callbacks.
-        clickhouse.sql(f"DROP TABLE {stats.table}")
+        # A row ClickHouse refuses for its data (a cost beyond its Decimal, as if written by hand)
+        # is found by splitting, set aside with the reason; the rest of the batch is shipped.
+        await tracker.fold([_record(i, e) for i, e in enumerate(_events("b", [State.SENT] * 4))])
+        await pool.execute("UPDATE stats_outbox SET cost = 1e13 WHERE event_id = 'msg_b_2:1:sent'")
         dropped = REGISTRY.get_sample_value("herald_statistics_dropped_total") or 0
-        await tracker.fold(records)
-        assert REGISTRY.get_sample_value("herald_statistics_dropped_total") == dropped + 3
+        assert await shipper.ship_once() == 4
+        kept = await pool.fetch("SELECT event_id, failed_at IS NOT NULL AS failed, last_error FROM stats_outbox")
+        assert [(r["event_id"], r["failed"]) for r in kept] == [("msg_b_2:1:sent", True)]
+        assert kept[0]["last_error"]
+        assert REGISTRY.get_sample_value("herald_statistics_dropped_total") == dropped + 1
+        assert (await stats.summary("acme", date(2026, 11, 20), date(2026, 11, 20)))["success_count"] == 5
+        assert await shipper.ship_once() == 0  # a refused row is not claimed again
 
-        away = ClickHouseStatistics(f"http://default:@127.0.0.1:{servers.free_port()}/herald", connect_timeout=1)
-        stopping = Tracker(settings, pool, None, None, statistics=away)  # type: ignore[arg-type]
-        stopping.stop()
-        with pytest.raises(_Stopping):
-            await stopping.fold(records)
-        await away.close()
+        # The table dropped by hand: that round waits, the next connection makes it again.
+        clickhouse.sql(f"DROP TABLE {stats.table}")
+        await tracker.fold([_record(i, e) for i, e in enumerate(_events("c", [State.SENT]))])
+        with pytest.raises(clickhouse_connect.driver.exceptions.DatabaseError) as info:
+            await shipper.ship_once()
+        assert kind_of(info.value) == "schema"
+        await stats.close()
+        assert await shipper.ship_once() == 1
+        assert (await stats.summary("acme", date(2026, 11, 20), date(2026, 11, 20)))["success_count"] == 1
     finally:
         await pool.close()

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from services.ingest.statistics import PostgresStatistics, breakdown, parse_range, summary
+from services.router.schedule import Scheduler
 from services.tracker.fold import fold_plan, write_fold
 from shared.db import apply_migrations, create_pool
 from shared.events import EventV1, MessageSnapshot, State, event_id
@@ -185,11 +186,16 @@ async def test_retention_archives_old_records_as_counts(pool: asyncpg.Pool) -> N
         *lifecycle(other, f"{other}-old-sent", State.SENT, old),  # another tenant's: not in its run
     ]
     await fold(pool, events)
+    # The fold itself marks a record's last change: its outcome's fold was just now.
+    recent_row = await pool.fetchrow("SELECT updated_at FROM message_records WHERE message_id = $1", f"{t}-recent")
+    assert recent_row["updated_at"] > now - timedelta(minutes=5)
     # Folded now: their last change as if it had happened when their outcome did.
     await pool.execute("UPDATE message_records SET updated_at = created_at + interval '1 second' "
                        "WHERE tenant_id = ANY($1)", [t, other])  # fmt: skip
-    # A message accepted long ago and still waiting (scheduled far ahead): never deleted by age.
+    # A message accepted long ago and still waiting (scheduled far ahead): never deleted by age,
+    # even with its last change as old as the oldest.
     await fold(pool, lifecycle(t, f"{t}-waiting", State.ROUTED, older)[:1])
+    await pool.execute("UPDATE message_records SET updated_at = $2 WHERE message_id = $1", f"{t}-waiting", older)
     # Accepted 100 days ago for a time 98 days later, sent 2 days ago: as young as its delivery.
     await fold(pool, lifecycle(t, f"{t}-scheduled-sent", State.SENT, older, took_ms=98 * 86_400_000))
     await pool.execute("UPDATE message_records SET updated_at = $2 WHERE message_id = $1", f"{t}-scheduled-sent",
@@ -220,3 +226,18 @@ async def test_retention_archives_old_records_as_counts(pool: asyncpg.Pool) -> N
     assert await pool.fetchval("SELECT count(*) FROM message_records WHERE tenant_id = $1", other) == 0
     kept = await pool.fetchrow("SELECT trigger, records FROM archive_runs WHERE tenant_id = $1 ORDER BY id LIMIT 1", t)
     assert tuple(kept) == ("manual", 2)
+
+
+async def test_a_scheduled_message_the_broker_refuses_is_counted_and_called_back(pool: asyncpg.Pool) -> None:
+    """The scheduler rejects a released message the broker can never take (too large): a status
+    change no fold sees, counted (and its callbacks enqueued) in the rejecting transaction."""
+    t = tenant()
+    now = datetime.now(UTC)
+    await fold(pool, lifecycle(t, f"{t}-big", State.ACCEPTED, now)[:1])
+    scheduler = Scheduler(Settings(database_url="postgresql://unused"), pool, None)  # type: ignore[arg-type]
+    await scheduler._reject([{"message_id": f"{t}-big"}])
+    await scheduler._reject([{"message_id": f"{t}-big"}])  # again: nothing moves, nothing counted
+    row = await pool.fetchrow("SELECT state, error_code FROM message_records WHERE message_id = $1", f"{t}-big")
+    assert tuple(row) == ("rejected", 1001)
+    day = await rows(pool, "stats_day", t)
+    assert [(r[1], r[4], r[5]) for r in day] == [("sms", "rejected", 1)]

@@ -55,12 +55,16 @@ def test_outcomes_carry_the_records_template_and_latency_from_acceptance_or_sche
         ev(State.RETRYING, mid="m1"),  # not an outcome either: a failed try that goes on
         ev(State.FAILED, mid="m2", provider="smtp"),
         ev(State.SENT, mid="m3", message=MessageSnapshot(channel="telegram", recipient="x")),  # no record yet
+        ev(State.SENT, mid="m4", channel="sms"),  # a record of the same id in another tenant: not this one's
     ]  # fmt: skip
+    records["m4"] = {"tenant_id": "other", "template_id": 9, "message_type": "sms", "created_at": T0,
+                     "scheduled_at": None}  # fmt: skip
     out = outcomes_of(events, records)
     assert [(o.status, o.channel, o.provider, o.template_id, o.cost, o.latency_ms) for o in out] == [
         ("sent", "sms", "aliyun-main", 7, Decimal("0.035"), 2000),
         ("failed", "email", "smtp", 0, Decimal(0), 300),
         ("sent", "telegram", "", 0, Decimal(0), None),
+        ("sent", "sms", "", 0, Decimal(0), None),
     ]
 
 
@@ -135,5 +139,9 @@ def test_hours_older_than_their_keeping_are_refused_not_answered_with_zeros() ->
                      (parse_range("2026-08-01", "2026-08-20", now=now), "hour")):  # fmt: skip
         with pytest.raises(HeraldError) as info:
             check_hourly(span, by, 90, now)
-        assert info.value.field == "start_date" and "2026-09-03" in info.value.message
+        assert info.value.field == "start_date" and "2026-09-03T12:00:00Z" in info.value.message
     check_hourly(parse_range("2026-11-01", "2026-11-20", now=now), "hour", 90, now)
+    # The boundary is retention's: at 11:00 the hours before 12:00 of 90 days ago are (being) deleted.
+    with pytest.raises(HeraldError):
+        check_hourly(parse_range("2026-09-03T11:00:00Z", "2026-09-04", now=now), None, 90, now)
+    check_hourly(parse_range("2026-09-03T12:00:00Z", "2026-09-04", now=now), None, 90, now)

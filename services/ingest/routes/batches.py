@@ -348,7 +348,7 @@ async def cancel_batch(batch_id: str, request: Request):
     async with services.pool.acquire() as conn, conn.transaction():
         await _known(conn, tenant_id, batch_id)
         cancelled = await scheduled.cancel(
-            conn, tenant_id, principal.actor, batch_id=batch_id, rollups=request.app.state.statistics is None
+            conn, tenant_id, principal.actor, batch_id=batch_id, statistics=services.settings.stats_backend
         )
         if not cancelled:
             raise HeraldError(

@@ -689,7 +689,7 @@ async def cancel_message(message_id: str, request: Request):
     principal = request.scope["state"]["principal"]
     async with services.pool.acquire() as conn, conn.transaction():
         cancelled = await scheduled.cancel(
-            conn, tenant_id, principal.actor, message_ids=[message_id], rollups=request.app.state.statistics is None
+            conn, tenant_id, principal.actor, message_ids=[message_id], statistics=services.settings.stats_backend
         )
         if not cancelled:
             raise await _not_pending(conn, tenant_id, message_id, "cancelled")
