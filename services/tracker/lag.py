@@ -21,7 +21,9 @@ partitions", the client fails to decode its answer), only by the tracker that ho
 provider-quality lease (:class:`services.tracker.quality.QualityPublisher`): every other tracker
 exports none of these, so a sum over instances counts each topic once, and when the lease moves
 the old holder clears its gauges. A broker or Redis that cannot be asked clears the gauges too:
-no number is better than a stale one (alert on their absence, docs/observability.md).
+no number is better than a stale one (alert on their absence, docs/observability.md). A group
+whose committed offsets cannot be read (OffsetFetch fails for it: on Tansu, e.g., a group that
+never existed) clears only its own topics' gauges; every other group's are still exported.
 
 Which group consumes which topic is Herald's own wiring: the router (faust app id
 ``herald-router``) consumes ``notify.requests``, its retry relay (``herald-router-retry``) the
@@ -183,10 +185,22 @@ class BacklogExporter:
         by_group: dict[str, list[TopicPartition]] = {}
         for tp in tps:
             by_group.setdefault(self.groups[tp.topic], []).append(tp)
+        unread: dict[str, Exception] = {}
         for group, wanted in by_group.items():
-            offsets = await admin.list_consumer_group_offsets(group, partitions=wanted)
+            try:
+                offsets = await admin.list_consumer_group_offsets(group, partitions=wanted)
+            except Exception as exc:  # noqa: BLE001 - this group only (a broker error, or the client's decoding)
+                unread[group] = exc
+                self._failed(f"group {group}", exc)
+                continue
+            self._recovered(f"group {group}")
             committed.update({tp: meta.offset for tp, meta in offsets.items()})
-        return lags(self.groups, partitions, first, end, committed)
+        if unread and len(unread) == len(by_group):
+            raise next(iter(unread.values()))  # nothing read: as if the broker could not be asked
+        # A group whose offsets could not be read: its topics are left out (their gauges cleared
+        # by _set_lags), every other group's are exported.
+        readable = {t: g for t, g in self.groups.items() if g not in unread}
+        return lags(readable, partitions, first, end, committed)
 
     def _set_lags(self, found: list[Lag]) -> None:
         seen = {(lag.group, lag.topic) for lag in found}

@@ -1,15 +1,20 @@
 """The observability metrics' own logic (issue 11), without servers: a topic's backlog from the
-brokers' offsets (retention's deleted records and the retry tiers' waiting attempts left out), the
-routing decision's labels, and celery_tasks_total's outcomes.
+brokers' offsets (retention's deleted records and the retry tiers' waiting attempts left out; a
+group whose offsets cannot be read leaves only its own topics out), the routing decision's labels,
+and celery_tasks_total's outcomes.
 tests/e2e/test_observability.py reads them from a real pipeline through a real Prometheus."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import orjson
 from aiokafka import TopicPartition
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter
 
 from services.router.routing import Routed, Routing, decision_labels, plan
@@ -89,6 +94,100 @@ def test_retry_tiers_are_waiting_attempts_not_backlog() -> None:
         CONSUMER_LAG.clear()
         QUEUE_LENGTH.clear()
         RETRIES_WAITING.clear()
+
+
+def _samples(gauge) -> dict[tuple[str, ...], float]:
+    return {tuple(s.labels.values()): s.value for m in gauge.collect() for s in m.samples}
+
+
+class _Brokers:
+    """The two clients BacklogExporter.read_lags uses, answering from dicts: every topic one
+    partition with 10 records, each group committed at 4 unless its OffsetFetch fails."""
+
+    def __init__(self, topics: list[str]) -> None:
+        self.topics_ = topics
+        self.failing: dict[str, Exception] = {}
+        self.asked: list[str] = []
+        self.closed = False
+
+    async def topics(self) -> set[str]:
+        return set(self.topics_)
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 10 for tp in tps}
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}
+
+    async def list_consumer_group_offsets(self, group: str, partitions: list[TopicPartition]):
+        self.asked.append(group)
+        if group in self.failing:
+            raise self.failing[group]
+        return {tp: OffsetAndMetadata(4, "") for tp in partitions}
+
+
+class _Redis:
+    connection_pool = SimpleNamespace(connection_kwargs={"host": "redis", "port": 6379, "db": 0})
+
+    async def info(self, section: str) -> dict[str, int]:
+        return {"used_memory": 123}
+
+
+def test_one_group_that_cannot_be_read_leaves_out_only_its_topics() -> None:
+    """OffsetFetch failing for one group (on Tansu, a group that never existed) clears that group's
+    gauges only: every other topic keeps its backlog, so HeraldBacklogUnknown stays quiet and the
+    backlog alert can still fire. Nothing readable at all clears everything, as before."""
+    brokers = _Brokers([Topics.REQUESTS, "notify.retry.5m", Topics.dispatch(Channel.EMAIL), Topics.EVENTS])
+    settings = SimpleNamespace(kafka_request_timeout_s=1.0, bootstrap_servers="kafka:9092", service_name="tracker")
+    exporter = BacklogExporter(settings, _Redis(), lambda: True)  # type: ignore[arg-type]
+
+    async def clients():
+        return brokers, brokers
+
+    async def close() -> None:
+        brokers.closed = True
+
+    exporter._clients = clients  # type: ignore[method-assign]
+    exporter._close = close  # type: ignore[method-assign]
+    everything = {(Topics.REQUESTS,): 6, (Topics.dispatch(Channel.EMAIL),): 6, (Topics.EVENTS,): 6}
+    try:
+        asyncio.run(exporter.poll())
+        assert _samples(QUEUE_LENGTH) == everything
+        assert _samples(RETRIES_WAITING) == {("notify.retry.5m",): 6}
+        assert len(_samples(CONSUMER_LAG)) == 4
+
+        # The retry relay's group cannot be read: its tier's gauges go, the rest stay (and are read).
+        brokers.failing["herald-router-retry"] = GroupCoordinatorNotAvailableError("no such group")
+        brokers.asked.clear()
+        asyncio.run(exporter.poll())
+        assert set(brokers.asked) == {"herald-router", "herald-router-retry", "herald-sender-email", "herald-tracker"}
+        assert _samples(QUEUE_LENGTH) == everything
+        assert _samples(RETRIES_WAITING) == {}
+        assert ("herald-router-retry", "notify.retry.5m") not in _samples(CONSUMER_LAG)
+        assert len(_samples(CONSUMER_LAG)) == 3
+        assert "group herald-router-retry" in exporter._failing and "kafka" not in exporter._failing
+
+        # The router's group fails too, with an error of the client's own (not a KafkaError).
+        brokers.failing["herald-router"] = ValueError("could not decode the answer")
+        asyncio.run(exporter.poll())
+        assert _samples(QUEUE_LENGTH) == {k: v for k, v in everything.items() if k != (Topics.REQUESTS,)}
+
+        # Readable again: back.
+        brokers.failing.clear()
+        asyncio.run(exporter.poll())
+        assert _samples(QUEUE_LENGTH) == everything and _samples(RETRIES_WAITING) == {("notify.retry.5m",): 6}
+        assert not exporter._failing
+
+        # No group readable at all: as if the broker could not be asked (every gauge cleared).
+        brokers.failing.update({g: GroupCoordinatorNotAvailableError() for g in brokers.asked})
+        asyncio.run(exporter.poll())
+        assert _samples(QUEUE_LENGTH) == _samples(RETRIES_WAITING) == _samples(CONSUMER_LAG) == {}
+        assert "kafka" in exporter._failing and brokers.closed
+    finally:
+        exporter.clear()
 
 
 def _routing() -> Routing:
