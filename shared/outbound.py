@@ -7,11 +7,18 @@ a redirect to ``http://169.254.169.254/`` or a name whose DNS answer changes bet
 requests (rebinding) meets the same check as the first URL. TLS still verifies the certificate
 against the URL's host name (httpcore starts TLS with the origin's host, not the address).
 Proxies from the environment are ignored: a proxy would resolve names itself.
+
+Also :func:`retry_after`, the reading of a ``Retry-After`` header that the provider plugins and
+the status callbacks share.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpcore
@@ -19,7 +26,7 @@ import httpx
 
 from shared.ssrf import AllowList, UnsafeURL, check_host
 
-__all__ = ["UnsafeURL", "guarded_client"]
+__all__ = ["UnsafeURL", "guarded_client", "retry_after"]
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -65,3 +72,26 @@ def guarded_client(allow: AllowList | str = "", **kwargs: Any) -> httpx.AsyncCli
     pool = transport._pool  # httpx does not take a network backend; the pool does
     pool._network_backend = _GuardedBackend(pool._network_backend, allow_list)
     return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
+
+
+def retry_after(response: httpx.Response, default: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds (``120``, ``1.5``) or an HTTP
+    date (``Wed, 21 Oct 2026 07:28:00 GMT``; one without a zone, ``-0000``, is UTC, as RFC 9110
+    has HTTP dates), never negative (a date past: 0); ``default`` when there is none or it cannot
+    be read."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return default
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - time.time()
+    if not math.isfinite(seconds):
+        return default
+    return max(0.0, seconds)

@@ -87,6 +87,18 @@ async def parse_body(request: Request, model: type[M]) -> M:
         raise RequestValidationError(errors) from None
 
 
+def patch_changes(body: BaseModel, *, nullable: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields a partial update (``PUT``/``PATCH``) gives, as JSON values: 400 / 1001 when it
+    gives none (``field: body``) or gives ``null`` to one not in ``nullable`` (naming it)."""
+    changes = body.model_dump(mode="json", exclude_unset=True)
+    if not changes:
+        raise HeraldError(ErrorCode.INVALID_PARAMS, "nothing to change", field="body")
+    for key, value in changes.items():
+        if value is None and key not in nullable:
+            raise HeraldError(ErrorCode.INVALID_PARAMS, "may not be null", field=key)
+    return changes
+
+
 def json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` documenting ``model`` as the JSON body of a route that parses it
     with :func:`parse_body`; nested definitions are inlined."""

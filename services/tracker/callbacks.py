@@ -13,22 +13,25 @@ Two halves, joined by the ``callback_deliveries`` outbox (migration 0016):
   or neither; ``pg_notify('herald_callbacks')`` wakes the workers at the commit. (Ingest calls
   it too, in a cancellation's transaction: the fold never sees those.)
 - :class:`CallbackWorker` (a task of every tracker) claims due deliveries with
-  ``FOR UPDATE SKIP LOCKED`` (several trackers share the work), leasing them for longer than a
-  try can last (a try is cut at ``HERALD_CALLBACK_TIMEOUT_S`` whole: DNS, connections, a
+  ``FOR UPDATE SKIP LOCKED`` (several trackers share the work; each target, an endpoint or a
+  tenant's callback_url host, gets at most a quarter of a worker's slots), leasing them for longer
+  than a try can last (a try is cut at ``HERALD_CALLBACK_TIMEOUT_S`` whole: DNS, connections, a
   receiver that trickles its answer), POSTs them through the SSRF-guarded client
   (:mod:`shared.outbound`: every connection goes to an address checked after DNS resolution),
-  records the try in ``callback_attempts`` and either marks the delivery ``delivered`` (2xx),
-  schedules the next try (``HERALD_CALLBACK_RETRY_DELAYS_S``, a receiver's ``Retry-After`` on
-  429/502/503/504 when longer), or marks it ``failed`` after the last (4 tries by default) or at
-  once for what no retry mends (a private address, ``410 Gone`` which also disables the endpoint).
+  reads at most ``ANSWER_READ_MAX_BYTES`` of the answer, records the try in ``callback_attempts``
+  and either marks the delivery ``delivered`` (2xx), schedules the next try
+  (``HERALD_CALLBACK_RETRY_DELAYS_S``, a receiver's ``Retry-After`` on 429/502/503/504 when
+  longer), or marks it ``failed`` after the last (4 tries by default) or at once for what no retry
+  mends (a private address, ``410 Gone`` which also disables the endpoint).
 
 A worker that dies mid-try leaves its delivery leased; the lease ends and another try is made
 with the same ``webhook-id`` (receivers deduplicate on it): at least once, never lost. A try's
 outcome is recorded only while its worker still owns the delivery (the claim's lease, unchanged):
 a worker that outlived its lease (stalled) cannot overwrite what the next owner recorded.
 
-URLs are stored and shown with their query's values masked (:func:`display_url`) everywhere but
-where a try needs them (``callback_deliveries.url`` of a message's own ``callback_url``).
+URLs are stored and shown with their query's values and token-like path segments masked
+(:func:`display_url`) everywhere but where a try needs them (``callback_deliveries.url`` of a
+message's own ``callback_url``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import os
+import re
 import time
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,7 +60,7 @@ from shared.db import DB_UNAVAILABLE, follow_notifications
 from shared.events import SEED_STATUS, EventV1, State
 from shared.logging import log_event, mask_text
 from shared.metrics import CALLBACK_DURATION, CALLBACKS
-from shared.outbound import UnsafeURL, guarded_client
+from shared.outbound import UnsafeURL, guarded_client, retry_after
 from shared.settings import Settings
 
 log = logging.getLogger("herald.tracker.callbacks")
@@ -103,11 +108,25 @@ def tenant_secret_purpose(tenant_id: str) -> str:
     return f"callback_signing_secrets:{tenant_id}"
 
 
+# A path segment that looks like a token: long, of the characters tokens are made of, and random-
+# looking (a digit, or both cases: "notifications-callback" is a word, "T0AB12CD3efGh4ijK5" is not).
+_TOKEN_SEGMENT = re.compile(r"^(?=.{16,}$)(?=.*[0-9]|(?=.*[a-z])(?=.*[A-Z]))[A-Za-z0-9._~+=%-]+$")
+
+
+def _masked_path(path: str) -> str:
+    """The path with its token-like segments masked: webhook URLs of Slack
+    (``/services/T…/B…/<secret>``), Discord (``/api/webhooks/<id>/<token>``), Feishu
+    (``/open-apis/bot/v2/hook/<token>``) carry their secret in the path, webhook.site-like ones in
+    the first segment."""
+    return "/".join("***" if _TOKEN_SEGMENT.match(segment) else segment for segment in path.split("/"))
+
+
 def display_url(url: str) -> str:
-    """A callback URL as it is shown (the delivery log) and stored beside a try: the values of its
-    query masked (``https://h.example/cb?token=***&ref=***``), user info too, no fragment. A
-    query is no place for a credential (it is stored unencrypted, travels on ``notify.events``),
-    but a producer may have put one there anyway."""
+    """A callback URL as it is shown (the delivery log), logged and stored beside a try: the
+    values of its query masked (``https://h.example/cb?token=***&ref=***``), user info too, path
+    segments that look like tokens too (``https://discord.com/api/webhooks/***/***``),
+    no fragment. No URL is a place for a credential (it is stored unencrypted, travels on
+    ``notify.events``), but a producer may have put one there anyway."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -116,7 +135,7 @@ def display_url(url: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = "&".join(p.split("=", 1)[0] + "=***" if "=" in p else "***" for p in parts.query.split("&") if p)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, _masked_path(parts.path), query, ""))
 
 
 # --- the payload and its signature ---------------------------------------------------------------
@@ -257,11 +276,16 @@ LEFT JOIN LATERAL (SELECT pg_notify('herald_callbacks', '') WHERE c.n > 0) x ON 
 # the endpoints itself); a "no" is never trusted for a message with its own callback_url (below).
 LIVE_TENANTS_TTL_S = 5.0
 _live: dict[str, tuple[bool, float]] = {}  # tenant -> (has callbacks, until when, monotonic)
+# Counts the forgettings: an answer is remembered only if nothing was forgotten while it was asked
+# (a notification arriving during the query would otherwise be undone by the query's older "no").
+_live_generation = 0
 
 
 def forget_live_tenants(tenants: Iterable[str] | None = None, *, only_no: bool = False) -> None:
     """Forget what :func:`_live_tenants` remembers (of ``tenants``, or all; ``only_no``: only
     the tenants remembered as having no callbacks)."""
+    global _live_generation
+    _live_generation += 1
     if tenants is None:
         _live.clear()
         return
@@ -283,11 +307,15 @@ async def _live_tenants(conn: asyncpg.Connection, tenants: set[str], recheck_no:
         elif known[0]:
             live.add(tenant)
     if ask:
+        generation = _live_generation
         found = {r[0] for r in await conn.fetch(_LIVE_TENANTS, ask)}
-        if len(_live) > 10_000:
-            _live.clear()
-        until = time.monotonic() + LIVE_TENANTS_TTL_S
-        _live.update((tenant, (tenant in found, until)) for tenant in ask)
+        # Something was forgotten meanwhile (an endpoint created, ingest's notification arrived
+        # while the query ran): the answer may predate it, and serves this batch only.
+        if generation == _live_generation:
+            if len(_live) > 10_000:
+                _live.clear()
+            until = time.monotonic() + LIVE_TENANTS_TTL_S
+            _live.update((tenant, (tenant in found, until)) for tenant in ask)
         live |= found
     return live
 
@@ -325,20 +353,53 @@ async def enqueue(conn: asyncpg.Connection, events: list[EventV1]) -> None:
 
 # --- the worker ------------------------------------------------------------------------------------
 
-_CLAIM = """
-WITH due AS (
-    SELECT id FROM callback_deliveries
+# Where a delivery goes, for sharing the slots fairly: its endpoint, or (a message's own
+# callback_url) its tenant and the URL's scheme and host (a query or path naming the message must
+# not make each delivery a target of its own).
+_TARGET = """CASE WHEN endpoint_id IS NOT NULL THEN 'endpoint:' || endpoint_id
+    ELSE 'url:' || tenant_id || ' ' || COALESCE(substring(url FROM '^[^:/?#]+://[^/?#]*'), url) END"""
+
+# A target has at most 1/_TARGET_SHARE of a worker's slots in flight (at least one), so that a dead
+# or slow endpoint with a backlog (each try waiting out the timeout) cannot take them all: the other
+# targets' deliveries are claimed in the same round (a round claims again while a claim brought a
+# target to its share). Due deliveries of a target already at its share are skipped (and not waited
+# for: _NEXT_DUE ignores them too).
+_TARGET_SHARE = 4
+# How many due deliveries (of targets below their share) a claim looks at, oldest first.
+_CLAIM_SCAN = 2000
+
+# $1 free slots, $2 the lease, $3 a target's share, $4/$5 the targets with tries in flight in this
+# worker and how many. Within the share, the oldest delivery of each target first, then the second
+# of each, ... (round robin, so many targets each get a slot before one gets a second).
+_CLAIM = f"""
+WITH busy AS (
+    SELECT * FROM unnest($4::text[], $5::int[]) AS b(target, n)
+), candidates AS (
+    SELECT id, next_attempt_at, {_TARGET} AS target FROM callback_deliveries
     WHERE status = 'pending' AND next_attempt_at <= now()
+      AND {_TARGET} <> ALL(ARRAY(SELECT target FROM busy WHERE n >= $3))
     ORDER BY next_attempt_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
+    LIMIT {_CLAIM_SCAN}
+), ranked AS (
+    SELECT c.id, c.next_attempt_at, c.target,
+           COALESCE(b.n, 0) + row_number() OVER (PARTITION BY c.target ORDER BY c.next_attempt_at, c.id) AS rank
+    FROM candidates c LEFT JOIN busy b ON b.target = c.target
+), picked AS (
+    SELECT id, target FROM ranked WHERE rank <= $3 ORDER BY rank, next_attempt_at LIMIT $1
+), due AS (
+    -- Locked here (a window function and FOR UPDATE do not mix), and checked again: another
+    -- worker may have claimed one since this statement's snapshot.
+    SELECT d.id, p.target FROM callback_deliveries d JOIN picked p ON p.id = d.id
+    WHERE d.status = 'pending' AND d.next_attempt_at <= now()
+    FOR UPDATE OF d SKIP LOCKED
 ), claimed AS (
     -- Leased for the length of a try: another worker takes it only if this one never answers.
     -- The new next_attempt_at is the lease's token: the try's outcome is recorded only if it is
     -- still there (_RECORD), i.e. no other worker claimed the delivery since.
     UPDATE callback_deliveries d SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
     FROM due WHERE d.id = due.id
-    RETURNING d.id, d.tenant_id, d.endpoint_id, d.url, d.payload, d.attempts, d.next_attempt_at AS leased_until
+    RETURNING d.id, d.tenant_id, d.endpoint_id, d.url, d.payload, d.attempts, d.next_attempt_at AS leased_until,
+              due.target
 )
 SELECT c.*, w.callback_url AS endpoint_url, w.auth_type, w.auth_token,
        (w.is_active AND w.deleted_at IS NULL) AS endpoint_live, w.disabled_reason,
@@ -355,11 +416,13 @@ LEFT JOIN callback_signing_secrets s ON c.endpoint_id IS NULL AND s.tenant_id = 
 # the claim's lease unchanged. Else (its lease ran out and another worker claimed it, the endpoint
 # was deleted) nothing is written, the try's row neither: the owner records its own.
 # $4: where the try went (kept whole: a message's own URL is needed for its next try); $11: the
-# same, masked, as the try's row and the answers show it.
+# same, masked, as the try's row and the answers show it. $9: seconds until the next try, counted
+# on the database's clock (the one the claim compares next_attempt_at with), not the tracker's.
 _RECORD = """
 WITH d AS (
     UPDATE callback_deliveries SET attempts = $2, url = $4, status = $8::text,
-        next_attempt_at = COALESCE($9::timestamptz, next_attempt_at), last_status_code = $5, last_error = $6,
+        next_attempt_at = COALESCE(now() + make_interval(secs => $9::float8), next_attempt_at),
+        last_status_code = $5, last_error = $6,
         delivered_at = CASE WHEN $8::text = 'delivered' THEN now() END, updated_at = now()
     WHERE id = $1 AND status = 'pending' AND attempts = $12::int AND next_attempt_at = $13::timestamptz
     RETURNING id
@@ -375,8 +438,10 @@ UPDATE webhook_configs SET is_active = false, disabled_reason = $2, updated_at =
 WHERE id = $1 AND is_active
 """
 
-_NEXT_DUE = """
-SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM callback_deliveries WHERE status = 'pending'
+# The next delivery due, of the targets below their share in this worker ($1: those at it).
+_NEXT_DUE = f"""
+SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM callback_deliveries
+WHERE status = 'pending' AND {_TARGET} <> ALL($1::text[])
 """
 
 _PRUNE_BATCH = 1000
@@ -393,24 +458,13 @@ _PRUNE_BATCHES = 20  # at most this many batches a time (20,000 deliveries per 1
 # lease never ends while its try runs (only when its worker stopped or stalled).
 LEASE_MARGIN_S = 30.0
 _RETRY_AFTER_MAX_S = 3600.0
+# Of a receiver's answer, this much is read at most (then the connection is closed): nothing of it
+# is recorded, and an endpoint streaming a huge body must not fill the tracker's memory.
+ANSWER_READ_MAX_BYTES = 4096
 
 
 class _Permanent(Exception):
     """A failure no retry mends (the try is recorded and the delivery fails at once)."""
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
-        return None
 
 
 class CallbackWorker:
@@ -433,6 +487,9 @@ class CallbackWorker:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight: set[asyncio.Task] = set()
+        self._busy: Counter[str] = Counter()  # target (_TARGET) -> its tries in flight here
+        # A target's share of the slots (_TARGET_SHARE).
+        self.per_target = max(1, settings.callback_concurrency // _TARGET_SHARE)
         self._pruned_at = 0.0
         # How long a claim holds a delivery: longer than a try (cut at the timeout) can last.
         self.lease_s = settings.callback_timeout_s + LEASE_MARGIN_S
@@ -494,15 +551,27 @@ class CallbackWorker:
         if free <= 0:
             return self.settings.callback_max_sleep_s  # a try's end wakes the loop
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                rows = await conn.fetch(_CLAIM, free, self.lease_s)
-            for row in rows:
-                task = asyncio.create_task(self._deliver(row))
-                self._inflight.add(task)
-                task.add_done_callback(self._done)
-            if len(rows) == free:  # every slot taken: the end of a try wakes the loop
-                return self.settings.callback_max_sleep_s
-            until = await conn.fetchval(_NEXT_DUE)
+            while True:
+                busy = [(target, n) for target, n in self._busy.items() if n > 0]
+                async with conn.transaction():
+                    rows = await conn.fetch(_CLAIM, free, self.lease_s, self.per_target, [b[0] for b in busy],
+                                            [b[1] for b in busy])  # fmt: skip
+                for row in rows:
+                    self._busy[row["target"]] += 1
+                    task = asyncio.create_task(self._deliver(row))
+                    self._inflight.add(task)
+                    task.add_done_callback(functools.partial(self._done, row["target"]))
+                free -= len(rows)
+                if free <= 0:  # every slot taken: the end of a try wakes the loop
+                    return self.settings.callback_max_sleep_s
+                # A target that reached its share now may have hidden others' deliveries from this
+                # claim (it looks at the _CLAIM_SCAN oldest): claim again without it.
+                if not any(self._busy[row["target"]] >= self.per_target for row in rows):
+                    break
+            # Targets at their share: their due deliveries wait for one of their tries to end
+            # (which wakes the loop), not for the clock.
+            full = [target for target, n in self._busy.items() if n >= self.per_target]
+            until = await conn.fetchval(_NEXT_DUE, full)
         if until is None:
             return self.settings.callback_max_sleep_s
         return min(max(float(until), 0.02), self.settings.callback_max_sleep_s)
@@ -519,8 +588,11 @@ class CallbackWorker:
                 if int(done.rsplit(" ", 1)[-1]) < _PRUNE_BATCH:
                     break
 
-    def _done(self, task: asyncio.Task) -> None:
+    def _done(self, target: str, task: asyncio.Task) -> None:
         self._inflight.discard(task)
+        self._busy[target] -= 1
+        if self._busy[target] <= 0:
+            del self._busy[target]
         if not task.cancelled() and task.exception() is not None:
             log.error("callbacks: a try failed unexpectedly", exc_info=task.exception())
         self.wake()
@@ -573,9 +645,7 @@ class CallbackWorker:
             # The whole try, bounded: httpx's timeouts are per connect and per read (a receiver
             # trickling its answer never trips them), each address of a name gets its own connect
             # timeout, the name's resolution none. The lease (LEASE_MARGIN_S longer) outlasts it.
-            response = await asyncio.wait_for(
-                self.client.post(url, content=body, headers=headers), self.settings.callback_timeout_s
-            )
+            response = await asyncio.wait_for(self._post(url, body, headers), self.settings.callback_timeout_s)
             status_code = response.status_code
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
@@ -585,7 +655,7 @@ class CallbackWorker:
                     permanent = True
                     error += " Gone: the endpoint no longer wants callbacks"
                 elif status_code in (429, 502, 503, 504):
-                    wait = _retry_after(response)
+                    wait = retry_after(response)
         except _Permanent as exc:
             error, permanent = str(exc), True
         except UnsafeURL as exc:
@@ -598,24 +668,35 @@ class CallbackWorker:
         duration = time.perf_counter() - started
         CALLBACK_DURATION.observe(duration)
         if error is None:
-            outcome, next_at = "delivered", None
+            outcome, next_in = "delivered", None
         elif permanent or attempt > len(self.delays):
-            outcome, next_at = "failed", None
+            outcome, next_in = "failed", None
         else:
             outcome = "pending"
-            delay = self.delays[attempt - 1]
+            next_in = self.delays[attempt - 1]
             if wait is not None:
-                delay = max(delay, min(wait, _RETRY_AFTER_MAX_S))
-            next_at = datetime.now(UTC).timestamp() + delay
+                next_in = max(next_in, min(wait, _RETRY_AFTER_MAX_S))
         CALLBACKS.labels("retrying" if outcome == "pending" else outcome).inc()
-        owned = await self._finish(row, attempt, url, status_code, error, outcome, next_at, at=at,
+        owned = await self._finish(row, attempt, url, status_code, error, outcome, next_in, at=at,
                                    duration=duration)  # fmt: skip
-        if status_code == 410 and endpoint is not None:
+        # Only by the delivery's owner: a stale try's 410 (its outcome dropped) disables nothing.
+        if status_code == 410 and endpoint is not None and owned:
             await self.pool.execute(_DISABLE, endpoint, "the endpoint answered 410 Gone")
         if error is not None and owned:
             log_event(log, logging.WARNING if outcome == "pending" else logging.ERROR, "callback not delivered",
                       delivery_id=row["id"], attempt=attempt, url=mask_text(display_url(url)), error=error,
                       outcome="retrying" if outcome == "pending" else outcome)  # fmt: skip
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """One POST; of the answer only its status, headers and first ``ANSWER_READ_MAX_BYTES``
+        (raw, not decompressed) are read: the rest is not waited for, the connection is closed."""
+        async with self.client.stream("POST", url, content=body, headers=headers) as response:
+            read = 0
+            async for chunk in response.aiter_raw():
+                read += len(chunk)
+                if read >= ANSWER_READ_MAX_BYTES:
+                    break
+        return response
 
     async def _finish(
         self,
@@ -625,7 +706,7 @@ class CallbackWorker:
         status_code: int | None,
         error: str | None,
         outcome: str,
-        next_at: float | None,
+        next_in: float | None,
         *,
         tried: bool = True,
         at: datetime | None = None,
@@ -636,7 +717,7 @@ class CallbackWorker:
         meanwhile, and when it ends first, the outcome is not recorded)."""
         args = (
             row["id"], attempt, at or datetime.now(UTC), url[:500], status_code, error, duration * 1000, outcome,
-            datetime.fromtimestamp(next_at, UTC) if next_at is not None else None, tried, display_url(url)[:500],
+            next_in, tried, display_url(url)[:500],
             row["attempts"], row["leased_until"],
         )  # fmt: skip
         delay = 0.5

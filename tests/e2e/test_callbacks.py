@@ -13,17 +13,16 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import asyncpg
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from standardwebhooks.webhooks import Webhook
 
-from devstack import access, servers
+from devstack import access
+from tests.callback_receiver import Receiver, receiving
 from tests.conftest import Pipeline
 from tests.e2e.helpers import SEND, own_tenant, uniq
 
@@ -36,65 +35,13 @@ PAYLOAD_KEYS = {"message_id", "state", "status", "channel", "provider", "attempt
                 "occurred_at", "category", "request_id"}  # fmt: skip
 
 
-# --- the receiver ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Got:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-    @property
-    def json(self) -> dict:
-        return orjson.loads(self.body)
-
-
-@dataclass
-class Receiver:
-    """Answers 204, or the statuses planned for a path first (one per request)."""
-
-    port: int = 0
-    got: list[Got] = field(default_factory=list)
-    queries: list[str] = field(default_factory=list)
-    plan: dict[str, list[int]] = field(default_factory=dict)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        self.got.append(Got(request.path, {k.lower(): v for k, v in request.headers.items()}, body, time.time()))
-        self.queries.append(request.query_string)
-        planned = self.plan.get(request.path)
-        return web.Response(status=planned.pop(0) if planned else 204)
-
-    def at(self, path: str, message_id: str | None = None) -> list[Got]:
-        return [
-            g for g in self.got if g.path == path and (message_id is None or g.json["data"]["message_id"] == message_id)
-        ]
-
-    async def wait(self, path: str, message_id: str, count: int = 1, timeout: float = 20) -> list[Got]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.at(path, message_id)
-            if len(found) >= count:
-                return found
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{path} got {len(self.at(path, message_id))} callbacks of {message_id}, not {count}")
+# --- the receiver (tests/callback_receiver.py) ----------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver(port=servers.free_port())
-    app = web.Application()
-    app.router.add_route("POST", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", rec.port).start()
-    yield rec
-    await runner.cleanup()
+    async with receiving(ok=204) as rec:
+        yield rec
 
 
 # --- tenants of their own, with a mailbox at the suite's SMTP sink -----------------------------------
@@ -171,7 +118,7 @@ async def test_signed_callback_wire_format_auth_and_delivery_log(
         (got,) = await receiver.wait("/a/all", message_id)
         # The wire format, exactly.
         assert got.headers["content-type"] == "application/json"
-        assert f"k={in_query}&ref=1" in receiver.queries
+        assert receiver.queries["/a/all"][-1] == f"k={in_query}&ref=1"
         assert got.headers["user-agent"] == "Herald-Callbacks/1.0"
         assert got.headers["authorization"] == f"Bearer {token}"
         assert got.headers["webhook-id"].startswith("cbd_")
@@ -262,13 +209,16 @@ async def test_event_filter_cancellation_and_410_disables(tenant_a: httpx.AsyncC
         Webhook(cancelled_only["signing_secret"]).verify(got.body, got.headers)
 
         # 410 Gone: failed at once, and the endpoint is disabled.
-        (gone_delivery,) = [d for d in await _deliveries(tenant_a, sent_id, 1) if d["webhook_id"] == gone["id"]]
+        sent_deliveries = await _deliveries(tenant_a, sent_id, 1)
+        (gone_delivery,) = [d for d in sent_deliveries if d["webhook_id"] == gone["id"]]
         assert gone_delivery["status"] == "failed" and gone_delivery["attempt_count"] == 1
         assert "410" in gone_delivery["last_error"]
         hook = (await tenant_a.get(f"{HOOKS}/{gone['id']}")).json()["data"]
         assert hook["is_active"] is False and "410" in hook["disabled_reason"]
-        # The filters: the cancelled-only endpoint never heard of the sent message, nobody of a delivery.
-        assert receiver.at("/a/cancelled", sent_id) == [] and receiver.at("/a/delivered") == []
+        # The filters: neither the cancelled-only endpoint nor the delivered-only one has a delivery
+        # of the sent message (enqueued with the fold, or never), nor heard of it.
+        assert [d["webhook_id"] for d in sent_deliveries] == [gone["id"]]
+        assert receiver.at("/a/cancelled", sent_id) == [] and receiver.at("/a/delivered", sent_id) == []
         assert len(receiver.at("/a/gone")) == 1
         # Changing the filter through PUT.
         r = await tenant_a.put(f"{HOOKS}/{delivered_only['id']}", json={"events": ["sent", "sent"]})
@@ -278,6 +228,29 @@ async def test_event_filter_cancellation_and_410_disables(tenant_a: httpx.AsyncC
     finally:
         for h in (cancelled_only, delivered_only, gone):
             await tenant_a.delete(f"{HOOKS}/{h['id']}")
+
+
+async def test_redirects_are_not_followed(tenant_a: httpx.AsyncClient, receiver: Receiver) -> None:
+    """A receiver answering 302: the try is recorded as the 302 (a failed try, retried), the
+    redirect is not followed: not to the cloud metadata address (a followed redirect there would be
+    recorded as the SSRF guard's refusal), nor to an allowed address (which would have heard of it)."""
+    receiver.redirect["/a/to-metadata"] = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
+    receiver.redirect["/a/to-here"] = receiver.url("/a/redirected")
+    hooks = [await _endpoint(tenant_a, receiver.url(p), events=["sent"]) for p in ("/a/to-metadata", "/a/to-here")]
+    try:
+        message_id = await _send(tenant_a)
+        records = await _deliveries(tenant_a, message_id, 2)
+        assert sorted(d["webhook_id"] for d in records) == sorted(h["id"] for h in hooks)
+        for delivery in records:
+            assert delivery["status"] == "failed" and delivery["attempt_count"] == 4, delivery
+            assert delivery["last_status_code"] == 302
+            assert [(a["status_code"], a["error"]) for a in delivery["attempts"]] == [
+                (302, "HTTP 302 (redirects are not followed)")] * 4  # fmt: skip
+        assert len(receiver.at("/a/to-metadata", message_id)) == len(receiver.at("/a/to-here", message_id)) == 4
+        assert receiver.at("/a/redirected") == []  # no request of any method
+    finally:
+        for hook in hooks:
+            await tenant_a.delete(f"{HOOKS}/{hook['id']}")
 
 
 async def test_per_message_callback_url_and_the_tenant_signing_secret(
@@ -352,8 +325,12 @@ async def test_per_message_callback_url_and_the_tenant_signing_secret(
         assert len(got.headers["webhook-signature"].split(" ")) == 2
         assert Webhook(second).verify(got.body, got.headers)["data"]["message_id"] == mid
         assert Webhook(first).verify(got.body, got.headers)["data"]["message_id"] == mid
-    _refused(await tenant_b.post("/api/v1/messages/batch", json={"recipients": ["b3@example.com"], "subject": "s",
-                                                                 "content": "c", "callback_url": "http://10.1.2.3/"}))
+    _refused(
+        await tenant_b.post(
+            "/api/v1/messages/batch",
+            json={"recipients": ["b3@example.com"], "subject": "s", "content": "c", "callback_url": "http://10.1.2.3/"},
+        )
+    )
 
 
 async def test_ssrf_is_refused_at_registration_and_at_delivery(

@@ -7,7 +7,6 @@ masking of URLs' queries and the SSRF guard, without the rest of the pipeline.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from devstack import servers
 from services.tracker import callbacks
 from services.tracker.callbacks import (
     CONFIG_CHANGED,
@@ -33,6 +30,7 @@ from shared.crypto import SecretBox
 from shared.db import apply_migrations, create_pool
 from shared.events import EventV1, MessageSnapshot, State, event_id
 from shared.settings import Settings
+from tests.callback_receiver import Receiver, receiving
 from tests.conftest import TEST_ENCRYPTION_KEY, Backing
 
 BOX = SecretBox.from_setting(TEST_ENCRYPTION_KEY)
@@ -46,60 +44,17 @@ async def pool(backing: Backing) -> AsyncIterator[asyncpg.Pool]:
     await p.close()
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.port = servers.free_port()
-        self.got: list[tuple[str, dict[str, str], bytes, float]] = []
-        self.plan: dict[str, list[int]] = {}
-        self.slow: dict[str, float] = {}
-        # The next request to a path answers 200 at once and then trickles its body, a byte every
-        # 0.1 s, for this many seconds: no read of it ever waits long (httpx's timeouts never trip).
-        self.trickle: dict[str, float] = {}
-        self.queries: dict[str, list[str]] = {}
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.got.append((request.path, {k.lower(): v for k, v in request.headers.items()}, body, time.time()))
-        self.queries.setdefault(request.path, []).append(request.query_string)
-        if request.path in self.trickle:
-            seconds = self.trickle.pop(request.path)
-            response = web.StreamResponse(status=200)
-            await response.prepare(request)
-            end = time.monotonic() + seconds
-            with contextlib.suppress(ConnectionError):  # the client hung up
-                while time.monotonic() < end:
-                    await response.write(b" ")
-                    await asyncio.sleep(0.1)
-                await response.write_eof()
-            return response
-        if request.path in self.slow:
-            await asyncio.sleep(self.slow[request.path])
-        planned = self.plan.get(request.path)
-        return web.Response(status=planned.pop(0) if planned else 200)
-
-    def at(self, path: str) -> list[tuple[str, dict[str, str], bytes, float]]:
-        return [g for g in self.got if g[0] == path]
-
-
 @pytest.fixture(scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_route("POST", "/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", rec.port).start()
-    yield rec
-    await runner.cleanup()
+    async with receiving() as rec:
+        yield rec
 
 
 def settings(backing: Backing, **extra) -> Settings:
-    return Settings(database_url=backing.dsn, db_pool_min=1, db_pool_max=4, encryption_key=TEST_ENCRYPTION_KEY,
-                    outbound_allow="127.0.0.1/32", callback_retry_delays_s="0.2,0.2,0.2", callback_timeout_s=1.0,
-                    callback_max_sleep_s=0.5, **extra)  # fmt: skip
+    values = {"database_url": backing.dsn, "db_pool_min": 1, "db_pool_max": 4, "encryption_key": TEST_ENCRYPTION_KEY,
+              "outbound_allow": "127.0.0.1/32", "callback_retry_delays_s": "0.2,0.2,0.2", "callback_timeout_s": 1.0,
+              "callback_max_sleep_s": 0.5}  # fmt: skip
+    return Settings(**(values | extra))
 
 
 async def new_tenant(pool: asyncpg.Pool) -> str:
@@ -171,48 +126,78 @@ async def test_the_fold_enqueues_status_changes_once_per_target(pool: asyncpg.Po
 
 
 class Counting:
-    """A connection that counts the statements made through it."""
+    """A connection that records the statements made through it."""
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
-        self.statements = 0
+        self.statements: list[str] = []
 
     def __getattr__(self, name: str):
         attr = getattr(self.conn, name)
         if name not in ("execute", "fetch", "fetchval", "fetchrow"):
             return attr
 
-        async def counted(*args, **kwargs):
-            self.statements += 1
-            return await attr(*args, **kwargs)
+        async def counted(query: str, *args, **kwargs):
+            self.statements.append(query)
+            return await attr(query, *args, **kwargs)
 
         return counted
 
 
-async def test_a_tenant_without_callbacks_costs_one_cheap_statement(pool: asyncpg.Pool) -> None:
+async def test_a_tenant_without_callbacks_costs_one_cheap_statement(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """300 status events of a tenant without callbacks: the one cheap test (_LIVE_TENANTS, one
+    row per tenant), no payload built, nothing inserted; then nothing at all while remembered."""
+    built: list[EventV1] = []
+    payload_of = callbacks.payload_of
+    monkeypatch.setattr(callbacks, "payload_of", lambda e, *a: built.append(e) or payload_of(e, *a))
     tenant = await new_tenant(pool)
     batch = [e for _ in range(300) for e in lifecycle(tenant)]
     stored = [e for e in batch if e.state is State.SENT]
     async with pool.acquire() as conn:
         counting = Counting(conn)
-        started = time.perf_counter()
         async with conn.transaction():
             await callbacks.enqueue(counting, stored)
-        took = time.perf_counter() - started
-        assert counting.statements == 1
+        assert counting.statements == [callbacks._LIVE_TENANTS]
         # Remembered: the next batches cost no statement at all (for LIVE_TENANTS_TTL_S).
         for _ in range(5):
             async with conn.transaction():
                 await callbacks.enqueue(counting, stored)
-        assert counting.statements == 1
-    print(f"\nenqueue of 300 status events of a tenant without callbacks: {took * 1000:.2f} ms, then none")
-    assert took < 0.05
+        assert counting.statements == [callbacks._LIVE_TENANTS]
+    assert built == []
     await fold(pool, batch)
     assert await pool.fetchval("SELECT count(*) FROM callback_deliveries WHERE tenant_id = $1", tenant) == 0
     async with pool.acquire() as conn:  # no status change: no statement at all
         counting = Counting(conn)
         await callbacks.enqueue(counting, [e for e in batch if e.state not in (State.SENT, State.ACCEPTED)])
-        assert counting.statements == 0
+        assert counting.statements == []
+    assert built == []
+
+
+async def test_a_notification_while_the_tenants_are_asked_is_not_undone(pool: asyncpg.Pool, receiver: Receiver) -> None:
+    """Ingest creates an endpoint and its notification reaches the tracker (which forgets) while
+    a fold's _LIVE_TENANTS query runs, on a snapshot from before the endpoint: that older "no"
+    serves its batch only and is not remembered; the next batch's status changes are enqueued."""
+    tenant = await new_tenant(pool)
+
+    class Racing(Counting):
+        async def fetch(self, query: str, *args):
+            rows = await self.conn.fetch(query, *args)
+            if query == callbacks._LIVE_TENANTS:
+                await add_endpoint(pool, tenant, receiver.url("/w/race"), ["sent"])
+                callbacks.forget_live_tenants()  # what CallbackWorker.wake does on CONFIG_CHANGED
+            return rows
+
+    first = lifecycle(tenant)
+    async with pool.acquire() as conn, conn.transaction():
+        await callbacks.enqueue(Racing(conn), [e for e in first if e.state is State.SENT])
+    assert await deliveries(pool, first[0].message_id) == []  # its snapshot had no endpoint yet
+    assert tenant not in callbacks._live
+    later = lifecycle(tenant)
+    await fold(pool, later)
+    assert [r["event_type"] for r in await deliveries(pool, later[0].message_id)] == ["message.sent"]
+    await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = $1", tenant)
 
 
 async def test_which_tenants_have_callbacks_is_remembered_briefly(
@@ -325,8 +310,8 @@ async def test_worker_signs_retries_and_records_every_try(
         (1, 500), (2, 429), (3, 200)]  # fmt: skip
     assert len([t for t in tries if t["delivery_id"] == by[down]["id"]]) == 4
     got = receiver.at("/w/flaky")
-    assert len({g[1]["webhook-id"] for g in got}) == 1
-    assert Webhook(flaky_secret).verify(got[-1][2], got[-1][1])["data"]["message_id"] == events[0].message_id
+    assert len({g.headers["webhook-id"] for g in got}) == 1
+    assert Webhook(flaky_secret).verify(got[-1].body, got[-1].headers)["data"]["message_id"] == events[0].message_id
 
 
 async def test_two_workers_share_the_outbox_each_delivery_made_once(
@@ -358,6 +343,15 @@ async def test_two_workers_share_the_outbox_each_delivery_made_once(
     assert len(receiver.at("/w/slow")) == 6  # each once
 
 
+async def claim(pool: asyncpg.Pool, message_id: str, lease: float) -> asyncpg.Record:
+    """Claims what is due (as a worker's round does, without a share per target) and answers the
+    message's delivery."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(callbacks._CLAIM, 100, lease, 100, [], [])
+    (row,) = [r for r in rows if r["payload"]["data"]["message_id"] == message_id]
+    return row
+
+
 async def _settled(pool: asyncpg.Pool, message_id: str, timeout: float = 10) -> list[asyncpg.Record]:
     deadline = time.monotonic() + timeout
     while True:
@@ -387,7 +381,7 @@ async def test_a_try_is_cut_at_the_timeout_before_its_lease_ends(
         await fold(pool, events)
         (row,) = await _settled(pool, events[0].message_id)
         # Until the trickle's end and a little: a try not cut would end (and be recorded) then.
-        first = receiver.at(path)[0][3]
+        first = receiver.at(path)[0].at
         await asyncio.sleep(max(0.0, first + 3.4 - time.time()))
     finally:
         for w in workers:
@@ -412,21 +406,14 @@ async def test_a_stale_workers_outcome_is_not_recorded(
     path = "/w/stale"
     await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
     stale, owner = CallbackWorker(settings(backing), pool, BOX), CallbackWorker(settings(backing), pool, BOX)
-
-    async def claim(message_id: str, lease: float) -> asyncpg.Record:
-        async with pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(callbacks._CLAIM, 100, lease)
-        (row,) = [r for r in rows if r["tenant_id"] == tenant and r["payload"]["data"]["message_id"] == message_id]
-        return row
-
     try:
         for stale_ends_first in (False, True):
             events = lifecycle(tenant)
             mid = events[0].message_id
             await fold(pool, events)
-            old = await claim(mid, 0.05)
+            old = await claim(pool, mid, 0.05)
             await asyncio.sleep(0.1)  # its lease ran out
-            new = await claim(mid, 30)
+            new = await claim(pool, mid, 30)
             if stale_ends_first:  # the stale try fails while the owner's is still out
                 receiver.plan[path] = [500, 200]
                 await stale._deliver(old)
@@ -506,3 +493,135 @@ async def test_urls_are_whole_for_the_tries_and_masked_beside_them(
     assert receiver.queries[path] == ["token=s3cr3t-value&ref=42"] * 2
     tries = await pool.fetch("SELECT url FROM callback_attempts WHERE delivery_id = $1", row["id"])
     assert [t["url"] for t in tries] == [receiver.url(path) + "?token=***&ref=***"] * 2
+
+
+async def test_only_the_first_kilobytes_of_an_answer_are_read(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """An endpoint answering 200 with a body without end (64 KB chunks, as fast as they are read):
+    the try reads ANSWER_READ_MAX_BYTES of it and hangs up, delivered at once; reading the whole
+    answer would fill the tracker's memory, and be cut at the timeout (1 s here) as a failure."""
+    tenant = await new_tenant(pool)
+    path = "/w/flood"
+    receiver.flood[path] = 5.0
+    await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
+    events = lifecycle(tenant)
+    worker = CallbackWorker(settings(backing), pool, BOX)
+    running = asyncio.create_task(worker.run())
+    try:
+        await fold(pool, events)
+        (row,) = await _settled(pool, events[0].message_id)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+    assert (row["status"], row["attempts"], row["last_status_code"], row["last_error"]) == ("delivered", 1, 200, None)
+    assert len(receiver.at(path)) == 1
+    # What the receiver managed to write before the hang-up: the sockets' buffers, not the 5 s flood.
+    assert receiver.flooded[path] < 64 * 2**20, receiver.flooded[path]
+
+
+async def test_a_dead_endpoint_does_not_take_every_slot(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """A tenant's endpoint that never answers in time (each try cut at the 1 s timeout) with 2,500
+    callbacks due (more than a claim looks at), another tenant's one callback due after them all, a
+    worker of 4 slots: the dead endpoint gets its share (one slot) and the other callback is tried
+    before any try of the dead endpoint ended (not after they have used every slot)."""
+    dead, other = await new_tenant(pool), await new_tenant(pool)
+    receiver.slow["/w/dead"] = 2.0
+    dead_endpoint, _ = await add_endpoint(pool, dead, receiver.url("/w/dead"), ["sent"])
+    await add_endpoint(pool, other, receiver.url("/w/prompt"), ["sent"])
+    await pool.execute(
+        """INSERT INTO callback_deliveries (tenant_id, message_id, event_id, endpoint_id, url, event_type, payload,
+               next_attempt_at)
+           SELECT $1::text, 'msg_dead_' || i, $1::text || ':' || i, $2, $3, 'message.sent', '{"type": "message.sent"}',
+               now() - interval '1 hour' + i * interval '1 ms'
+           FROM generate_series(1, 2500) AS i""",
+        dead, dead_endpoint, receiver.url("/w/dead"),
+    )  # fmt: skip
+    mine = lifecycle(other)
+    await fold(pool, mine)
+    worker = CallbackWorker(settings(backing, callback_concurrency=4), pool, BOX)
+    assert worker.per_target == 1
+    dead_tries = """SELECT a.attempted_at AS started, a.attempted_at + make_interval(secs => a.duration_ms / 1000)
+                           AS ended, a.error
+                    FROM callback_attempts a JOIN callback_deliveries d ON d.id = a.delivery_id
+                    WHERE d.tenant_id = $1 ORDER BY a.attempted_at"""
+    running = asyncio.create_task(worker.run())
+    try:
+        (row,) = await _settled(pool, mine[0].message_id)
+        for _ in range(200):  # until the dead endpoint's first two tries have ended (timed out)
+            tried = await pool.fetch(dead_tries, dead)
+            if len(tried) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 5)
+    assert row["status"] == "delivered" and row["attempts"] == 1
+    prompt = await pool.fetchval("SELECT attempted_at FROM callback_attempts WHERE delivery_id = $1", row["id"])
+    assert len(tried) >= 2 and all(t["error"] == "timed out after 1 s" for t in tried), tried
+    assert prompt < tried[0]["ended"]
+    # One slot at a time for the dead endpoint: each of its tries began after the one before ended.
+    assert all(b["started"] >= a["ended"] for a, b in zip(tried, tried[1:], strict=False)), tried
+    await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = ANY($1)", [dead, other])
+
+
+async def test_the_next_try_is_due_on_the_databases_clock(
+    backing: Backing, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracker whose clock is an hour ahead of the database's: its failed try's retry is due
+    0.2 s after the database's now() (the clock the claim compares with), not an hour late."""
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(hours=1)
+
+    tenant = await new_tenant(pool)
+    path = "/w/clock"
+    receiver.plan[path] = [500]
+    await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
+    events = lifecycle(tenant)
+    await fold(pool, events)
+    row = await claim(pool, events[0].message_id, 30)
+    worker = CallbackWorker(settings(backing), pool, BOX)
+    monkeypatch.setattr(callbacks, "datetime", Ahead)
+    try:
+        await worker._deliver(row)
+    finally:
+        await worker.client.aclose()
+    (row,) = await deliveries(pool, events[0].message_id)
+    assert row["status"] == "pending" and row["attempts"] == 1 and row["last_status_code"] == 500
+    due_in = await pool.fetchval("SELECT EXTRACT(EPOCH FROM next_attempt_at - now()) FROM callback_deliveries "
+                                 "WHERE id = $1", row["id"])  # fmt: skip
+    assert -5 < float(due_in) <= 0.2, due_in
+    await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = $1", tenant)
+
+
+async def test_a_stale_tries_410_disables_nothing(backing: Backing, pool: asyncpg.Pool, receiver: Receiver) -> None:
+    """A try that no longer owns its delivery (its lease ran out, another worker claimed it) gets
+    410 Gone: its outcome is not recorded, and the endpoint is not disabled either; the owner's
+    try delivers."""
+    tenant = await new_tenant(pool)
+    path = "/w/stale-gone"
+    endpoint, _ = await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
+    events = lifecycle(tenant)
+    await fold(pool, events)
+    old = await claim(pool, events[0].message_id, 0.05)
+    await asyncio.sleep(0.1)  # its lease ran out
+    new = await claim(pool, events[0].message_id, 30)
+    stale, owner = CallbackWorker(settings(backing), pool, BOX), CallbackWorker(settings(backing), pool, BOX)
+    receiver.plan[path] = [410, 200]
+    try:
+        await stale._deliver(old)
+        endpoint_row = await pool.fetchrow("SELECT is_active, disabled_reason FROM webhook_configs WHERE id = $1",
+                                           endpoint)  # fmt: skip
+        assert (endpoint_row["is_active"], endpoint_row["disabled_reason"]) == (True, None)
+        await owner._deliver(new)
+    finally:
+        await stale.client.aclose()
+        await owner.client.aclose()
+    (row,) = await deliveries(pool, events[0].message_id)
+    assert (row["status"], row["attempts"], row["last_status_code"]) == ("delivered", 1, 200)
+    assert [g.path for g in receiver.got if g.path == path] == [path, path]

@@ -13,6 +13,8 @@ import pytest
 from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from services.ingest.http import patch_changes
+from services.ingest.routes.routing import RulePatch
 from services.ingest.routes.webhooks import WebhookIn, WebhookPatch
 from services.tracker.callbacks import (
     STATUS_STATES,
@@ -22,6 +24,7 @@ from services.tracker.callbacks import (
     payload_of,
     request_of,
 )
+from shared.errors import HeraldError
 from shared.events import EventV1, RequestV1, State
 
 AT = datetime(2026, 12, 2, 8, 0, 1, 250000, tzinfo=UTC)
@@ -147,3 +150,43 @@ def test_urls_are_shown_with_their_query_masked() -> None:
     assert display_url("https://user:pw@h.example/x?a=") == "https://***@h.example/x?a=***"
     assert display_url("http://127.0.0.1:8080/hook") == "http://127.0.0.1:8080/hook"
     assert display_url("https://h.example/cb?") == "https://h.example/cb"
+    assert display_url("https://h.example/") == "https://h.example/"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Slack, Discord, Feishu: the secret is in the path.
+        ("https://hooks.slack.com/services/T0123ABCD/B0123ABCDEF/aBcDeFgHiJkLmNoPqRsTuVwX",
+         "https://hooks.slack.com/services/T0123ABCD/B0123ABCDEF/***"),
+        ("https://discord.com/api/webhooks/123456789012345678/abcDEF-ghiJKL_mno123pqrSTUvwx456yz",
+         "https://discord.com/api/webhooks/***/***"),
+        ("https://open.feishu.cn/open-apis/bot/v2/hook/0b7c5d8e-1f2a-4b3c-9d8e-7f6a5b4c3d2e?x=1",
+         "https://open.feishu.cn/open-apis/bot/v2/hook/***?x=***"),
+        # A token in the first segment (webhook.site-like) too; words and short ids stay.
+        ("https://webhook.site/0b7c5d8e-1f2a-4b3c-9d8e-7f6a5b4c3d2e", "https://webhook.site/***"),
+        ("https://h.example/cb/notifications-callback/v2", "https://h.example/cb/notifications-callback/v2"),
+        ("https://h.example/hooks/42/status", "https://h.example/hooks/42/status"),
+        ("https://h.example/Abcdefgh12345678/x", "https://h.example/***/x"),
+        ("http://127.0.0.1:8080/hook", "http://127.0.0.1:8080/hook"),
+    ],
+)  # fmt: skip
+def test_token_like_path_segments_are_masked(url: str, shown: str) -> None:
+    assert display_url(url) == shown
+
+
+def test_a_patch_names_something_to_change_and_nulls_only_where_allowed() -> None:
+    """The check PUT /webhooks/{id} and PATCH /routing/rules/{id} share (services/ingest/http.py)."""
+    assert patch_changes(WebhookPatch.model_validate({"description": None}), nullable=("description",)) == {
+        "description": None
+    }
+    assert patch_changes(WebhookPatch.model_validate({"events": ["sent"]})) == {"events": ["sent"]}
+    for model, body, field in (
+        (WebhookPatch, {}, "body"),
+        (WebhookPatch, {"events": None}, "events"),
+        (WebhookPatch, {"description": None}, "description"),  # not nullable here
+        (RulePatch, {}, "body"),
+    ):
+        with pytest.raises(HeraldError) as caught:
+            patch_changes(model.model_validate(body), nullable=("description",) if field != "description" else ())
+        assert caught.value.field == field, (body, caught.value)

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import JSONResponse, envelope, iso_z, json_body_schema, parse_body
+from services.ingest.http import JSONResponse, envelope, iso_z, json_body_schema, parse_body, patch_changes
 from services.ingest.routing import POLICY_COLUMNS, RULE_COLUMNS, policy_of, rule_of
 from shared.errors import ErrorCode, HeraldError
 from shared.events import Channel
@@ -200,12 +200,7 @@ async def get_rule(rule_id: int, request: Request):
 async def update_rule(rule_id: int, request: Request) -> JSONResponse:
     tenant_id = tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, RulePatch)
-    changes = body.model_dump(mode="json", exclude_unset=True)
-    if not changes:
-        raise HeraldError(ErrorCode.INVALID_PARAMS, "nothing to change", field="body")
-    for key, value in changes.items():
-        if value is None and key != "description":
-            raise HeraldError(ErrorCode.INVALID_PARAMS, "may not be null", field=key)
+    changes = patch_changes(body, nullable=("description",))
     changes = _column_values(changes)
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(changes, start=3))
     async with services_of(request).pool.acquire() as conn, conn.transaction():

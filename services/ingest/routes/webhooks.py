@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from services.ingest import audit
 from services.ingest.auth import Scope
 from services.ingest.deps import services_of, tenant_of
-from services.ingest.http import envelope, iso_z, json_body_schema, parse_body
+from services.ingest.http import envelope, iso_z, json_body_schema, parse_body, patch_changes
 from services.tracker.callbacks import (
     CONFIG_CHANGED,
     NOTIFY_CHANNEL,
@@ -390,12 +390,7 @@ async def get_webhook(webhook_id: int, request: Request):
 async def update_webhook(webhook_id: int, request: Request):
     services, tenant_id = services_of(request), tenant_of(request, Scope.CONFIG)
     body = await parse_body(request, WebhookPatch)
-    changes = body.model_dump(mode="json", exclude_unset=True)
-    if not changes:
-        raise HeraldError(ErrorCode.INVALID_PARAMS, "nothing to change", field="body")
-    for key, value in changes.items():
-        if value is None and key != "description":
-            raise HeraldError(ErrorCode.INVALID_PARAMS, "may not be null", field=key)
+    changes = patch_changes(body, nullable=("description",))
     if body.callback_url is not None:
         await check_callback_url(services.settings, body.callback_url)
     box = request.app.state.secret_box

@@ -47,7 +47,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -57,6 +56,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from services.senders.base import Permanent, Retryable, SendResult
 from shared.errors import ErrorCode
 from shared.events import Card, CardField  # noqa: F401 - plugins take the card from here
+from shared.outbound import retry_after  # plugins take it from here too
 from shared.routing import price
 from shared.ssrf import UnsafeURL
 
@@ -237,21 +237,6 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.
 
 
 # --- helpers every plugin uses ---------------------------------------------------------------
-
-
-def retry_after(response: httpx.Response, default: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (seconds or an HTTP date)."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return default
 
 
 def http_failure(name: str, response: httpx.Response, detail: str = "") -> Exception:
