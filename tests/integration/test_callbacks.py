@@ -37,9 +37,23 @@ BOX = SecretBox.from_setting(TEST_ENCRYPTION_KEY)
 
 
 @pytest.fixture(scope="module")
-async def pool(backing: Backing) -> AsyncIterator[asyncpg.Pool]:
-    await asyncio.to_thread(apply_migrations, backing.dsn)
-    p = await create_pool(Settings(database_url=backing.dsn, db_pool_min=1, db_pool_max=6))
+async def dsn(backing: Backing) -> str:
+    """A database of this module's own on the suite's server: the session pipeline's trackers,
+    when e2e tests started it, claim every due callback in their database, these tests' too."""
+    name = f"callbacks_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(backing.dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    dsn = backing.dsn.rsplit("/", 1)[0] + "/" + name
+    await asyncio.to_thread(apply_migrations, dsn)
+    return dsn
+
+
+@pytest.fixture(scope="module")
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(Settings(database_url=dsn, db_pool_min=1, db_pool_max=6))
     yield p
     await p.close()
 
@@ -50,8 +64,8 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield rec
 
 
-def settings(backing: Backing, **extra) -> Settings:
-    values = {"database_url": backing.dsn, "db_pool_min": 1, "db_pool_max": 4, "encryption_key": TEST_ENCRYPTION_KEY,
+def settings(dsn: str, **extra) -> Settings:
+    values = {"database_url": dsn, "db_pool_min": 1, "db_pool_max": 4, "encryption_key": TEST_ENCRYPTION_KEY,
               "outbound_allow": "127.0.0.1/32", "callback_retry_delays_s": "0.2,0.2,0.2", "callback_timeout_s": 1.0,
               "callback_max_sleep_s": 0.5}  # fmt: skip
     return Settings(**(values | extra))
@@ -201,7 +215,7 @@ async def test_a_notification_while_the_tenants_are_asked_is_not_undone(pool: as
 
 
 async def test_which_tenants_have_callbacks_is_remembered_briefly(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A "no" is remembered LIVE_TENANTS_TTL_S (a new endpoint takes effect within it, or at once
     when ingest's notification arrives); a message's own callback_url and a cancellation never
@@ -230,7 +244,7 @@ async def test_which_tenants_have_callbacks_is_remembered_briefly(
             await asyncio.sleep(0.02)
         return False
 
-    worker = CallbackWorker(settings(backing), pool, BOX)
+    worker = CallbackWorker(settings(dsn), pool, BOX)
     callbacks._live["sentinel"] = (False, time.monotonic() + 60)
     running = asyncio.create_task(worker.run())
     try:
@@ -274,7 +288,7 @@ async def test_which_tenants_have_callbacks_is_remembered_briefly(
 
 
 async def test_worker_signs_retries_and_records_every_try(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     tenant = await new_tenant(pool)
     receiver.plan["/w/flaky"] = [500, 429]
@@ -283,7 +297,7 @@ async def test_worker_signs_retries_and_records_every_try(
     down, _ = await add_endpoint(pool, tenant, receiver.url("/w/down"), ["sent"])
     private, _ = await add_endpoint(pool, tenant, "http://10.0.0.1/hook", ["sent"])
     events = lifecycle(tenant)
-    worker = CallbackWorker(settings(backing), pool, BOX)
+    worker = CallbackWorker(settings(dsn), pool, BOX)
     running = asyncio.create_task(worker.run())
     try:
         await fold(pool, events)
@@ -315,7 +329,7 @@ async def test_worker_signs_retries_and_records_every_try(
 
 
 async def test_two_workers_share_the_outbox_each_delivery_made_once(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """Two workers (two trackers) share the outbox: each delivery is claimed by one (SKIP LOCKED).
     The lease itself: test_a_try_is_cut_at_the_timeout_before_its_lease_ends."""
@@ -323,7 +337,7 @@ async def test_two_workers_share_the_outbox_each_delivery_made_once(
     receiver.slow["/w/slow"] = 0.3
     await add_endpoint(pool, tenant, receiver.url("/w/slow"), ["sent"])
     batch = [e for _ in range(6) for e in lifecycle(tenant)]
-    workers = [CallbackWorker(settings(backing, callback_concurrency=2), pool, BOX) for _ in range(2)]
+    workers = [CallbackWorker(settings(dsn, callback_concurrency=2), pool, BOX) for _ in range(2)]
     running = [asyncio.create_task(w.run()) for w in workers]
     try:
         await fold(pool, batch)
@@ -362,7 +376,7 @@ async def _settled(pool: asyncpg.Pool, message_id: str, timeout: float = 10) -> 
 
 
 async def test_a_try_is_cut_at_the_timeout_before_its_lease_ends(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """A receiver that trickles its answer (a byte every 0.1 s: httpx's per-read timeout never
     trips) for longer than the lease: the whole try is cut at HERALD_CALLBACK_TIMEOUT_S (1 s here),
@@ -373,7 +387,7 @@ async def test_a_try_is_cut_at_the_timeout_before_its_lease_ends(
     receiver.trickle[path] = 3.0
     await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
     events = lifecycle(tenant)
-    workers = [CallbackWorker(settings(backing, callback_concurrency=2), pool, BOX) for _ in range(2)]
+    workers = [CallbackWorker(settings(dsn, callback_concurrency=2), pool, BOX) for _ in range(2)]
     for w in workers:
         w.lease_s = 1.6
     running = [asyncio.create_task(w.run()) for w in workers]
@@ -398,14 +412,14 @@ async def test_a_try_is_cut_at_the_timeout_before_its_lease_ends(
 
 
 async def test_a_stale_workers_outcome_is_not_recorded(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """A worker that outlived its lease (stalled) and another that claimed the delivery since:
     the stale one's outcome is not recorded, whether it ends before or after the owner's."""
     tenant = await new_tenant(pool)
     path = "/w/stale"
     await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
-    stale, owner = CallbackWorker(settings(backing), pool, BOX), CallbackWorker(settings(backing), pool, BOX)
+    stale, owner = CallbackWorker(settings(dsn), pool, BOX), CallbackWorker(settings(dsn), pool, BOX)
     try:
         for stale_ends_first in (False, True):
             events = lifecycle(tenant)
@@ -432,7 +446,7 @@ async def test_a_stale_workers_outcome_is_not_recorded(
         await owner.client.aclose()
 
 
-async def test_pruning_goes_on_while_every_slot_is_taken(backing: Backing, pool: asyncpg.Pool) -> None:
+async def test_pruning_goes_on_while_every_slot_is_taken(dsn: str, pool: asyncpg.Pool) -> None:
     """Under a backlog every slot stays taken and each round returns early: pruning runs on its
     timer all the same."""
     tenant = await new_tenant(pool)
@@ -454,7 +468,7 @@ async def test_pruning_goes_on_while_every_slot_is_taken(backing: Backing, pool:
                        waiting)  # fmt: skip
     await pool.execute("""INSERT INTO callback_attempts (delivery_id, attempt, attempted_at, url, duration_ms)
                           VALUES ($1, 1, now(), 'http://127.0.0.1/x', 1)""", old)  # fmt: skip
-    worker = CallbackWorker(settings(backing, callback_concurrency=1), pool, BOX)
+    worker = CallbackWorker(settings(dsn, callback_concurrency=1), pool, BOX)
     busy = asyncio.create_task(asyncio.sleep(30))
     worker._inflight.add(busy)  # every slot taken
     try:
@@ -470,7 +484,7 @@ async def test_pruning_goes_on_while_every_slot_is_taken(backing: Backing, pool:
 
 
 async def test_urls_are_whole_for_the_tries_and_masked_beside_them(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """A message's own callback_url with a query: every try (the retry too) goes to the whole
     URL; the tries' rows keep it with the query's values masked."""
@@ -481,7 +495,7 @@ async def test_urls_are_whole_for_the_tries_and_masked_beside_them(
     url = receiver.url(path) + "?token=s3cr3t-value&ref=42"
     receiver.plan[path] = [500]
     events = lifecycle(tenant, callback_url=url)
-    worker = CallbackWorker(settings(backing), pool, BOX)
+    worker = CallbackWorker(settings(dsn), pool, BOX)
     running = asyncio.create_task(worker.run())
     try:
         await fold(pool, events)
@@ -496,7 +510,7 @@ async def test_urls_are_whole_for_the_tries_and_masked_beside_them(
 
 
 async def test_only_the_first_kilobytes_of_an_answer_are_read(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """An endpoint answering 200 with a body without end (64 KB chunks, as fast as they are read):
     the try reads ANSWER_READ_MAX_BYTES of it and hangs up, delivered at once; reading the whole
@@ -506,7 +520,7 @@ async def test_only_the_first_kilobytes_of_an_answer_are_read(
     receiver.flood[path] = 5.0
     await add_endpoint(pool, tenant, receiver.url(path), ["sent"])
     events = lifecycle(tenant)
-    worker = CallbackWorker(settings(backing), pool, BOX)
+    worker = CallbackWorker(settings(dsn), pool, BOX)
     running = asyncio.create_task(worker.run())
     try:
         await fold(pool, events)
@@ -521,7 +535,7 @@ async def test_only_the_first_kilobytes_of_an_answer_are_read(
 
 
 async def test_a_dead_endpoint_does_not_take_every_slot(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver
 ) -> None:
     """A tenant's endpoint that never answers in time (each try cut at the 1 s timeout) with 2,500
     callbacks due (more than a claim looks at), another tenant's one callback due after them all, a
@@ -541,7 +555,7 @@ async def test_a_dead_endpoint_does_not_take_every_slot(
     )  # fmt: skip
     mine = lifecycle(other)
     await fold(pool, mine)
-    worker = CallbackWorker(settings(backing, callback_concurrency=4), pool, BOX)
+    worker = CallbackWorker(settings(dsn, callback_concurrency=4), pool, BOX)
     assert worker.per_target == 1
     dead_tries = """SELECT a.attempted_at AS started, a.attempted_at + make_interval(secs => a.duration_ms / 1000)
                            AS ended, a.error
@@ -568,7 +582,7 @@ async def test_a_dead_endpoint_does_not_take_every_slot(
 
 
 async def test_the_next_try_is_due_on_the_databases_clock(
-    backing: Backing, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    dsn: str, pool: asyncpg.Pool, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tracker whose clock is an hour ahead of the database's: its failed try's retry is due
     0.2 s after the database's now() (the clock the claim compares with), not an hour late."""
@@ -585,7 +599,7 @@ async def test_the_next_try_is_due_on_the_databases_clock(
     events = lifecycle(tenant)
     await fold(pool, events)
     row = await claim(pool, events[0].message_id, 30)
-    worker = CallbackWorker(settings(backing), pool, BOX)
+    worker = CallbackWorker(settings(dsn), pool, BOX)
     monkeypatch.setattr(callbacks, "datetime", Ahead)
     try:
         await worker._deliver(row)
@@ -599,7 +613,7 @@ async def test_the_next_try_is_due_on_the_databases_clock(
     await pool.execute("UPDATE callback_deliveries SET status = 'failed' WHERE tenant_id = $1", tenant)
 
 
-async def test_a_stale_tries_410_disables_nothing(backing: Backing, pool: asyncpg.Pool, receiver: Receiver) -> None:
+async def test_a_stale_tries_410_disables_nothing(dsn: str, pool: asyncpg.Pool, receiver: Receiver) -> None:
     """A try that no longer owns its delivery (its lease ran out, another worker claimed it) gets
     410 Gone: its outcome is not recorded, and the endpoint is not disabled either; the owner's
     try delivers."""
@@ -611,7 +625,7 @@ async def test_a_stale_tries_410_disables_nothing(backing: Backing, pool: asyncp
     old = await claim(pool, events[0].message_id, 0.05)
     await asyncio.sleep(0.1)  # its lease ran out
     new = await claim(pool, events[0].message_id, 30)
-    stale, owner = CallbackWorker(settings(backing), pool, BOX), CallbackWorker(settings(backing), pool, BOX)
+    stale, owner = CallbackWorker(settings(dsn), pool, BOX), CallbackWorker(settings(dsn), pool, BOX)
     receiver.plan[path] = [410, 200]
     try:
         await stale._deliver(old)
