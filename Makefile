@@ -6,7 +6,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install system-deps run test lint schemas bench clean admin-key
 
-install: system-deps $(VENV)/.installed
+# The CRD validator of tests/deploy (Node): its packages, as pinned in package-lock.json.
+CRD_DIR := tests/deploy/crd
+
+install: system-deps $(VENV)/.installed $(CRD_DIR)/node_modules/.package-lock.json
 
 system-deps:
 	@bash scripts/install-system-deps.sh
@@ -15,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+$(CRD_DIR)/node_modules/.package-lock.json: $(CRD_DIR)/package-lock.json $(CRD_DIR)/package.json
+	@cd $(CRD_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
 run: install

@@ -8,6 +8,8 @@ at Herald's database (they talk to PostgreSQL directly, not to the API):
     create-tenant  a new tenant
     set-quota      a tenant's monthly quota for a channel ("unlimited" removes it)
     set-status     active | suspended | closed (a suspended tenant's keys stop working)
+    migrate        apply the pending migrations and exit (whatever HERALD_RUN_MIGRATIONS says):
+                   the Kubernetes migration Job (deploy/k8s), run before a rollout
 
 Every command that changes something writes an audit entry with actor ``cli:<os user>``.
 ``--json`` prints machine-readable output.
@@ -179,12 +181,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("status", choices=["active", "suspended", "closed"])
     p = sub.add_parser("archive", help="archive records past retention now (every tenant's, or one's)")
     p.add_argument("--tenant", default=None)
+    sub.add_parser("migrate", help="apply the pending migrations and exit")
     return parser
 
 
 async def run(argv: list[str]) -> Any:
     args = _parser().parse_args(argv)
     settings = Settings(service_name="admin")
+    if args.command == "migrate":
+        # Under yoyo's lock, so safe beside services that still migrate at start-up.
+        return args, {"applied": await migrate(settings)}
     if settings.run_migrations:
         await migrate(settings)
     if args.command == "archive":
@@ -226,6 +232,10 @@ def main() -> None:
         print("The secret is shown this once. Exchange the pair for a token:")
         print("  curl -s -X POST http://127.0.0.1:8000/api/v1/auth/token -H 'Content-Type: application/json' \\")
         print(f'       -d \'{{"api_key": "{result["api_key"]}", "api_secret": "<the secret>"}}\'')
+        return
+    if args.command == "migrate":
+        applied = result["applied"]
+        print(f"applied migrations: {', '.join(applied)}" if applied else "migrations: up to date")
         return
     rows = result if isinstance(result, list) else [result]
     for row in rows:
