@@ -55,16 +55,18 @@ class _Connection(asyncpg.Connection):
 
 
 async def create_pool(settings: Settings, *, attempts: int = 30, max_size: int | None = None) -> asyncpg.Pool:
-    """A pool with JSON codecs; retried while the server is still starting. ``max_size``
-    overrides the setting for a service that needs only a few connections. Its connections in
-    use and its size are exported at scrape time (``db_connections_active{pool=<service>}``)."""
+    """A pool with JSON codecs; retried while the server is still starting. ``max_size``: a
+    smaller size for a service that needs only a few connections (``HERALD_DB_POOL_MAX`` still
+    caps it, so a deployment can budget every workload's connections). Its connections in use and
+    its size are exported at scrape time (``db_connections_active{pool=<service>}``)."""
+    size = min(max_size, settings.db_pool_max) if max_size else settings.db_pool_max
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             pool = await asyncpg.create_pool(
                 settings.database_url.get_secret_value(),
-                min_size=min(settings.db_pool_min, max_size or settings.db_pool_max),
-                max_size=max_size or settings.db_pool_max,
+                min_size=min(settings.db_pool_min, size),
+                max_size=size,
                 init=_init_connection,
                 connection_class=_Connection,
                 command_timeout=30,

@@ -37,6 +37,31 @@ UID = 10001
 IMAGE = "herald"  # replaced by the overlays' `images:` (kustomize edit set image herald=...)
 KAFKA_CLUSTER = "herald"  # Strimzi Kafka name: bootstrap herald-kafka-bootstrap:9092
 PARTITIONS = 6  # = HERALD_KAFKA_TOPIC_PARTITIONS in base/herald.env; bounds the senders' HPA
+# PostgreSQL connections: HERALD_DB_POOL_MAX per workload (container env, over the ConfigMap's).
+# Only the pools created with the setting honour it: ingest, tracker and the email sender. The
+# router's scheduler (3) and the plugin senders (4, shared by the channels of one process) have a
+# fixed size in the code. Budget against max_connections: docs/deploy.md, "PostgreSQL connections".
+POOL_INGEST = 8
+POOL_TRACKER = 6
+POOL_SENDER_EMAIL = 4
+# Rolling updates. ingest serves traffic through its Service: surge a new pod, drop an old one
+# only once the new one is ready. The workers (router, tracker, senders) serve nothing through a
+# Service and each consumes a share of its topics' partitions: a surged pod beyond the partition
+# count gets no partition and (senders) never becomes ready, so a rollout at the HPA maximum
+# (= partitions) would stall. They replace one pod at a time instead (stop one, start one):
+# their partitions move to the others for a few seconds, which only delays messages.
+SURGE = {"maxSurge": 1, "maxUnavailable": 0}
+REPLACE = {"maxSurge": 0, "maxUnavailable": 1}
+# ingest: endpoints are removed asynchronously from the pod's deletion; keep serving this long
+# after the deletion before SIGTERM so that load balancers stop sending new requests first.
+PRESTOP_SLEEP_S = 5
+# HPA maxima (the overlays set the minima). A sender never usefully exceeds its dispatch topic's
+# partitions; the plugin senders stop well below that because 16 of them at their maximum are most
+# of PostgreSQL's connections (5 each: pool 4 + a LISTEN). Raise one channel's maximum in an
+# overlay when it needs more, after checking the connection budget.
+MAX_INGEST = 10
+MAX_SENDER_EMAIL = PARTITIONS
+MAX_SENDER_PLUGIN = 3
 REPLICAS = 3  # = HERALD_KAFKA_REPLICATION_FACTOR in base/herald.env (the dev overlay: 1)
 RETENTION_MS = 7 * 24 * 3600 * 1000  # Kafka's default, which the services rely on (they set none)
 # The router's faust app ("herald-router") elects a leader through this topic, which faust
@@ -83,7 +108,8 @@ def probe(path: str, port: str, **timing: int) -> dict:
 
 
 def deployment(name: str, component: str, args: list[str], port_name: str, port: int, resources: dict,
-               *, data: bool = False, outbound: bool = False, replicas: int | None = 1) -> dict:
+               *, data: bool = False, outbound: bool = False, replicas: int | None = 1,
+               rollout: dict | None = None, pool_max: int | None = None, prestop_sleep: int = 0) -> dict:
     pod_labels = labels(name, component)
     if outbound:
         # Reaches providers / callback URLs on the internet (base/networkpolicies.yaml).
@@ -96,10 +122,33 @@ def deployment(name: str, component: str, args: list[str], port_name: str, port:
     spec: dict = {}
     if replicas is not None:  # an HPA's target has none: the HPA owns the replica count
         spec["replicas"] = replicas
+    container: dict = {
+        "name": "herald",
+        "image": IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "ports": [{"name": port_name, "containerPort": port, "protocol": "TCP"}],
+        "envFrom": ENV_FROM,
+    }
+    if pool_max is not None:
+        container["env"] = [{"name": "HERALD_DB_POOL_MAX", "value": str(pool_max)}]
+    container |= {
+        # Up to ~3 minutes to start: migrations, topics, consumer-group joins.
+        "startupProbe": probe("/health/live", port_name, periodSeconds=5, timeoutSeconds=3, failureThreshold=36),
+        "livenessProbe": probe("/health/live", port_name, periodSeconds=10, timeoutSeconds=3, failureThreshold=3),
+        # 503 naming the component that failed (database, redis, kafka); each check is bounded
+        # to 2 s (shared/health.py).
+        "readinessProbe": probe("/health/ready", port_name, periodSeconds=10, timeoutSeconds=5,
+                                failureThreshold=3),
+    }
+    if prestop_sleep:
+        # The image has coreutils' sleep (an exec hook works whatever the kubelet's feature gates).
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["sleep", str(prestop_sleep)]}}}
+    container |= {"resources": resources, "securityContext": CONTAINER_SECURITY, "volumeMounts": mounts}
     spec |= {
         "revisionHistoryLimit": 5,
         "selector": {"matchLabels": selector(name)},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": rollout or REPLACE},
         "template": {
             "metadata": {"labels": pod_labels},
             "spec": {
@@ -116,28 +165,7 @@ def deployment(name: str, component: str, args: list[str], port_name: str, port:
                         "labelSelector": {"matchLabels": selector(name)},
                     }
                 ],
-                "containers": [
-                    {
-                        "name": "herald",
-                        "image": IMAGE,
-                        "imagePullPolicy": "IfNotPresent",
-                        "args": args,
-                        "ports": [{"name": port_name, "containerPort": port, "protocol": "TCP"}],
-                        "envFrom": ENV_FROM,
-                        # Up to ~3 minutes to start: migrations, topics, consumer-group joins.
-                        "startupProbe": probe("/health/live", port_name, periodSeconds=5, timeoutSeconds=3,
-                                              failureThreshold=36),
-                        "livenessProbe": probe("/health/live", port_name, periodSeconds=10, timeoutSeconds=3,
-                                               failureThreshold=3),
-                        # 503 naming the component that failed (database, redis, kafka); each
-                        # check is bounded to 2 s (shared/health.py).
-                        "readinessProbe": probe("/health/ready", port_name, periodSeconds=10, timeoutSeconds=5,
-                                                failureThreshold=3),
-                        "resources": resources,
-                        "securityContext": CONTAINER_SECURITY,
-                        "volumeMounts": mounts,
-                    }
-                ],
+                "containers": [container],
                 "volumes": volumes,
             },
         },
@@ -168,7 +196,15 @@ def pdb(name: str, component: str) -> dict:
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
         "metadata": {"name": name, "labels": labels(name, component)},
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(name)},
+            # Readiness follows PostgreSQL, Redis and Kafka: while one of them is down every pod is
+            # unready, and the default policy (IfHealthyBudget) would then refuse every eviction,
+            # so a node drain would hang exactly when it may be needed. Unready pods serve
+            # nothing: let them go.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
 
 
@@ -210,10 +246,11 @@ def workloads() -> dict[str, list[dict]]:
     s = SETTINGS
     files["ingest.yaml"] = [
         deployment("ingest", "api", ["services.ingest"], "http", s.ingest_port,
-                   resources("250m", "256Mi", "1", "512Mi"), data=True, replicas=None),
+                   resources("250m", "256Mi", "1", "512Mi"), data=True, replicas=None, rollout=SURGE,
+                   pool_max=POOL_INGEST, prestop_sleep=PRESTOP_SLEEP_S),
         service("ingest", "api", "http", s.ingest_port),
         pdb("ingest", "api"),
-        hpa("ingest", "api", 2, 10),
+        hpa("ingest", "api", 2, MAX_INGEST),
     ]
     files["router.yaml"] = [
         deployment("router", "worker", ["services.router"], "metrics", s.router_http_port,
@@ -223,17 +260,19 @@ def workloads() -> dict[str, list[dict]]:
     ]
     files["tracker.yaml"] = [
         deployment("tracker", "worker", ["services.tracker"], "metrics", s.tracker_http_port,
-                   resources("250m", "256Mi", "1", "512Mi"), outbound=True),  # status callbacks
+                   resources("250m", "256Mi", "1", "512Mi"), outbound=True,  # status callbacks
+                   pool_max=POOL_TRACKER),
         service("tracker", "worker", "metrics", s.tracker_http_port),
         pdb("tracker", "worker"),
     ]
     # The email sender reads attachments from the data volume ingest writes them to.
     files["sender-email.yaml"] = [
         deployment("sender-email", "worker", ["services.senders", "email"], "metrics", s.sender_http_port,
-                   resources("100m", "192Mi", "500m", "384Mi"), data=True, outbound=True, replicas=None),
+                   resources("100m", "192Mi", "500m", "384Mi"), data=True, outbound=True, replicas=None,
+                   pool_max=POOL_SENDER_EMAIL),
         service("sender-email", "worker", "metrics", s.sender_http_port),
         pdb("sender-email", "worker"),
-        hpa("sender-email", "worker", 1, PARTITIONS),
+        hpa("sender-email", "worker", 1, MAX_SENDER_EMAIL),
     ]
     senders: list[dict] = []
     for channel in CHANNELS:
@@ -245,7 +284,7 @@ def workloads() -> dict[str, list[dict]]:
                        resources("50m", "128Mi", "500m", "256Mi"), outbound=True, replicas=None),
             service(name, "worker", "metrics", s.sender_http_port),
             pdb(name, "worker"),
-            hpa(name, "worker", 1, PARTITIONS),
+            hpa(name, "worker", 1, MAX_SENDER_PLUGIN),
         ]
     files["senders.yaml"] = senders
     return files

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +99,38 @@ def npm_ci() -> None:
         pytest.fail(f"npm ci in {CRD_DIR} failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
 
 
-def validate_custom(text: str) -> tuple[int, list[dict]]:
-    """Runs crd/validate.mjs on a multi-document YAML text: its exit code and its JSON lines."""
-    npm_ci()
+NODE_MAJOR = 20  # the oldest Node.js the validator's packages were tried on (README.md)
+
+
+@functools.cache
+def node_binary() -> str:
+    """The `node` on PATH, when it is Node >= NODE_MAJOR (else the test fails, naming it)."""
     node = shutil.which("node")
     if node is None:
         pytest.fail("node not found: scripts/install-system-deps.sh installs it (make install)", pytrace=False)
-    done = subprocess.run(
-        [node, str(CRD_DIR / "validate.mjs")], input=text, capture_output=True, text=True, timeout=60, cwd=CRD_DIR
-    )
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    match = re.fullmatch(r"v(\d+)\..*", version)
+    if not match or int(match.group(1)) < NODE_MAJOR:
+        pytest.fail(
+            f"{node} is Node {version or '?'}: tests/deploy needs Node >= {NODE_MAJOR} "
+            "(scripts/install-system-deps.sh installs one from the npm registry)",
+            pytrace=False,
+        )
+    return node
+
+
+def validate_custom(text: str) -> tuple[int, list[dict]]:
+    """Runs crd/validate.mjs on a multi-document YAML text (given as a file: no stdin pipe to
+    depend on): its exit code and its JSON lines."""
+    node = node_binary()
+    npm_ci()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="herald-deploy-") as f:
+        f.write(text)
+        f.flush()
+        done = subprocess.run(
+            [node, str(CRD_DIR / "validate.mjs"), f.name], capture_output=True, text=True, timeout=60, cwd=CRD_DIR,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
     if done.returncode not in (0, 1):
         pytest.fail(f"validate.mjs failed ({done.returncode}):\n{done.stderr}", pytrace=False)
     return done.returncode, [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

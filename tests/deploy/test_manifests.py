@@ -10,15 +10,17 @@ does not declare). Tools and versions: tests/deploy/README.md.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import importlib.util
 import json
+import posixpath
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -61,7 +63,16 @@ SECRET_SETTINGS = frozenset(
     f"HERALD_{name.upper()}" for name, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)
 )
 SECRET_KEY = re.compile(r"(^|[_.-])(PASSWORD|PASSWD|PASS|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|ENCRYPTION_KEY|KEY)$", re.I)
-PLACEHOLDER = re.compile(r"^(|CHANGE[_-]?ME.*|REPLACE[_-]?ME.*|PLACEHOLDER.*|<[^<>]*>|\$\{[^}]*\})$", re.I)
+# Exactly a placeholder (or empty): `CHANGE_ME-anything` is a value someone filled in.
+PLACEHOLDER = re.compile(r"^(|CHANGE_?ME|REPLACE_?ME)$", re.I)
+# Query parameters of a URL that carry a credential (libpq's password, tokens, keys).
+SECRET_PARAM = re.compile(r"pass|secret|token|key|auth|sig", re.I)
+# Services whose URL carries its token in the path (webhooks): no password, still a secret.
+TOKEN_IN_PATH = re.compile(
+    r"hooks\.slack\.com/|discord(app)?\.com/api/webhooks/|api\.telegram\.org/bot|outlook\.office\.com/webhook|"
+    r"webhook\.office\.com/|chat\.googleapis\.com/.*[?&]key=",
+    re.I,
+)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -362,6 +373,34 @@ def test_every_command_runs_a_module_of_the_code(built: Build) -> None:
     assert jobs, f"overlays/{built.env}: no migration Job"
 
 
+MIGRATE = ["-m", "services.admin", "migrate"]
+
+
+def test_migration_job_runs_exactly_migrate(built: Build) -> None:
+    """The migration Job runs exactly `python -m services.admin migrate` (HERALD_RUN_MIGRATIONS
+    is false in the services: nothing else applies migrations/), and no other Job of the image
+    runs something else."""
+    jobs = []
+    for doc, template in workloads(built):
+        if doc["kind"] != "Job":
+            continue
+        for c in containers(template):
+            if not is_herald_image(c.get("image", "")):
+                continue
+            process = argv(c)
+            python = bool(process) and re.fullmatch(r"python(3(\.\d+)?)?", Path(process[0]).name)
+            exact = python and process[1:] == MIGRATE
+            assert exact, f"{ref(doc)} container {c['name']} runs {process}, not `python -m services.admin migrate`"
+            jobs.append(doc)
+    assert jobs, f"overlays/{built.env}: no Job runs `python -m services.admin migrate`"
+    for doc, template in workloads(built):
+        if doc["kind"] == "Job":
+            continue
+        for c in containers(template):
+            if is_herald_image(c.get("image", "")) and python_module(argv(c)) == ("services.admin", ["migrate"]):
+                pytest.fail(f"{ref(doc)} container {c['name']} migrates: only the Job does")
+
+
 def test_probes_hit_the_health_endpoints(built: Build) -> None:
     """Liveness and readiness probes (and startup, if any) GET a path the service serves, on the
     port the container declares, which is the HERALD_*_PORT the service reads; the Services
@@ -464,22 +503,187 @@ def test_kafka_is_kraft_with_node_pools(built: Build) -> None:
         assert {"controller", "broker"} <= roles, f"{ref(kafka)}: node pools have roles {sorted(roles)}"
 
 
+# Apache Kafka's broker defaults (Strimzi keeps them) for the settings Kafka.spec.kafka.config may
+# omit: with fewer brokers than offsets.topic.replication.factor, consumer groups never start.
+BROKER_DEFAULTS = {
+    "default.replication.factor": 1,
+    "min.insync.replicas": 1,
+    "offsets.topic.replication.factor": 3,
+    "transaction.state.log.replication.factor": 3,
+    "transaction.state.log.min.isr": 2,
+}
+BOOTSTRAP_SUFFIX = "-kafka-bootstrap"
+
+
+def brokers_of(build: Build, kafka: dict) -> list[dict]:
+    """The KafkaNodePools with the broker role of a Kafka."""
+    return [
+        p for p in build.of_kind("KafkaNodePool")
+        if namespace(p) == namespace(kafka) and cluster_of(p) == kafka["metadata"]["name"]
+        and "broker" in (p["spec"].get("roles") or [])
+    ]  # fmt: skip
+
+
+def broker_count(build: Build, kafka: dict) -> int:
+    return sum(int(p["spec"].get("replicas", 0)) for p in brokers_of(build, kafka))
+
+
+def bootstrap_addresses(build: Build, doc: dict, container: dict) -> list[tuple[str, int | None, dict | None]]:
+    """(address, port, the Kafka of the build whose `<name>-kafka-bootstrap` Service it names) of
+    every HERALD_KAFKA_BOOTSTRAP_SERVERS entry the container reads."""
+    found = []
+    for address in setting(env_of(build, doc, container), "kafka_bootstrap_servers").split(","):
+        address = address.strip().removeprefix("kafka://")
+        host, _, port = address.rpartition(":")
+        name, _, domain = host.partition(".")
+        parts = domain.split(".") if domain else []
+        ns = parts[0] if parts else namespace(doc)
+        in_cluster = len(parts) <= 1 or parts[1] == "svc"  # <svc>, <svc>.<ns>, <svc>.<ns>.svc[.<cluster domain>]
+        kafka = None
+        if in_cluster and name.endswith(BOOTSTRAP_SUFFIX):
+            kafka = next((k for k in build.of_kind("Kafka") if namespace(k) == ns
+                          and k["metadata"]["name"] == name.removesuffix(BOOTSTRAP_SUFFIX)), None)  # fmt: skip
+        found.append((address, int(port) if port.isdigit() else None, kafka))
+    return found
+
+
+def test_kafka_bootstrap_is_a_listener_of_the_kafka(built: Build) -> None:
+    """HERALD_KAFKA_BOOTSTRAP_SERVERS of every Herald container is `<name>-kafka-bootstrap:<port>`
+    of a Kafka of the build, on a port one of its listeners declares: an internal one (the
+    Service `<name>-kafka-bootstrap` serves those) without TLS or authentication (Herald's client
+    settings have neither)."""
+    errors = []
+    for doc, _, c, _, _ in herald_containers(built):
+        for address, port, kafka in bootstrap_addresses(built, doc, c):
+            where = f"{ref(doc)} container {c['name']}: HERALD_KAFKA_BOOTSTRAP_SERVERS {address}"
+            if kafka is None:
+                kafkas = [k["metadata"]["name"] + BOOTSTRAP_SUFFIX for k in built.of_kind("Kafka")]
+                errors.append(f"{where}: not the bootstrap Service of a Kafka of the build ({kafkas})")
+                continue
+            listeners = (kafka["spec"].get("kafka") or {}).get("listeners") or []
+            usable = [
+                lst["port"] for lst in listeners
+                if lst.get("type") == "internal" and not lst.get("tls") and not lst.get("authentication")
+            ]  # fmt: skip
+            if port not in usable:
+                errors.append(f"{where}: port {port} is not a plain internal listener of {ref(kafka)} ({usable})")
+    assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
+
+
+def test_broker_settings_fit_the_brokers(built: Build) -> None:
+    """Kafka.spec.kafka.config's replication settings (or Kafka's defaults where it omits them) are
+    at most the brokers of its node pools; so is HERALD_KAFKA_REPLICATION_FACTOR (the services
+    create a missing topic with it)."""
+    errors = []
+    kafkas = built.of_kind("Kafka")
+    for kafka in kafkas:
+        count = broker_count(built, kafka)
+        config = BROKER_DEFAULTS | ((kafka["spec"].get("kafka") or {}).get("config") or {})
+        if count < 1:
+            errors.append(f"{ref(kafka)}: no broker (KafkaNodePool with the broker role)")
+            continue
+        for key in BROKER_DEFAULTS:
+            if int(config[key]) > count:
+                errors.append(f"{ref(kafka)}: {key} = {config[key]} > {count} broker(s)")
+        if int(config["min.insync.replicas"]) > int(config["default.replication.factor"]):
+            errors.append(f"{ref(kafka)}: min.insync.replicas > default.replication.factor")
+        if int(config["transaction.state.log.min.isr"]) > int(config["transaction.state.log.replication.factor"]):
+            errors.append(f"{ref(kafka)}: transaction.state.log.min.isr > transaction.state.log.replication.factor")
+    for doc, _, c, _, _ in herald_containers(built):
+        factor = int(setting(env_of(built, doc, c), "kafka_replication_factor"))
+        for _, _, kafka in bootstrap_addresses(built, doc, c):
+            if kafka is not None and factor > broker_count(built, kafka):
+                errors.append(f"{ref(doc)} {c['name']}: HERALD_KAFKA_REPLICATION_FACTOR {factor} > "
+                              f"{broker_count(built, kafka)} broker(s) of {ref(kafka)}")  # fmt: skip
+    assert kafkas, f"overlays/{built.env}: no Kafka"
+    assert not errors, f"overlays/{built.env}:\n" + "\n".join(sorted(set(errors)))
+
+
 # --- secrets ---------------------------------------------------------------------------------
 
 
 def placeholder(value: str) -> bool:
-    """Empty, a placeholder, or a URL whose password (if any) is one."""
+    """Empty or exactly a placeholder (PLACEHOLDER), or a URL whose password is one and that holds
+    no other credential (query parameter, webhook token): a Secret's value may be nothing else."""
     value = value.strip()
-    return bool(PLACEHOLDER.match(value)) or ("://" in value and not credential_in(value))
+    if PLACEHOLDER.match(value):
+        return True
+    if "://" not in value or credential_in(value):
+        return False
+    try:
+        password = urlsplit(value).password
+    except ValueError:
+        return False
+    return password is not None and bool(PLACEHOLDER.match(password)) and password != ""
 
 
 def credential_in(value: str) -> bool:
-    """A URL with a password that is not a placeholder."""
+    """A URL holding a credential: a password, a secret-looking query parameter that is not a
+    placeholder, or a webhook whose token is its path."""
+    value = value.strip()
     try:
-        password = urlsplit(value.strip()).password
+        url = urlsplit(value)
+        password = url.password
     except ValueError:
         return False
-    return bool(password) and not PLACEHOLDER.match(password)
+    if not url.scheme or not url.netloc:
+        return False
+    if password and not PLACEHOLDER.match(password):
+        return True
+    if any(SECRET_PARAM.search(k) and not PLACEHOLDER.match(v) for k, v in parse_qsl(url.query)):
+        return True
+    return bool(TOKEN_IN_PATH.search(value))
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("", True),
+        ("CHANGE_ME", True),
+        ("postgresql://herald:CHANGE_ME@CHANGE_ME:5432/herald", True),
+        ("redis://:CHANGE_ME@CHANGE_ME:6379/0", True),
+        ("CHANGE_ME-anything", False),
+        ("changeme2024", False),
+        ("hunter2", False),
+        ("postgresql://host/db?password=hunter2", False),
+        ("postgresql://herald:CHANGE_ME@host/db?sslpassword=hunter2", False),
+        ("postgresql://herald:hunter2@host/db", False),
+        ("redis://redis:6379/0", False),  # a URL in a Secret carries a placeholder password
+        ("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX", False),
+        ("https://:CHANGE_ME@hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX", False),
+    ],
+)
+def test_placeholder_rule(value: str, ok: bool) -> None:
+    """What counts as a placeholder in a Secret (the rule the Secret checks below apply)."""
+    assert placeholder(value) is ok
+
+
+SECRET_TEMPLATE = "base/secret.example.yaml"
+# SecretStr settings a deployment may leave unset (so the template may name them in a comment
+# only): the JWT key (derived from the encryption key), the bootstrap mailbox's SMTP password,
+# ClickHouse's URL (HERALD_STATS_BACKEND=clickhouse only).
+OPTIONAL_SECRETS = frozenset({"HERALD_JWT_SECRET", "HERALD_SMTP_PASSWORD", "HERALD_CLICKHOUSE_URL"})
+
+
+def test_secret_template_holds_every_secret_setting() -> None:
+    """deploy/k8s/base/secret.example.yaml has a key for every SecretStr setting of
+    shared/settings.py (an optional one at least named in a comment) and no other key."""
+    assert OPTIONAL_SECRETS <= SECRET_SETTINGS, f"not SecretStr settings: {sorted(OPTIONAL_SECRETS - SECRET_SETTINGS)}"
+    path = K8S / SECRET_TEMPLATE
+    assert path.exists(), f"no deploy/k8s/{SECRET_TEMPLATE}"
+    text = path.read_text()
+    docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict) and d.get("kind") == "Secret"]
+    assert len(docs) == 1, f"deploy/k8s/{SECRET_TEMPLATE}: {len(docs)} Secrets"
+    keys = set(docs[0].get("stringData") or {}) | set(docs[0].get("data") or {})
+    comments = " ".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
+    mentioned = set(re.findall(r"\bHERALD_[A-Z0-9_]+\b", comments))
+    extra = sorted(keys - SECRET_SETTINGS)
+    missing = sorted(SECRET_SETTINGS - keys - (OPTIONAL_SECRETS & mentioned))
+    assert not extra, f"deploy/k8s/{SECRET_TEMPLATE}: {extra} are not secret settings (shared/settings.py SecretStr)"
+    assert not missing, (
+        f"deploy/k8s/{SECRET_TEMPLATE}: no key for {missing} (SecretStr settings of shared/settings.py"
+        f"; optional ones, {sorted(OPTIONAL_SECRETS)}, may be a comment)"
+    )
 
 
 def test_no_secret_holds_a_real_value(built: Build) -> None:
@@ -513,14 +717,15 @@ def test_no_secret_holds_a_real_value(built: Build) -> None:
     assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
 
 
-def secret_templates() -> list[tuple[Path, dict]]:
+@functools.cache
+def secret_templates() -> tuple[tuple[Path, dict], ...]:
     """Every Secret written anywhere under deploy/k8s, in a kustomization or not (templates)."""
     found = []
     for path in sorted(K8S.rglob("*.y*ml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if isinstance(doc, dict) and doc.get("kind") == "Secret":
                 found.append((path, doc))
-    return found
+    return tuple(found)
 
 
 def test_secret_templates_hold_placeholders_only() -> None:
@@ -609,6 +814,32 @@ def test_workloads_are_hardened(built: Build) -> None:
     assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
 
 
+def test_written_paths_are_mounted(built: Build) -> None:
+    """Where a Herald container's root filesystem is read-only, what it writes is on a writable
+    volume: HOME and faust's data directory (image ENV or the build's env: /tmp), and
+    HERALD_DATA_DIR for ingest and the email sender (the attachments)."""
+    errors = []
+    for doc, template, c, module, args in herald_containers(built):
+        if not (c.get("securityContext") or {}).get("readOnlyRootFilesystem"):
+            continue
+        volumes = {v["name"]: v for v in (template.get("spec") or {}).get("volumes") or []}
+        mounts = [m["mountPath"].rstrip("/") for m in c.get("volumeMounts") or []
+                  if not m.get("readOnly") and not any(k in volumes.get(m["name"], {})
+                                                       for k in ("configMap", "secret", "projected"))]  # fmt: skip
+        env = env_of(built, doc, c)
+        paths = {"HOME": env.get("HOME") or "/"}
+        if module == "services.router":
+            paths["faust's data directory"] = env.get("F_DATADIR") or env.get("FAUST_DATADIR")
+        if module == "services.ingest" or (module == "services.senders" and "email" in args):
+            paths["HERALD_DATA_DIR"] = setting(env, "data_dir")
+        for what, path in paths.items():
+            norm = posixpath.normpath(path) if path else ""
+            ok = norm.startswith("/") and any(norm == m or norm.startswith(m + "/") for m in mounts)
+            if not ok:
+                errors.append(f"{ref(doc)} {c['name']}: {what} {path!r} is on the read-only root (mounts: {mounts})")
+    assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
+
+
 def test_every_deployment_has_a_pdb_and_scalable_ones_an_hpa(built: Build) -> None:
     pdbs = built.of_kind("PodDisruptionBudget")
     hpas = built.of_kind("HorizontalPodAutoscaler")
@@ -677,19 +908,145 @@ def test_network_policies_select_existing_pods(built: Build) -> None:
                     assert operator_pods(built, namespace(np), peer_sel) or any(
                         ns == namespace(np) and selects(peer_sel, labels) for ns, labels in pods
                     ), f"{ref(np)}: {direction} peer {peer_sel} selects no pod of overlays/{built.env}"
-    # Policies add up: a pod that some policy restricts in egress may reach only what the rules
-    # of the policies selecting it allow, and it needs DNS (port 53, to any namespace).
-    egress_policies = [np for np in built.of_kind("NetworkPolicy") if "Egress" in (np["spec"].get("policyTypes") or [])]
-    for doc, template in workloads(built):
-        mine = [np for np in egress_policies if namespace(np) == namespace(doc) and selects(
-            np["spec"].get("podSelector"), pod_labels(template))]  # fmt: skip
-        rules = [r for np in mine for r in np["spec"].get("egress") or []]
-        dns = any(
-            (not r.get("ports") or any(p.get("port") in (53, "dns", "dns-tcp") for p in r["ports"]))
-            and (not r.get("to") or any("namespaceSelector" in t or "ipBlock" in t for t in r["to"]))
-            for r in rules
-        )
-        assert not mine or dns, f"{ref(doc)}: egress restricted by {[ref(np) for np in mine]} without DNS (port 53)"
+
+
+# Where DNS answers: kube-dns/CoreDNS pods in kube-system (or a node-local cache by address).
+DNS_PODS = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+EXTERNAL = {"namespace": None, "labels": {}}  # a managed service outside the cluster
+
+
+def port_allowed(rule_ports: list[dict] | None, port: int, protocol: str, names: frozenset[str]) -> bool:
+    """Whether a rule's ports admit port/protocol (a named port: one the destination declares)."""
+    if not rule_ports:
+        return True
+    for p in rule_ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        want = p.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str) and not want.isdigit():
+            if want in names:
+                return True
+            continue
+        if int(want) <= port <= int(p.get("endPort", want)):
+            return True
+    return False
+
+
+def peer_allowed(peer: dict, policy_ns: str | None, dest: dict) -> bool:
+    """Whether a NetworkPolicy egress peer admits a destination ({"namespace": ns or None for
+    outside the cluster, "labels": pod labels})."""
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        everything = block.get("cidr") in ("0.0.0.0/0", "::/0") and not block.get("except")
+        return dest["namespace"] is None or dest is DNS_PODS or everything
+    if dest["namespace"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        ns_labels = {"kubernetes.io/metadata.name": dest["namespace"]}
+        return selects(peer["namespaceSelector"], ns_labels) and selects(peer.get("podSelector"), dest["labels"])
+    return dest["namespace"] == policy_ns and selects(peer.get("podSelector"), dest["labels"])
+
+
+def egress_allowed(build: Build, doc: dict, template: dict, port: int, protocol: str, dest: dict,
+                   names: frozenset[str] = frozenset()) -> bool:  # fmt: skip
+    """Whether the NetworkPolicies of the build let a workload's pods reach dest on port/protocol
+    (no policy restricting their egress: everything)."""
+    mine = [
+        np for np in build.of_kind("NetworkPolicy")
+        if "Egress" in (np["spec"].get("policyTypes") or []) and namespace(np) == namespace(doc)
+        and selects(np["spec"].get("podSelector"), pod_labels(template))
+    ]  # fmt: skip
+    if not mine:
+        return True
+    return any(
+        port_allowed(rule.get("ports"), port, protocol, names)
+        and (not rule.get("to") or any(peer_allowed(peer, namespace(np), dest) for peer in rule["to"]))
+        for np in mine
+        for rule in np["spec"].get("egress") or []
+    )
+
+
+def broker_pods(build: Build, kafka: dict) -> list[dict]:
+    """The labels Strimzi gives the broker pods of a Kafka's node pools."""
+    name = kafka["metadata"]["name"]
+    return [
+        {"namespace": namespace(kafka), "labels": {
+            "strimzi.io/cluster": name, "strimzi.io/kind": "Kafka", "strimzi.io/name": f"{name}-kafka",
+            "strimzi.io/component-type": "kafka", "strimzi.io/pool-name": pool["metadata"]["name"],
+            "strimzi.io/broker-role": "true",
+            "strimzi.io/controller-role": str("controller" in pool["spec"].get("roles", [])).lower(),
+            "app.kubernetes.io/name": "kafka", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/part-of": f"strimzi-{name}", "app.kubernetes.io/managed-by": "strimzi-cluster-operator",
+        }}
+        for pool in brokers_of(build, kafka)
+    ]  # fmt: skip
+
+
+def template_url(key: str) -> str:
+    """A URL of the Secret template (managed services): where the services connect by default."""
+    for _, doc in secret_templates():
+        value = (doc.get("stringData") or {}).get(key)
+        if value:
+            return str(value)
+    return ""
+
+
+def data_destinations(build: Build, doc: dict, container: dict, key: str, default_port: int) -> list[tuple]:
+    """(port, destination, port names) of the PostgreSQL (key HERALD_DATABASE_URL) or Redis
+    (HERALD_REDIS_URL) a Herald container reaches: an in-cluster Service's pods when its URL names
+    one, CloudNativePG's primary for PostgreSQL when the build has a Cluster, else a managed
+    service on the port of the Secret template's URL."""
+    value = env_of(build, doc, container).get(key)
+    if value:
+        url = urlsplit(value)
+        svc = next((s for s in build.of_kind("Service") if s["metadata"]["name"] == (url.hostname or "").split(".")[0]
+                    and namespace(s) == namespace(doc)), None)  # fmt: skip
+        if svc is not None:
+            port = next((p for p in svc["spec"]["ports"] if p["port"] == (url.port or default_port)), None)
+            assert port is not None, f"{ref(doc)} {container['name']}: {key} names {ref(svc)}, which has no such port"
+            found = []
+            for d, t in workloads(build):
+                if namespace(d) == namespace(svc) and selects({"matchLabels": svc["spec"]["selector"]}, pod_labels(t)):
+                    target = port.get("targetPort", port["port"])
+                    number = next(filter(None, (container_port(c, target) for c in containers(t, init=False))), None)
+                    assert number is not None, f"{ref(svc)}: targetPort {target} not declared by {ref(d)}"
+                    names = frozenset(p.get("name") for c in containers(t, init=False) for p in c.get("ports") or []
+                                      if p.get("containerPort") == number and p.get("name"))  # fmt: skip
+                    found.append((number, {"namespace": namespace(d), "labels": pod_labels(t)}, names))
+            return found
+    if key == "HERALD_DATABASE_URL":
+        clusters = [c for c in build.of_kind("Cluster") if namespace(c) == namespace(doc)]
+        if clusters:
+            return [(5432, {"namespace": namespace(c), "labels": {
+                "cnpg.io/cluster": c["metadata"]["name"], "cnpg.io/instanceRole": "primary", "role": "primary",
+                "cnpg.io/podRole": "instance"}}, frozenset({"postgresql"})) for c in clusters]  # fmt: skip
+    return [(urlsplit(template_url(key)).port or default_port, EXTERNAL, frozenset())]
+
+
+def test_egress_reaches_dns_kafka_and_data(built: Build) -> None:
+    """A Herald pod whose egress some policy restricts may still reach DNS on UDP 53 and TCP 53, the
+    brokers of the Kafka it bootstraps from on that listener's port, PostgreSQL and Redis (the
+    in-cluster pods, or a managed service's port to any address)."""
+    errors = []
+    for doc, template, c, _, _ in herald_containers(built):
+        where = f"{ref(doc)} container {c['name']}"
+        for protocol in ("UDP", "TCP"):
+            if not egress_allowed(built, doc, template, 53, protocol, DNS_PODS):
+                errors.append(f"{where}: no egress to DNS on {protocol} 53 (kube-system k8s-app=kube-dns)")
+        for address, port, kafka in bootstrap_addresses(built, doc, c):
+            if kafka is None or port is None:
+                continue  # test_kafka_bootstrap_is_a_listener_of_the_kafka
+            for dest in broker_pods(built, kafka):
+                if not egress_allowed(built, doc, template, port, "TCP", dest):
+                    errors.append(f"{where}: no egress to the brokers of {ref(kafka)} on TCP {port} ({address})")
+        for key, default in (("HERALD_DATABASE_URL", 5432), ("HERALD_REDIS_URL", 6379)):
+            for port, dest, names in data_destinations(built, doc, c, key, default):
+                if not egress_allowed(built, doc, template, port, "TCP", dest, names):
+                    target = "a managed service" if dest is EXTERNAL else f"pods {dest['labels']}"
+                    errors.append(f"{where}: no egress for {key} to {target} on TCP {port}")
+    assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
 
 
 # --- monitoring ------------------------------------------------------------------------------

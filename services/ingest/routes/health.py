@@ -25,8 +25,16 @@ async def live() -> JSONResponse:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 when PostgreSQL, Redis and Kafka all answer; 503 naming the ones that do not."""
+    """200 when PostgreSQL, Kafka and (see below) Redis answer; 503 naming the ones that do not.
+
+    Redis is required only when ingest refuses requests without it: with both
+    ``HERALD_DEDUP_FAIL_OPEN`` and ``HERALD_RATE_LIMIT_FAIL_OPEN`` on (the defaults), ingest
+    accepts requests with Redis down, so a Redis outage must not take every replica out of the
+    Service (Kubernetes readiness). Its status is still reported (``components.redis``, and
+    ``degraded: ["redis"]`` while it fails); with either setting off it fails readiness."""
     services = services_of(request)
+    settings = services.settings
+    redis_required = not (settings.dedup_fail_open and settings.rate_limit_fail_open)
 
     async def database() -> None:
         async with services.pool.acquire(timeout=2) as conn:
@@ -38,8 +46,15 @@ async def ready(request: Request) -> JSONResponse:
     async def kafka() -> None:
         await services.producer.client.fetch_all_metadata()
 
-    ok, components = await run_checks({"database": database, "redis": redis, "kafka": kafka})
-    return JSONResponse(readiness_body(ok, components), status_code=200 if ok else 503)
+    _, components = await run_checks({"database": database, "redis": redis, "kafka": kafka})
+    optional = set() if redis_required else {"redis"}
+    ok = all(result == "ok" for name, result in components.items() if name not in optional)
+    body = readiness_body(ok, components)
+    degraded = [name for name in body["failed"] if name in optional]
+    if degraded:
+        body["failed"] = [name for name in body["failed"] if name not in optional]
+        body["degraded"] = degraded
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")

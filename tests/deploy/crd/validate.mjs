@@ -2,7 +2,11 @@
 // `kubectl kustomize deploy/k8s/overlays/<env>`) against the operators' CRD schemas, as compiled
 // into the @kubernetes-models packages pinned in package.json (versions: tests/deploy/README.md).
 //
-//   node tests/deploy/crd/validate.mjs < built.yaml
+//   node tests/deploy/crd/validate.mjs built.yaml      (what tests/deploy/conftest.py runs)
+//   kubectl kustomize deploy/k8s/overlays/dev | node tests/deploy/crd/validate.mjs
+//
+// Stdin is read as a stream: `readFileSync(0)` fails with EAGAIN on Node 18 (Debian bookworm's
+// nodejs) when stdin is a non-blocking pipe. Node >= 20 is required (tests/deploy/README.md).
 //
 // Prints one JSON line per document:
 //   {"index": 3, "apiVersion": "kafka.strimzi.io/v1", "kind": "KafkaTopic", "name": "...",
@@ -21,7 +25,7 @@
 // validator neither looked up nor enumerated, is a field the schema does not know. Objects the
 // validator never looks into (x-kubernetes-preserve-unknown-fields, e.g. KafkaTopic.spec.config)
 // are free-form and pass.
-import { readFileSync } from "node:fs";
+import { readFile } from "node:fs/promises";
 import { parseAllDocuments } from "yaml";
 
 const PACKAGES = {
@@ -98,12 +102,19 @@ function unknownFields(records) {
   return out;
 }
 
+async function readStdin() {
+  const chunks = [];
+  for await (const chunk of process.stdin) chunks.push(typeof chunk === "string" ? Buffer.from(chunk) : chunk);
+  return Buffer.concat(chunks).toString("utf8");
+}
+
 async function main() {
+  const path = process.argv[2];
   let text;
   try {
-    text = readFileSync(0, "utf8");
+    text = path && path !== "-" ? await readFile(path, "utf8") : await readStdin();
   } catch (e) {
-    console.error(`cannot read stdin: ${e.message}`);
+    console.error(`cannot read ${path && path !== "-" ? path : "stdin"}: ${e.message}`);
     return 2;
   }
   let rc = 0;
