@@ -37,25 +37,29 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The CRD validator (tests/deploy/crd) needs Node.js >= 20; Debian bookworm's nodejs is 18. An
-# older node is replaced by the npm registry's `node` package (Node's own Linux binaries, which
-# npm installs into its global prefix, e.g. /usr/local/bin, ahead of /usr/bin on PATH).
+# The CRD validator (tests/deploy/crd) needs Node.js >= 20 (the minimum checked here and in
+# tests/deploy/conftest.py); Debian bookworm's nodejs is 18. An older node is replaced by Node 22
+# (Node 20 reached end of life on 2026-04-30, and the pinned npm packages declare node >= 22): the
+# npm registry's `node@22` package, Node's own Linux binaries, which `npm install -g` puts into
+# npm's global prefix (`npm prefix -g`/bin, usually /usr/local/bin, which comes before /usr/bin on
+# PATH, so it shadows the distribution's node).
 NODE_MAJOR_MIN=20
+NODE_MAJOR_INSTALL=22
 node_major() { node --version 2>/dev/null | sed -n 's/^v\([0-9][0-9]*\)\..*/\1/p'; }
 major="$(node_major)"
 if [ -z "$major" ] || [ "$major" -lt "$NODE_MAJOR_MIN" ]; then
   if [ "$(id -u)" -ne 0 ] && [ -z "$SUDO" ]; then
     echo "Node.js ${major:+$major }is older than $NODE_MAJOR_MIN (tests/deploy/crd needs Node >= $NODE_MAJOR_MIN):" \
-      "install one as root (npm install -g node@$NODE_MAJOR_MIN)." >&2
+      "install one as root (npm install -g node@$NODE_MAJOR_INSTALL)." >&2
     exit 1
   fi
-  echo "Node.js $(node --version 2>/dev/null || echo missing) < $NODE_MAJOR_MIN: installing node@$NODE_MAJOR_MIN from the npm registry"
-  $SUDO npm install -g --no-audit --no-fund --loglevel=error "node@$NODE_MAJOR_MIN"
+  echo "Node.js $(node --version 2>/dev/null || echo missing) < $NODE_MAJOR_MIN: installing node@$NODE_MAJOR_INSTALL from the npm registry"
+  $SUDO npm install -g --no-audit --no-fund --loglevel=error "node@$NODE_MAJOR_INSTALL"
   hash -r
   major="$(node_major)"
   if [ -z "$major" ] || [ "$major" -lt "$NODE_MAJOR_MIN" ]; then
     echo "Node.js >= $NODE_MAJOR_MIN is required (tests/deploy/crd), but \`node\` on PATH ($(command -v node)) is" \
-      "$(node --version 2>/dev/null || echo missing) after npm install -g node@$NODE_MAJOR_MIN (installed under" \
+      "$(node --version 2>/dev/null || echo missing) after npm install -g node@$NODE_MAJOR_INSTALL (installed under" \
       "$(npm prefix -g)/bin): put that first on PATH, or install Node.js >= $NODE_MAJOR_MIN yourself." >&2
     exit 1
   fi

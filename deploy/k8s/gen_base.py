@@ -38,9 +38,10 @@ IMAGE = "herald"  # replaced by the overlays' `images:` (kustomize edit set imag
 KAFKA_CLUSTER = "herald"  # Strimzi Kafka name: bootstrap herald-kafka-bootstrap:9092
 PARTITIONS = 6  # = HERALD_KAFKA_TOPIC_PARTITIONS in base/herald.env; bounds the senders' HPA
 # PostgreSQL connections: HERALD_DB_POOL_MAX per workload (container env, over the ConfigMap's).
-# Only the pools created with the setting honour it: ingest, tracker and the email sender. The
-# router's scheduler (3) and the plugin senders (4, shared by the channels of one process) have a
-# fixed size in the code. Budget against max_connections: docs/deploy.md, "PostgreSQL connections".
+# It caps every pool (shared/db.create_pool): ingest, tracker and the email sender use it as
+# their size; the router's scheduler (3) and the plugin senders (4, shared by the channels of one
+# process) ask for a smaller size in the code, which the setting still caps. Budget against
+# max_connections: docs/deploy.md, "PostgreSQL connections".
 POOL_INGEST = 8
 POOL_TRACKER = 6
 POOL_SENDER_EMAIL = 4

@@ -35,6 +35,7 @@ from tests.deploy.conftest import (
     K8S,
     TREE,
     Build,
+    build,
     group_of,
     image_entrypoint,
     image_env,
@@ -1102,3 +1103,78 @@ def test_generated_files_are_current(script: str) -> None:
         return  # test_monitoring_matches_the_repository compares the built resources directly
     done = subprocess.run([sys.executable, str(path), "--check"], capture_output=True, text=True, timeout=60, cwd=TREE)
     assert done.returncode == 0, f"{script} --check:\n{done.stdout}\n{done.stderr}"
+
+
+# --- the first review's fixes (issue 12) -------------------------------------------------------
+
+
+def test_kafka_listener_peers_admit_every_client(built: Build) -> None:
+    """A listener with `networkPolicyPeers` admits only those peers (Strimzi's generated
+    NetworkPolicy): every pod template (Deployments', the Job's) whose containers bootstrap from
+    that listener must be selected by one of its peers (a peer without namespaceSelector is the
+    Kafka's namespace)."""
+    errors = []
+    checked = 0
+    for doc, template, c, _, _ in herald_containers(built):
+        for address, port, kafka in bootstrap_addresses(built, doc, c):
+            if kafka is None:
+                continue
+            listener = next((lst for lst in (kafka["spec"].get("kafka") or {}).get("listeners") or []
+                             if lst.get("port") == port), None)  # fmt: skip
+            if listener is None or "networkPolicyPeers" not in listener:
+                continue
+            checked += 1
+            labels = pod_labels(template)
+            admitted = any(
+                "ipBlock" not in peer
+                and (("namespaceSelector" in peer) or namespace(doc) == namespace(kafka))
+                and selects(peer.get("podSelector"), labels)
+                for peer in listener["networkPolicyPeers"] or []
+            )
+            if not admitted:
+                errors.append(f"{ref(doc)} container {c['name']} ({address}, labels {labels}): no peer of listener "
+                              f"{listener['name']} of {ref(kafka)} selects it")  # fmt: skip
+    assert checked, f"overlays/{built.env}: no Herald container bootstraps from a listener with networkPolicyPeers"
+    assert any(d["kind"] == "Job" for d, *_ in herald_containers(built))
+    assert not errors, f"overlays/{built.env}:\n" + "\n".join(errors)
+
+
+def test_herald_pdbs_allow_evicting_unhealthy_pods(built: Build) -> None:
+    """Every Herald PodDisruptionBudget evicts unhealthy pods whatever the budget (AlwaysAllow):
+    a crash-looping pod must not block a node drain."""
+    pdbs = [p for p in built.of_kind("PodDisruptionBudget")
+            if any(selects(p["spec"].get("selector"), pod_labels(t)) and service_module(built, d)
+                   for d, t in workloads(built))]  # fmt: skip
+    assert pdbs, f"overlays/{built.env}: no PodDisruptionBudget of Herald"
+    wrong = [ref(p) for p in pdbs if p["spec"].get("unhealthyPodEvictionPolicy") != "AlwaysAllow"]
+    assert not wrong, f"overlays/{built.env}: without unhealthyPodEvictionPolicy AlwaysAllow: {wrong}"
+
+
+def test_workers_roll_without_surge(built: Build) -> None:
+    """The workers (router, tracker, senders) consume shares of their topics' partitions: a surged
+    pod beyond the partition count gets none (and a sender never becomes ready), so they roll with
+    maxSurge 0; ingest surges (it serves through its Service)."""
+    workers = []
+    for dep in built.of_kind("Deployment"):
+        module = service_module(built, dep)
+        if module is None or module == "services.ingest":
+            continue
+        workers.append(dep["metadata"]["name"])
+        strategy = dep["spec"].get("strategy") or {}
+        rolling = strategy.get("rollingUpdate") or {}
+        assert strategy.get("type", "RollingUpdate") == "RollingUpdate", ref(dep)
+        assert str(rolling.get("maxSurge")) in ("0", "0%"), f"{ref(dep)}: maxSurge {rolling.get('maxSurge')}"
+        assert str(rolling.get("maxUnavailable", "25%")) not in ("0", "0%"), f"{ref(dep)}: cannot roll"
+    names = set(workers)
+    assert {"router", "tracker", "sender-email"} <= names, names
+    assert any(n.startswith("sender-") and n != "sender-email" for n in names), names
+
+
+def test_single_instance_postgres_has_no_pdb() -> None:
+    """dev's CloudNativePG Cluster has one instance: its operator PDB (minAvailable 1) would block
+    every node drain, so it is disabled; a Cluster with more instances keeps it."""
+    clusters = build("dev").of_kind("Cluster")
+    assert clusters, "overlays/dev: no CloudNativePG Cluster"
+    for cluster in clusters:
+        if cluster["spec"].get("instances", 1) == 1:
+            assert cluster["spec"].get("enablePDB") is False, f"{ref(cluster)}: one instance with enablePDB"
