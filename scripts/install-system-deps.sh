@@ -37,7 +37,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The CRD validator (tests/deploy/crd) needs Node.js >= 20 (the minimum checked here and in
+# The CRD validator (tests/deploy/crd) needs Node.js >= 20 (what it was tested on; the minimum checked here and in
 # tests/deploy/conftest.py); Debian bookworm's nodejs is 18. An older node is replaced by Node 22
 # (Node 20 reached end of life on 2026-04-30, and the pinned npm packages declare node >= 22): the
 # npm registry's `node@22` package, Node's own Linux binaries, which `npm install -g` puts into
