@@ -239,17 +239,9 @@ class Settings(BaseSettings):
     # Delivered and failed callbacks (and their tries) are deleted after this many days.
     callback_keep_days: int = Field(default=30, ge=1)
 
-    @field_validator("callback_retry_delays_s")
-    @classmethod
-    def _callback_delays(cls, value: str) -> str:
-        delays = [float(v) for v in value.split(",") if v.strip()]
-        if any(d <= 0 for d in delays):
-            raise ValueError("callback_retry_delays_s: a comma-separated list of positive seconds")
-        return value
-
     @property
     def callback_retry_delays(self) -> list[float]:
-        return [float(v) for v in self.callback_retry_delays_s.split(",") if v.strip()]
+        return _seconds(self.callback_retry_delays_s)
 
     @field_validator("quality_window_s")
     @classmethod
@@ -275,17 +267,19 @@ class Settings(BaseSettings):
         ZoneInfo(value)  # raises for an unknown zone
         return value
 
-    @field_validator("retry_delays_s")
+    @field_validator("retry_delays_s", "callback_retry_delays_s")
     @classmethod
-    def _delays(cls, value: str) -> str:
-        delays = [float(v) for v in value.split(",") if v.strip()]
-        if not delays or any(d <= 0 for d in delays):
-            raise ValueError("retry_delays_s: a comma-separated list of positive seconds")
+    def _delays(cls, value: str, info: ValidationInfo) -> str:
+        """Comma-separated positive seconds; the delivery retries' at least one (callbacks may have
+        none: one try)."""
+        delays = _seconds(value)
+        if any(d <= 0 for d in delays) or (not delays and info.field_name == "retry_delays_s"):
+            raise ValueError(f"{info.field_name}: a comma-separated list of positive seconds")
         return value
 
     @property
     def retry_delays(self) -> list[float]:
-        return [float(v) for v in self.retry_delays_s.split(",") if v.strip()]
+        return _seconds(self.retry_delays_s)
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -295,3 +289,8 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Build the settings from the environment, with explicit overrides on top."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def _seconds(value: str) -> list[float]:
+    """``"60, 300,600"`` → ``[60.0, 300.0, 600.0]`` (a ValueError for anything not a number)."""
+    return [float(v) for v in value.split(",") if v.strip()]

@@ -15,7 +15,6 @@ The output is committed; edit this script, not the files it writes.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -24,6 +23,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from generated import write_or_check  # noqa: E402  (deploy/k8s, the script's folder)
 
 from services.senders.registry import CHANNELS  # noqa: E402
 from shared.kafka import Topics  # noqa: E402
@@ -325,23 +326,7 @@ def outputs() -> dict[Path, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check the files are up to date")
-    args = parser.parse_args()
-    stale = []
-    for path, text in outputs().items():
-        if path.exists() and path.read_text() == text:
-            continue
-        if args.check:
-            stale.append(path.relative_to(ROOT))
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path.relative_to(ROOT)}")
-    if stale:
-        print("not up to date (run deploy/k8s/gen_base.py): " + ", ".join(map(str, stale)), file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(outputs, __doc__.split("\n\n")[0], "gen_base.py")
 
 
 if __name__ == "__main__":
